@@ -1,0 +1,13 @@
+//! cudarc's `DeviceRepr` for the params structs (host only, behind the `cudarc` feature).
+
+use crate::{FillParams, PagedAttentionParams, StreamReadParams};
+
+// SAFETY: `PagedAttentionParams` is `#[repr(C)]`, `Copy`, made only of `u64`/`u32`/`f32` fields with
+// explicit padding, and the kernels declare a parameter of the identical layout (same crate), so
+// passing its bytes by value into `.param` space is exactly what the kernel reads.
+unsafe impl cudarc::driver::DeviceRepr for PagedAttentionParams {}
+
+// SAFETY: as above: `#[repr(C)]`, `Copy`, plain integer/float fields, mirrored by the util kernels.
+unsafe impl cudarc::driver::DeviceRepr for FillParams {}
+// SAFETY: as above.
+unsafe impl cudarc::driver::DeviceRepr for StreamReadParams {}

@@ -1,0 +1,70 @@
+//! Types shared by the `pagedattn` host library and the `pagedattn-kernels` GPU crate.
+//!
+//! Everything that both sides must agree on is defined here once: the `#[repr(C)]` params structs
+//! passed by value to the kernels, the KV-cache layouts with their index math, the status flags the
+//! kernels raise, the launch geometry of each kernel, and the lists of compiled variants
+//! ([`for_each_paged_attention_v1_variant!`]), which expand into the kernels' entry points on one side
+//! and into the host's dispatch table on the other.
+#![no_std]
+
+#[cfg(feature = "cudarc")]
+mod device_repr;
+mod dtype;
+pub mod paged_attention;
+pub mod status;
+pub mod util;
+mod variants;
+
+pub use dtype::DType;
+pub use paged_attention::{PagedAttentionParams, PagedAttentionV1Geometry};
+pub use util::{FillParams, StreamReadParams};
+
+/// Head sizes with a compiled variant (vLLM's list).
+pub const HEAD_SIZES: &[usize] = &[32, 64, 80, 96, 112, 120, 128, 192, 256];
+/// Cache block sizes (tokens per block) with a compiled variant.
+pub const BLOCK_SIZES: &[usize] = &[8, 16, 32];
+/// Element types with a compiled variant.
+pub const DTYPES: &[DType] = &[DType::F32, DType::F16, DType::BF16];
+/// GPU architectures the builder compiles for, lowest first. Cubins for `sm_80` also run on sm_86/sm_89.
+pub const ARCHS: &[&str] = &["sm_80", "sm_90"];
+
+/// Kernel families: each is one PTX module, compiled and loaded on its own (lazily, on first use).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KernelFamily {
+    /// vLLM's `paged_attention_v1`, every (dtype, head size, block size).
+    PagedAttentionV1,
+    /// Device-side helpers: random fill, streaming-read probe (benchmarks and tests).
+    Util,
+}
+
+impl KernelFamily {
+    /// Every family, in the order of the host's module table.
+    pub const ALL: [KernelFamily; 2] = [KernelFamily::PagedAttentionV1, KernelFamily::Util];
+
+    /// The family's name: the cargo feature of `pagedattn-kernels` that compiles it, and the stem of
+    /// its PTX/cubin files.
+    pub const fn name(self) -> &'static str {
+        match self {
+            KernelFamily::PagedAttentionV1 => "paged_attention_v1",
+            KernelFamily::Util => "util",
+        }
+    }
+
+    /// Index into [`KernelFamily::ALL`].
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Deterministic pseudo-random value in `[-1, 1)` for element `index` of a buffer filled with `seed`
+/// (a splitmix64 hash, so any element can be computed alone). The GPU fill kernel and the host use
+/// this one function, so data filled on the device can be checked on the host without a copy of it.
+#[inline(always)]
+pub fn hash_uniform(index: u64, seed: u64) -> f32 {
+    let mut z = index.wrapping_add(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)).wrapping_add(0x632B_E59B_D9B4_E019);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    // 24 random bits: exact in f32.
+    (z >> 40) as f32 * (2.0 / 16_777_216.0) - 1.0
+}

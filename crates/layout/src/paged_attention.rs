@@ -1,0 +1,186 @@
+//! vLLM's paged-attention decode op: params, cache layout and launch geometry.
+//!
+//! Layouts (vLLM's, elements; `x = 16 bytes / element size`):
+//! - `query`, `out`: `[num_seqs, num_heads, head_size]` (sequence and head strides given; dims contiguous);
+//! - `key_cache`: `[num_blocks, num_kv_heads, head_size / x, block_size, x]`;
+//! - `value_cache`: `[num_blocks, num_kv_heads, head_size, block_size]`;
+//!   (block and head strides given, so both caches may be views of a larger tensor);
+//! - `block_tables`: `[num_seqs, max_num_blocks_per_seq]` int32 (row stride given);
+//! - `seq_lens`: `[num_seqs]` int32.
+//!
+//! Token `t` of sequence `s` lives in physical block `block_tables[s][t / block_size]` at slot
+//! `t % block_size`.
+
+use crate::DType;
+
+/// Kernel parameters of `paged_attention_v1`, passed by value. Pointers are device addresses (`u64`),
+/// strides are in elements.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PagedAttentionParams {
+    /// `[num_seqs, num_heads, head_size]`, strides `out_stride_seq`, `out_stride_head`.
+    pub out: u64,
+    /// `[num_seqs, num_heads, head_size]`, strides `q_stride_seq`, `q_stride_head`.
+    pub query: u64,
+    /// `[num_blocks, num_kv_heads, head_size / x, block_size, x]`, strides `kv_block_stride`, `kv_head_stride`.
+    pub key_cache: u64,
+    /// `[num_blocks, num_kv_heads, head_size, block_size]`, strides `kv_block_stride`, `kv_head_stride`.
+    pub value_cache: u64,
+    /// `[num_seqs, max_num_blocks_per_seq]` int32, row stride `block_table_stride`.
+    pub block_tables: u64,
+    /// `[num_seqs]` int32: tokens in each sequence's cache (0 gives a zero output).
+    pub seq_lens: u64,
+    /// `[num_heads]` f32 ALiBi slopes, or 0 when absent.
+    pub maybe_alibi_slopes: u64,
+    /// `*mut u32` device status word (see [`crate::status`]), or 0 to report nothing.
+    pub maybe_status: u64,
+    pub num_seqs: u32,
+    pub num_heads: u32,
+    pub num_kv_heads: u32,
+    /// Physical blocks in the cache: block ids must be in `0..num_blocks`.
+    pub num_blocks: u32,
+    pub max_num_blocks_per_seq: u32,
+    pub block_table_stride: u32,
+    pub q_stride_seq: u32,
+    pub q_stride_head: u32,
+    pub out_stride_seq: u32,
+    pub out_stride_head: u32,
+    pub kv_block_stride: u32,
+    pub kv_head_stride: u32,
+    /// `softmax_scale * log2(e)`: the kernels work in the log2 domain (`ex2` instead of `exp`).
+    pub scale_log2: f32,
+    pub _pad: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<PagedAttentionParams>() == 8 * 8 + 14 * 4);
+const _: () = assert!(core::mem::align_of::<PagedAttentionParams>() == 8);
+
+impl PagedAttentionParams {
+    /// Element offset of dims `[c * x, c * x + x)` of token slot `slot` in the key cache, for physical
+    /// block `block` and KV head `kv_head` (`c` is the 16-byte chunk index along the head).
+    #[inline(always)]
+    pub fn key_offset(&self, block: usize, kv_head: usize, chunk: usize, slot: usize, block_size: usize, x: usize) -> usize {
+        block * self.kv_block_stride as usize + kv_head * self.kv_head_stride as usize + (chunk * block_size + slot) * x
+    }
+
+    /// Element offset of `value_cache[block][kv_head][dim][slot]`.
+    #[inline(always)]
+    pub fn value_offset(&self, block: usize, kv_head: usize, dim: usize, slot: usize, block_size: usize) -> usize {
+        block * self.kv_block_stride as usize + kv_head * self.kv_head_stride as usize + dim * block_size + slot
+    }
+}
+
+/// Launch geometry of `paged_attention_v1`, shared by the kernel (tile constants, shared-memory
+/// carve-up) and the host (grid, block, dynamic shared memory).
+///
+/// One CTA serves one sequence and `heads_per_cta` query heads of one KV head's group, so each K/V
+/// element is read once per group (or once per `heads_per_cta` heads when a group is larger).
+/// Each warp takes tiles of [`Self::TILE`] tokens: one lane per token for `q·k`, then the lanes
+/// re-map onto 16-byte value chunks for `p·v`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PagedAttentionV1Geometry {
+    pub dtype: DType,
+    pub head_size: usize,
+    pub block_size: usize,
+}
+
+impl PagedAttentionV1Geometry {
+    pub const NUM_WARPS: usize = 4;
+    pub const NUM_THREADS: usize = Self::NUM_WARPS * 32;
+    /// Tokens per warp iteration: one lane per token in the `q·k` phase.
+    pub const TILE: usize = 32;
+    /// Upper bound of [`Self::heads_per_cta`] (sizes fixed-length register arrays in the kernel).
+    pub const MAX_HEADS_PER_CTA: usize = 8;
+
+    pub const fn new(dtype: DType, head_size: usize, block_size: usize) -> Self {
+        Self { dtype, head_size, block_size }
+    }
+
+    /// Query heads one CTA serves. Each lane accumulates `heads * head_size * chunks_per_row / 32`
+    /// output partials, so the product is capped to keep them in registers (64 floats).
+    pub const fn heads_per_cta(&self) -> usize {
+        let budget = 64 * 32 / self.value_chunks_per_row();
+        let h = budget / self.head_size;
+        let h = if h > Self::MAX_HEADS_PER_CTA { Self::MAX_HEADS_PER_CTA } else { h };
+        if h == 0 { 1 } else { h }
+    }
+
+    /// 16-byte value chunks per head dim in one tile (`TILE / x`): lanes that share a dim in `p·v`.
+    pub const fn value_chunks_per_row(&self) -> usize {
+        Self::TILE / self.dtype.x()
+    }
+
+    /// CTAs along the head axis for `num_heads` query heads over `num_kv_heads` KV heads.
+    pub const fn head_groups(&self, num_heads: usize, num_kv_heads: usize) -> usize {
+        let group = num_heads / num_kv_heads;
+        num_kv_heads * group.div_ceil(self.heads_per_cta())
+    }
+
+    /// Shared memory carve-up, in f32 words: `(q, p, m, l, o, flag, total)` offsets.
+    /// - `q`: `[heads_per_cta, head_size]` scaled query;
+    /// - `p`: `[NUM_WARPS, heads_per_cta, TILE]` probabilities of the current tile;
+    /// - `m`, `l`: `[NUM_WARPS, heads_per_cta]` running max and sum per warp;
+    /// - `o`: `[NUM_WARPS, heads_per_cta, head_size]` per-warp outputs;
+    /// - `flag`: one word, set when a bad block id was skipped.
+    pub const fn smem_words(&self) -> SmemCarve {
+        let h = self.heads_per_cta();
+        let q = 0;
+        let p = q + h * self.head_size;
+        let m = p + Self::NUM_WARPS * h * Self::TILE;
+        let l = m + Self::NUM_WARPS * h;
+        let o = l + Self::NUM_WARPS * h;
+        let flag = o + Self::NUM_WARPS * h * self.head_size;
+        SmemCarve { q, p, m, l, o, flag, total: flag + 4 }
+    }
+
+    /// Dynamic shared memory per CTA.
+    pub const fn smem_bytes(&self) -> usize {
+        self.smem_words().total * 4
+    }
+}
+
+/// Offsets (f32 words) into a CTA's dynamic shared memory; see [`PagedAttentionV1Geometry::smem_words`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SmemCarve {
+    pub q: usize,
+    pub p: usize,
+    pub m: usize,
+    pub l: usize,
+    pub o: usize,
+    pub flag: usize,
+    pub total: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{BLOCK_SIZES, DTYPES, HEAD_SIZES};
+
+    #[test]
+    fn geometry_fits_every_variant() {
+        for &dtype in DTYPES {
+            for &head_size in HEAD_SIZES {
+                for &block_size in BLOCK_SIZES {
+                    let g = PagedAttentionV1Geometry::new(dtype, head_size, block_size);
+                    let h = g.heads_per_cta();
+                    assert!((1..=PagedAttentionV1Geometry::MAX_HEADS_PER_CTA).contains(&h));
+                    // p·v: lanes sharing a dim must tile the head exactly.
+                    let dims_per_pass = 32 / g.value_chunks_per_row();
+                    assert_eq!(head_size % dims_per_pass, 0, "{dtype} h{head_size}");
+                    // q·k: the head is a whole number of 16-byte chunks.
+                    assert_eq!(head_size % dtype.x(), 0);
+                    assert!(g.smem_bytes() <= 48 * 1024, "{dtype} h{head_size}: {} B", g.smem_bytes());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn cache_offsets_follow_vllm_layout() {
+        let p = PagedAttentionParams { kv_block_stride: 2 * 64 * 16, kv_head_stride: 64 * 16, ..Default::default() };
+        // key_cache[3][1][2][5][:] with head 64, block 16, x = 8
+        assert_eq!(p.key_offset(3, 1, 2, 5, 16, 8), 3 * 2048 + 1024 + (2 * 16 + 5) * 8);
+        // value_cache[3][1][40][5]
+        assert_eq!(p.value_offset(3, 1, 40, 5, 16), 3 * 2048 + 1024 + 40 * 16 + 5);
+    }
+}

@@ -1,0 +1,13 @@
+//! The device status word: a `u32` in device memory that kernels OR flags into when they meet bad
+//! device-side data (which the host cannot check without reading device memory). The kernel never
+//! reads or writes out of bounds because of such data: it skips it, writes NaN to the affected
+//! output and raises a flag. The host reads the word later (after a sync, an event, or a graph
+//! replay) and turns it into a typed error.
+
+/// A block table entry was negative or `>= num_blocks`.
+pub const BAD_BLOCK_ID: u32 = 1 << 0;
+/// A sequence length was negative or longer than `max_num_blocks_per_seq * block_size`.
+pub const BAD_SEQ_LEN: u32 = 1 << 1;
+
+/// Every flag with its name, for messages.
+pub const FLAGS: &[(u32, &str)] = &[(BAD_BLOCK_ID, "block id out of range"), (BAD_SEQ_LEN, "sequence length out of range")];

@@ -1,0 +1,164 @@
+//! Backends: the GPU (a CUDA context and stream, kernel modules loaded lazily, the device status word)
+//! and the CPU reference. Binaries start on any machine: libcuda is loaded at run time, and
+//! [`Device::auto`] falls back to the CPU when there is no driver or device.
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, sys};
+use pagedattn_layout::KernelFamily;
+
+use crate::error::{Error, Result};
+use crate::ptx;
+use crate::tensor::{ScalarType, Storage, Tensor, contiguous_strides};
+
+/// Where ops run.
+pub enum Device {
+    /// The float64 reference implementation (the test oracle, and the fallback without a GPU).
+    Cpu,
+    Gpu(Gpu),
+}
+
+impl Device {
+    /// The first GPU if a driver and device are present, else the CPU backend.
+    pub fn auto() -> Device {
+        match Gpu::new(0) {
+            Ok(g) => Device::Gpu(g),
+            Err(e) => {
+                log::debug!("no GPU ({e}); using the CPU backend");
+                Device::Cpu
+            }
+        }
+    }
+
+    pub fn name(&self) -> String {
+        match self {
+            Device::Cpu => "CPU (float64 reference)".into(),
+            Device::Gpu(g) => format!("{} (sm_{}{})", g.name(), g.arch.0, g.arch.1),
+        }
+    }
+
+    /// Moves a tensor onto this device (a copy; a no-op clone for the CPU).
+    pub fn upload(&self, t: &Tensor) -> Result<Tensor> {
+        match self {
+            Device::Cpu => t.to_cpu(),
+            Device::Gpu(g) => t.to_gpu(&g.stream),
+        }
+    }
+
+    /// A NaN-filled contiguous tensor on this device (outputs are poisoned so that an unwritten
+    /// element cannot pass as a result).
+    pub fn nan(&self, dtype: ScalarType, shape: &[usize]) -> Result<Tensor> {
+        self.upload(&Tensor::nan(dtype, shape))
+    }
+}
+
+/// A CUDA device with one stream. Ops launch asynchronously on that stream; nothing in an op
+/// synchronizes, so a sequence of ops can be captured into a CUDA graph.
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    /// Compute capability (major, minor).
+    pub arch: (i32, i32),
+    modules: [OnceLock<Arc<CudaModule>>; KernelFamily::ALL.len()],
+    functions: Mutex<std::collections::HashMap<&'static str, CudaFunction>>,
+    /// The status word kernels OR flags into (see `pagedattn_layout::status`).
+    status: CudaSlice<u32>,
+}
+
+impl Gpu {
+    /// Opens device `ordinal` with a new stream.
+    pub fn new(ordinal: usize) -> Result<Gpu> {
+        // SAFETY: only probes whether libcuda can be loaded.
+        if !unsafe { sys::is_culib_present() } {
+            return Err(Error::NoGpu("libcuda.so (the NVIDIA driver) is not installed".into()));
+        }
+        let count = CudaContext::device_count().map_err(|e| Error::NoGpu(format!("cuInit/cuDeviceGetCount failed: {e}")))?;
+        if ordinal as i32 >= count {
+            return Err(Error::NoGpu(format!("device {ordinal} requested, {count} present")));
+        }
+        let ctx = CudaContext::new(ordinal)?;
+        // One stream per Gpu and graph capture: cudarc's per-allocation event tracking would record
+        // events into captured streams. Disabled before any allocation.
+        // SAFETY: no allocation or stream exists yet in this context handle.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream()?;
+        Gpu::with_stream(stream)
+    }
+
+    /// Uses the caller's stream (its context must have event tracking disabled, as in [`Gpu::new`], to
+    /// be captured into a graph).
+    pub fn with_stream(stream: Arc<CudaStream>) -> Result<Gpu> {
+        let ctx = stream.context().clone();
+        let arch = ctx.compute_capability()?;
+        let status = stream.alloc_zeros::<u32>(1)?;
+        Ok(Gpu { ctx, stream, arch, modules: Default::default(), functions: Mutex::new(Default::default()), status })
+    }
+
+    pub fn name(&self) -> String {
+        self.ctx.name().unwrap_or_else(|_| "unknown GPU".into())
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Device address of the status word, for kernel params.
+    pub(crate) fn status_ptr(&self) -> u64 {
+        self.status.device_ptr(&self.stream).0
+    }
+
+    /// Waits for the stream, then returns the flags kernels raised since the last call as
+    /// [`Error::DeviceData`] (and clears them). Call after a batch of ops or a graph replay.
+    pub fn check_status(&mut self) -> Result<()> {
+        let flags = self.stream.clone_dtoh(&self.status)?[0];
+        if flags != 0 {
+            self.stream.memset_zeros(&mut self.status)?;
+            return Err(Error::DeviceData { flags });
+        }
+        Ok(())
+    }
+
+    /// Waits for all work on the stream.
+    pub fn synchronize(&self) -> Result<()> {
+        Ok(self.stream.synchronize()?)
+    }
+
+    /// A zeroed contiguous device tensor.
+    pub fn zeros(&self, dtype: ScalarType, shape: &[usize]) -> Result<Tensor> {
+        let n: usize = shape.iter().product::<usize>() * dtype.size_bytes();
+        let slice = self.stream.alloc_zeros::<u8>(n.max(1))?;
+        Tensor::from_storage(Storage::Gpu { slice, stream: self.stream.clone() }, dtype, shape, &contiguous_strides(shape), 0)
+    }
+
+    /// The module of `family`, loaded on first use: the cubin built for this arch if there is one,
+    /// else PTX for the driver to JIT.
+    pub fn module(&self, family: KernelFamily) -> Result<Arc<CudaModule>> {
+        let slot = &self.modules[family.index()];
+        if let Some(m) = slot.get() {
+            return Ok(m.clone());
+        }
+        let (image, kind) = ptx::select_image(family, self.arch)?;
+        log::debug!("loading {} ({kind}) for sm_{}{}", family.name(), self.arch.0, self.arch.1);
+        let module = self.ctx.load_module(image)?;
+        Ok(slot.get_or_init(|| module).clone())
+    }
+
+    /// The kernel `symbol` of `family` (cached).
+    pub fn function(&self, family: KernelFamily, symbol: &'static str) -> Result<CudaFunction> {
+        if let Some(f) = self.functions.lock().expect("function cache poisoned").get(symbol) {
+            return Ok(f.clone());
+        }
+        let f = self.module(family)?.load_function(symbol)?;
+        self.functions.lock().expect("function cache poisoned").insert(symbol, f.clone());
+        Ok(f)
+    }
+
+    /// Families whose module is loaded.
+    pub fn loaded_families(&self) -> Vec<KernelFamily> {
+        KernelFamily::ALL.into_iter().filter(|f| self.modules[f.index()].get().is_some()).collect()
+    }
+}

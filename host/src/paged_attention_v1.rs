@@ -1,0 +1,275 @@
+//! `paged_attention_v1`: vLLM's decode attention over a paged KV cache.
+//!
+//! Kernel: `kernels-gpu/src/paged_attention_v1.rs`; CPU reference: `cpu/paged_attention_v1.rs`;
+//! tests: `tests/paged_attention_v1.rs`. Layouts: `pagedattn_layout::paged_attention`.
+
+use cudarc::driver::LaunchConfig;
+use pagedattn_layout::{BLOCK_SIZES, DType, HEAD_SIZES, KernelFamily, PagedAttentionParams, PagedAttentionV1Geometry};
+
+use crate::device::{Device, Gpu};
+use crate::error::{Error, Result};
+use crate::tensor::{ScalarType, Tensor};
+use crate::{cpu, dispatch, launch};
+
+const OP: &str = "paged_attention_v1";
+
+/// Inputs of [`paged_attention_v1`] (vLLM's names).
+pub struct PagedAttentionArgs<'a> {
+    /// `[num_seqs, num_heads, head_size]`, dims contiguous.
+    pub query: &'a Tensor,
+    /// `[num_blocks, num_kv_heads, head_size / x, block_size, x]`, `x = 16 / element size`; the three
+    /// inner axes contiguous.
+    pub key_cache: &'a Tensor,
+    /// `[num_blocks, num_kv_heads, head_size, block_size]`, the two inner axes contiguous; block and
+    /// head strides equal to the key cache's.
+    pub value_cache: &'a Tensor,
+    /// `[num_seqs, max_num_blocks_per_seq]` i32, rows contiguous. A host tensor is checked (every block
+    /// a sequence uses is in `0..num_blocks`) and copied to the device; a device tensor is guarded by
+    /// the kernel (see [`crate::Error::DeviceData`]).
+    pub block_tables: &'a Tensor,
+    /// `[num_seqs]` i32, each in `0..=max_num_blocks_per_seq * block_size` (host tensors checked).
+    pub seq_lens: &'a Tensor,
+    /// Softmax scale (usually `1 / sqrt(head_size)`); finite.
+    pub scale: f32,
+    /// `[num_heads]` f32 ALiBi slopes: score += slope · (token position − seq_len + 1).
+    pub alibi_slopes: Option<&'a Tensor>,
+}
+
+/// Sizes derived from the arguments once validated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Plan {
+    pub dtype: DType,
+    pub num_seqs: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_size: usize,
+    pub block_size: usize,
+    pub num_blocks: usize,
+    pub max_num_blocks_per_seq: usize,
+}
+
+/// `out[s, h, :] = softmax(scale · q[s, h] · K_s^T (+ ALiBi)) · V_s` for every sequence `s` and query
+/// head `h`, where `K_s`/`V_s` are the first `seq_lens[s]` tokens of the sequence's cache blocks (of
+/// KV head `h / (num_heads / num_kv_heads)`). A zero-length sequence gives zeros.
+///
+/// `out` is `[num_seqs, num_heads, head_size]` of the query's dtype (any sequence/head strides).
+/// On the GPU the launch is asynchronous on the device's stream; device-side problems surface
+/// through [`Gpu::check_status`].
+pub fn paged_attention_v1(device: &Device, out: &mut Tensor, args: &PagedAttentionArgs) -> Result<()> {
+    let plan = validate(device, out, args)?;
+    if plan.num_seqs == 0 || plan.num_heads == 0 {
+        return Ok(());
+    }
+    match device {
+        Device::Cpu => cpu::paged_attention_v1::run(&plan, out, args),
+        Device::Gpu(gpu) => launch_gpu(gpu, &plan, out, args),
+    }
+}
+
+fn shape_err(tensor: &'static str, t: &Tensor, expected: String) -> Error {
+    Error::Shape { op: OP, tensor, got: t.shape().to_vec(), expected }
+}
+
+fn layout_err(tensor: &'static str, t: &Tensor, why: String) -> Error {
+    Error::Layout { op: OP, tensor, strides: t.strides().to_vec(), offset: t.offset(), why }
+}
+
+/// Everything the host can check without reading device memory (and host-resident tables' contents).
+pub fn validate(device: &Device, out: &Tensor, a: &PagedAttentionArgs) -> Result<Plan> {
+    let q = a.query;
+    let dtype = q.dtype().float().ok_or_else(|| Error::DType { op: OP, tensor: "query", got: q.dtype(), expected: "f32, f16 or bf16".into() })?;
+    let &[num_seqs, num_heads, head_size] = q.shape() else { return Err(shape_err("query", q, "[num_seqs, num_heads, head_size]".into())) };
+    if !HEAD_SIZES.contains(&head_size) {
+        return Err(Error::Unsupported { op: OP, what: "head_size", got: head_size.to_string(), supported: format!("{HEAD_SIZES:?}") });
+    }
+    let x = dtype.x();
+    let k = a.key_cache;
+    let &[num_blocks, num_kv_heads, hx, block_size, kx] = k.shape() else {
+        return Err(shape_err("key_cache", k, "[num_blocks, num_kv_heads, head_size / x, block_size, x]".into()));
+    };
+    if hx * kx != head_size || kx != x {
+        return Err(shape_err("key_cache", k, format!("[num_blocks, num_kv_heads, {}, block_size, {x}] for head_size {head_size}, {dtype}", head_size / x)));
+    }
+    if !BLOCK_SIZES.contains(&block_size) {
+        return Err(Error::Unsupported { op: OP, what: "block_size", got: block_size.to_string(), supported: format!("{BLOCK_SIZES:?}") });
+    }
+    let v = a.value_cache;
+    if v.shape() != [num_blocks, num_kv_heads, head_size, block_size] {
+        return Err(shape_err("value_cache", v, format!("[{num_blocks}, {num_kv_heads}, {head_size}, {block_size}] (from the key cache)")));
+    }
+    if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+        return Err(Error::Value { op: OP, what: "num_heads / num_kv_heads", got: format!("{num_heads} / {num_kv_heads}"), why: "num_heads must be a multiple of num_kv_heads".into() });
+    }
+    for (name, t) in [("key_cache", k), ("value_cache", v)] {
+        if t.dtype() != q.dtype() {
+            return Err(Error::DType { op: OP, tensor: name, got: t.dtype(), expected: format!("{} (the query's)", q.dtype()) });
+        }
+    }
+    if out.dtype() != q.dtype() {
+        return Err(Error::DType { op: OP, tensor: "out", got: out.dtype(), expected: format!("{} (the query's)", q.dtype()) });
+    }
+    if out.shape() != q.shape() {
+        return Err(shape_err("out", out, format!("{:?} (the query's)", q.shape())));
+    }
+    for (name, t) in [("query", q), ("out", out)] {
+        if t.strides()[2] != 1 {
+            return Err(layout_err(name, t, "the head dim must be contiguous".into()));
+        }
+    }
+    let ks = k.strides();
+    if ks[2..] != [block_size * x, x, 1] {
+        return Err(layout_err("key_cache", k, "the three inner axes must be contiguous".into()));
+    }
+    let vs = v.strides();
+    if vs[2..] != [block_size, 1] {
+        return Err(layout_err("value_cache", v, "the two inner axes must be contiguous".into()));
+    }
+    if ks[..2] != vs[..2] {
+        return Err(layout_err("value_cache", v, format!("block and head strides must equal the key cache's {:?}", &ks[..2])));
+    }
+    let es = dtype.size_bytes();
+    for (name, t) in [("key_cache", k), ("value_cache", v)] {
+        // 16-byte loads: every chunk starts on a 16-byte boundary.
+        if (t.offset() * es) % 16 != 0 || t.strides()[..2].iter().any(|s| (s * es) % 16 != 0) {
+            return Err(layout_err(name, t, "offset and block/head strides must be multiples of 16 bytes".into()));
+        }
+    }
+    let bt = a.block_tables;
+    if bt.dtype() != ScalarType::I32 {
+        return Err(Error::DType { op: OP, tensor: "block_tables", got: bt.dtype(), expected: "i32".into() });
+    }
+    let &[bt_rows, max_num_blocks_per_seq] = bt.shape() else { return Err(shape_err("block_tables", bt, "[num_seqs, max_num_blocks_per_seq]".into())) };
+    if bt_rows != num_seqs {
+        return Err(shape_err("block_tables", bt, format!("[{num_seqs}, max_num_blocks_per_seq]")));
+    }
+    if bt.strides()[1] != 1 && max_num_blocks_per_seq > 1 {
+        return Err(layout_err("block_tables", bt, "rows must be contiguous".into()));
+    }
+    let sl = a.seq_lens;
+    if sl.dtype() != ScalarType::I32 {
+        return Err(Error::DType { op: OP, tensor: "seq_lens", got: sl.dtype(), expected: "i32".into() });
+    }
+    if sl.shape() != [num_seqs] {
+        return Err(shape_err("seq_lens", sl, format!("[{num_seqs}]")));
+    }
+    if let Some(al) = a.alibi_slopes {
+        if al.dtype() != ScalarType::F32 || al.shape() != [num_heads] {
+            return Err(shape_err("alibi_slopes", al, format!("[{num_heads}] f32")));
+        }
+    }
+    if !a.scale.is_finite() {
+        return Err(Error::Value { op: OP, what: "scale", got: a.scale.to_string(), why: "must be finite".into() });
+    }
+    // Strides and sizes travel as u32 in the params; grid.y is limited to 65535.
+    let big = |s: usize| s > u32::MAX as usize;
+    if [q.strides()[0], q.strides()[1], out.strides()[0], out.strides()[1], ks[0], ks[1], bt.strides()[0]].into_iter().any(big)
+        || [num_blocks, max_num_blocks_per_seq, num_seqs].into_iter().any(big)
+        || max_num_blocks_per_seq.saturating_mul(block_size) > i32::MAX as usize
+    {
+        return Err(Error::Value { op: OP, what: "size or stride", got: "> u32::MAX".into(), why: "does not fit the kernel's 32-bit index fields".into() });
+    }
+    let geo = PagedAttentionV1Geometry::new(dtype, head_size, block_size);
+    if geo.head_groups(num_heads, num_kv_heads) > 65535 {
+        return Err(Error::Value { op: OP, what: "num_heads", got: num_heads.to_string(), why: "too many head groups for one grid axis".into() });
+    }
+
+    // Device placement: everything on the op's device, except tables that may be host data.
+    let on_gpu = matches!(device, Device::Gpu(_));
+    let want = if on_gpu { "GPU" } else { "CPU" };
+    let mut placed: Vec<(&'static str, &Tensor)> = vec![("query", q), ("key_cache", k), ("value_cache", v), ("out", out)];
+    if let Some(al) = a.alibi_slopes {
+        placed.push(("alibi_slopes", al));
+    }
+    if !on_gpu {
+        placed.extend([("block_tables", bt), ("seq_lens", sl)]);
+    }
+    for (name, t) in placed {
+        if t.is_cpu() == on_gpu {
+            return Err(Error::Device { op: OP, tensor: name, got: t.storage().location(), expected: want });
+        }
+    }
+
+    let plan = Plan { dtype, num_seqs, num_heads, num_kv_heads, head_size, block_size, num_blocks, max_num_blocks_per_seq };
+    if bt.is_cpu() && sl.is_cpu() {
+        check_tables(&plan, &bt.to_i32_vec(), &sl.to_i32_vec())?;
+    } else if sl.is_cpu() {
+        check_tables(&plan, &[], &sl.to_i32_vec())?;
+    }
+    Ok(plan)
+}
+
+/// Checks host-resident lengths (and, when given, the block table rows they use).
+pub fn check_tables(plan: &Plan, block_tables: &[i32], seq_lens: &[i32]) -> Result<()> {
+    let cap = plan.max_num_blocks_per_seq * plan.block_size;
+    for (s, &len) in seq_lens.iter().enumerate() {
+        if len < 0 || len as usize > cap {
+            return Err(Error::HostData { op: OP, what: format!("seq_lens[{s}] = {len} is outside 0..={cap} (max_num_blocks_per_seq {} × block_size {})", plan.max_num_blocks_per_seq, plan.block_size) });
+        }
+        if block_tables.is_empty() {
+            continue;
+        }
+        for b in 0..(len as usize).div_ceil(plan.block_size) {
+            let id = block_tables[s * plan.max_num_blocks_per_seq + b];
+            if id < 0 || id as usize >= plan.num_blocks {
+                return Err(Error::HostData { op: OP, what: format!("block_tables[{s}][{b}] = {id} is outside 0..{} (num_blocks)", plan.num_blocks) });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn launch_gpu(gpu: &Gpu, plan: &Plan, out: &mut Tensor, a: &PagedAttentionArgs) -> Result<()> {
+    let variant = dispatch::paged_attention_v1(plan.dtype, plan.head_size, plan.block_size)?;
+    // Host-resident tables were checked in `validate`; copy them (freed stream-ordered after the kernel).
+    let bt_dev;
+    let bt = if a.block_tables.is_cpu() {
+        bt_dev = a.block_tables.to_gpu(gpu.stream())?;
+        &bt_dev
+    } else {
+        a.block_tables
+    };
+    let sl_dev;
+    let sl = if a.seq_lens.is_cpu() {
+        sl_dev = a.seq_lens.to_gpu(gpu.stream())?;
+        &sl_dev
+    } else {
+        a.seq_lens
+    };
+    let ptr = |t: &Tensor| t.device_ptr().expect("validated: on the GPU");
+    let params = PagedAttentionParams {
+        out: ptr(out),
+        query: ptr(a.query),
+        key_cache: ptr(a.key_cache),
+        value_cache: ptr(a.value_cache),
+        block_tables: ptr(bt),
+        seq_lens: ptr(sl),
+        maybe_alibi_slopes: a.alibi_slopes.map(ptr).unwrap_or(0),
+        maybe_status: gpu.status_ptr(),
+        num_seqs: plan.num_seqs as u32,
+        num_heads: plan.num_heads as u32,
+        num_kv_heads: plan.num_kv_heads as u32,
+        num_blocks: plan.num_blocks as u32,
+        max_num_blocks_per_seq: plan.max_num_blocks_per_seq as u32,
+        block_table_stride: bt.strides()[0] as u32,
+        q_stride_seq: a.query.strides()[0] as u32,
+        q_stride_head: a.query.strides()[1] as u32,
+        out_stride_seq: out.strides()[0] as u32,
+        out_stride_head: out.strides()[1] as u32,
+        kv_block_stride: a.key_cache.strides()[0] as u32,
+        kv_head_stride: a.key_cache.strides()[1] as u32,
+        scale_log2: a.scale * std::f32::consts::LOG2_E,
+        _pad: 0,
+    };
+    let geo = PagedAttentionV1Geometry::new(plan.dtype, plan.head_size, plan.block_size);
+    let cfg = LaunchConfig {
+        grid_dim: (plan.num_seqs as u32, geo.head_groups(plan.num_heads, plan.num_kv_heads) as u32, 1),
+        block_dim: (PagedAttentionV1Geometry::NUM_THREADS as u32, 1, 1),
+        shared_mem_bytes: geo.smem_bytes() as u32,
+    };
+    log::debug!("{}: grid {:?}, {} threads, {} B shared", variant.symbol, cfg.grid_dim, cfg.block_dim.0, cfg.shared_mem_bytes);
+    let func = gpu.function(KernelFamily::PagedAttentionV1, variant.symbol)?;
+    // SAFETY: `PagedAttentionParams` is the kernel's parameter type; `validate` checked every shape,
+    // stride, dtype and size the kernel addresses with, and the tables' device copies live until the
+    // stream-ordered free after the kernel; device-side indices are guarded in the kernel.
+    unsafe { launch::launch(gpu.stream(), &func, cfg, &params) }
+}

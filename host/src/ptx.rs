@@ -1,0 +1,92 @@
+//! The kernel images embedded at build time (`host/build.rs` → `ptx-builder`): per family and arch,
+//! PTX and (where `ptxas` was available) a cubin, deflate-compressed.
+
+use cudarc::nvrtc::Ptx;
+use pagedattn_layout::KernelFamily;
+
+use crate::error::{Error, Result};
+
+/// One compiled (family, arch).
+pub struct KernelImage {
+    pub family: &'static str,
+    /// `sm_XY`.
+    pub arch: &'static str,
+    pub ptx_deflate: &'static [u8],
+    pub cubin_deflate: Option<&'static [u8]>,
+}
+
+include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+
+/// The kernel build's report (time, sizes), as printed by `pagedattn info`.
+pub const BUILD_REPORT: &str = include_str!(concat!(env!("OUT_DIR"), "/kernel-build-report.txt"));
+
+/// Every embedded image.
+pub fn images() -> &'static [KernelImage] {
+    KERNEL_IMAGES
+}
+
+/// `sm_XY[a]` → (X, Y).
+pub fn parse_arch(arch: &str) -> Option<(i32, i32)> {
+    let digits = arch.strip_prefix("sm_")?.trim_end_matches('a');
+    let n: i32 = digits.parse().ok()?;
+    Some((n / 10, n % 10))
+}
+
+/// The image to load on a device of compute capability `cc`: a cubin of the same major version and
+/// the highest minor not above the device's (arch-specific `a` cubins only on their exact arch), else
+/// the PTX of the highest arch not above the device, JIT-compiled by the driver.
+pub fn select_image(family: KernelFamily, cc: (i32, i32)) -> Result<(Ptx, &'static str)> {
+    let of_family = || KERNEL_IMAGES.iter().filter(move |i| i.family == family.name());
+    let cubin = of_family()
+        .filter_map(|i| Some((i, parse_arch(i.arch)?, i.cubin_deflate?)))
+        .filter(|(i, a, _)| a.0 == cc.0 && a.1 <= cc.1 && (!i.arch.ends_with('a') || *a == cc))
+        .max_by_key(|(_, a, _)| *a);
+    if let Some((_, _, data)) = cubin {
+        return Ok((Ptx::from_binary(inflate(data)?), "cubin"));
+    }
+    let ptx = of_family().filter_map(|i| Some((i, parse_arch(i.arch)?))).filter(|(i, a)| *a <= cc && !i.arch.ends_with('a')).max_by_key(|(_, a)| *a);
+    match ptx {
+        Some((i, _)) => {
+            let text = String::from_utf8(inflate(i.ptx_deflate)?).map_err(|e| Error::Io(std::io::Error::other(e)))?;
+            Ok((Ptx::from_src(text), "PTX, JIT-compiled by the driver"))
+        }
+        None => Err(Error::NoImage {
+            family: family.name(),
+            major: cc.0,
+            minor: cc.1,
+            available: of_family().map(|i| i.arch).collect::<Vec<_>>().join(", "),
+        }),
+    }
+}
+
+fn inflate(data: &[u8]) -> Result<Vec<u8>> {
+    miniz_oxide::inflate::decompress_to_vec(data).map_err(|e| Error::Io(std::io::Error::other(format!("corrupt embedded kernel image: {e:?}"))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_family_and_arch_is_embedded() {
+        for f in KernelFamily::ALL {
+            for arch in pagedattn_layout::ARCHS {
+                let img = KERNEL_IMAGES.iter().find(|i| i.family == f.name() && i.arch == *arch);
+                let img = img.unwrap_or_else(|| panic!("{} {arch} missing", f.name()));
+                let ptx = inflate(img.ptx_deflate).unwrap();
+                let text = std::str::from_utf8(&ptx).unwrap();
+                assert!(text.contains(&format!(".target {arch}")), "{} {arch}", f.name());
+            }
+        }
+    }
+
+    #[test]
+    fn arch_selection() {
+        assert_eq!(parse_arch("sm_90a"), Some((9, 0)));
+        assert_eq!(parse_arch("sm_80"), Some((8, 0)));
+        // A device newer than every arch still gets PTX.
+        assert!(select_image(KernelFamily::Util, (12, 0)).is_ok());
+        // Older than every arch: a clear error.
+        assert!(matches!(select_image(KernelFamily::Util, (7, 5)), Err(Error::NoImage { .. })));
+    }
+}

@@ -1,0 +1,241 @@
+//! Device intrinsics (the role of rust-cuda's `cuda_std`): thread indices, barriers, warp shuffles and
+//! votes, dynamic shared memory, fast exp2, FMA, element conversions and 16-byte loads.
+//!
+//! Warp-collective operations go through NVVM intrinsics (`link_llvm_intrinsics`), which LLVM knows are
+//! convergent, so it never moves them into a branch that only some lanes take (an inline-`asm!` shuffle
+//! marked `pure` was hoisted into a one-lane branch in the prototype and hung the GPU). This module is
+//! the only place in the crate with `extern` intrinsic declarations.
+
+use core::arch::nvptx;
+use core::sync::atomic::{AtomicU32, Ordering};
+use pagedattn_layout::DType;
+
+const FULL_MASK: u32 = 0xffff_ffff;
+
+#[allow(improper_ctypes)]
+unsafe extern "C" {
+    #[link_name = "llvm.nvvm.shfl.sync.bfly.f32"]
+    fn shfl_sync_bfly_f32(mask: u32, val: f32, lane_mask: u32, clamp: u32) -> f32;
+    #[link_name = "llvm.nvvm.shfl.sync.idx.f32"]
+    fn shfl_sync_idx_f32(mask: u32, val: f32, src_lane: u32, clamp: u32) -> f32;
+    #[link_name = "llvm.nvvm.vote.any.sync"]
+    fn vote_any_sync(mask: u32, pred: bool) -> bool;
+    #[link_name = "llvm.nvvm.bar.warp.sync"]
+    fn bar_warp_sync(mask: u32);
+}
+
+/// `threadIdx.x`.
+#[inline(always)]
+pub fn thread_idx_x() -> usize {
+    // SAFETY: reads a special register; no preconditions.
+    unsafe { nvptx::_thread_idx_x() as usize }
+}
+
+/// `blockIdx.x`.
+#[inline(always)]
+pub fn block_idx_x() -> usize {
+    // SAFETY: reads a special register.
+    unsafe { nvptx::_block_idx_x() as usize }
+}
+
+/// `blockIdx.y`.
+#[inline(always)]
+pub fn block_idx_y() -> usize {
+    // SAFETY: reads a special register.
+    unsafe { nvptx::_block_idx_y() as usize }
+}
+
+/// `blockDim.x`.
+#[inline(always)]
+pub fn block_dim_x() -> usize {
+    // SAFETY: reads a special register.
+    unsafe { nvptx::_block_dim_x() as usize }
+}
+
+/// `gridDim.x`.
+#[inline(always)]
+pub fn grid_dim_x() -> usize {
+    // SAFETY: reads a special register.
+    unsafe { nvptx::_grid_dim_x() as usize }
+}
+
+/// `__syncthreads()`: every thread of the CTA must reach it (uniform control flow).
+#[inline(always)]
+pub fn sync_threads() {
+    // SAFETY: `bar.sync 0`; callers keep it in CTA-uniform control flow.
+    unsafe { nvptx::_syncthreads() }
+}
+
+/// `__syncwarp()` over the full warp: orders shared-memory accesses among its lanes.
+#[inline(always)]
+pub fn sync_warp() {
+    // SAFETY: convergent NVVM intrinsic; callers keep it in warp-uniform control flow.
+    unsafe { bar_warp_sync(FULL_MASK) }
+}
+
+/// Butterfly shuffle over the full warp: the value of lane `lane ^ lane_mask`.
+#[inline(always)]
+pub fn shfl_xor(v: f32, lane_mask: u32) -> f32 {
+    // SAFETY: convergent NVVM intrinsic, called by all 32 lanes (warp-uniform control flow).
+    unsafe { shfl_sync_bfly_f32(FULL_MASK, v, lane_mask, 0x1f) }
+}
+
+/// Indexed shuffle over the full warp: the value of lane `src`.
+#[inline(always)]
+pub fn shfl_idx(v: f32, src: u32) -> f32 {
+    // SAFETY: as `shfl_xor`.
+    unsafe { shfl_sync_idx_f32(FULL_MASK, v, src, 0x1f) }
+}
+
+/// True if `pred` holds on any lane of the warp.
+#[inline(always)]
+pub fn vote_any(pred: bool) -> bool {
+    // SAFETY: convergent NVVM intrinsic, called by all 32 lanes.
+    unsafe { vote_any_sync(FULL_MASK, pred) }
+}
+
+/// Sum over the warp (every lane gets the result).
+#[inline(always)]
+pub fn warp_sum(mut v: f32) -> f32 {
+    let mut m = 16;
+    while m > 0 {
+        v += shfl_xor(v, m);
+        m >>= 1;
+    }
+    v
+}
+
+/// Max over the warp (every lane gets the result).
+#[inline(always)]
+pub fn warp_max(mut v: f32) -> f32 {
+    let mut m = 16;
+    while m > 0 {
+        v = fmax(v, shfl_xor(v, m));
+        m >>= 1;
+    }
+    v
+}
+
+/// The CTA's dynamic shared memory (sized at launch), as `f32` words.
+#[inline(always)]
+pub fn dynamic_smem() -> *mut f32 {
+    core::intrinsics::gpu::gpu_launch_sized_workgroup_mem::<f32>()
+}
+
+/// `2^x` on the SFU (`ex2.approx`).
+#[inline(always)]
+pub fn exp2(x: f32) -> f32 {
+    core::intrinsics::exp2f32(x)
+}
+
+/// Fused `a * b + c` (plain `a * b + c` is never contracted).
+#[inline(always)]
+pub fn fma(a: f32, b: f32, c: f32) -> f32 {
+    core::intrinsics::fmaf32(a, b, c)
+}
+
+/// Max that ignores NaN ordering subtleties (`-inf` is the identity).
+#[inline(always)]
+pub fn fmax(a: f32, b: f32) -> f32 {
+    if a > b { a } else { b }
+}
+
+/// `atomicOr` on a global `u32` (the status word).
+///
+/// # Safety
+/// `p` is a valid, 4-byte aligned device pointer.
+#[inline(always)]
+pub unsafe fn atomic_or(p: *mut u32, v: u32) {
+    // SAFETY: the caller guarantees `p` is valid and aligned.
+    unsafe { AtomicU32::from_ptr(p) }.fetch_or(v, Ordering::Relaxed);
+}
+
+/// 16 bytes, 16-byte aligned: the unit of every K/V load (`ld.global.v4.u32`).
+#[repr(C, align(16))]
+#[derive(Clone, Copy)]
+pub struct Chunk(pub [u32; 4]);
+
+/// Loads 16 bytes.
+///
+/// # Safety
+/// `p` is valid for reads of 16 bytes and 16-byte aligned.
+#[inline(always)]
+pub unsafe fn load_chunk<T>(p: *const T) -> Chunk {
+    // SAFETY: the caller guarantees validity and alignment.
+    unsafe { *(p as *const Chunk) }
+}
+
+/// An element type of queries, caches and outputs: how to widen it to f32 and narrow back.
+pub trait Element: Copy {
+    /// The host-side name of this type.
+    const DTYPE: DType;
+    /// Elements per 16-byte chunk (vLLM's `x`).
+    const X: usize;
+    /// Element `i` (`< X`) of a chunk, as f32.
+    fn chunk_elem(c: &Chunk, i: usize) -> f32;
+    fn to_f32(self) -> f32;
+    fn from_f32(v: f32) -> Self;
+}
+
+impl Element for f32 {
+    const DTYPE: DType = DType::F32;
+    const X: usize = 4;
+    #[inline(always)]
+    fn chunk_elem(c: &Chunk, i: usize) -> f32 {
+        f32::from_bits(c.0[i])
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+}
+
+impl Element for f16 {
+    const DTYPE: DType = DType::F16;
+    const X: usize = 8;
+    #[inline(always)]
+    fn chunk_elem(c: &Chunk, i: usize) -> f32 {
+        f16::from_bits((c.0[i / 2] >> (16 * (i % 2))) as u16) as f32
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        v as f16
+    }
+}
+
+/// bfloat16 as raw bits (core has no bf16 type). Widening is exact (a shift); narrowing rounds to
+/// nearest even in software, so it is the same on every arch and matches the host's `half` crate.
+#[repr(transparent)]
+#[derive(Clone, Copy)]
+pub struct Bf16(pub u16);
+
+impl Element for Bf16 {
+    const DTYPE: DType = DType::BF16;
+    const X: usize = 8;
+    #[inline(always)]
+    fn chunk_elem(c: &Chunk, i: usize) -> f32 {
+        let w = c.0[i / 2];
+        f32::from_bits(if i % 2 == 0 { w << 16 } else { w & 0xffff_0000 })
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f32::from_bits((self.0 as u32) << 16)
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        let b = v.to_bits();
+        if v.is_nan() {
+            return Bf16(((b >> 16) | 0x40) as u16);
+        }
+        let round = 0x7fff + ((b >> 16) & 1);
+        Bf16((b.wrapping_add(round) >> 16) as u16)
+    }
+}

@@ -1,0 +1,26 @@
+//! pagedattn's GPU kernels: `#![no_std]` Rust compiled for `nvptx64-nvidia-cuda` by
+//! `crates/ptx-builder` (called from `host/build.rs`). Each kernel family is a cargo feature and a PTX
+//! module of its own; every variant is a monomorphized `#[export_name]` entry point generated from
+//! the variant lists in `pagedattn-layout`.
+//!
+//! Where to look: `intrinsics.rs` (the only home of NVVM intrinsics), one file per kernel family.
+//! The CPU reference of each kernel is `host/src/cpu/<same name>.rs`, its tests `tests/<same name>.rs`.
+#![no_std]
+#![feature(abi_ptx, f16, core_intrinsics, gpu_intrinsics, gpu_launch_sized_workgroup_mem, link_llvm_intrinsics, stdarch_nvptx)]
+#![allow(internal_features)]
+// Index loops over register arrays with compile-time bounds are the idiom that LLVM fully unrolls into
+// registers; iterator adapters (`iter_mut().enumerate().take(n)`) left arrays in local memory.
+#![allow(clippy::needless_range_loop)]
+
+pub mod intrinsics;
+#[cfg(feature = "paged_attention_v1")]
+pub mod paged_attention_v1;
+#[cfg(feature = "util")]
+pub mod util;
+
+#[cfg(target_arch = "nvptx64")]
+#[panic_handler]
+fn panic(_: &core::panic::PanicInfo) -> ! {
+    // SAFETY: `trap` aborts the kernel; no preconditions.
+    unsafe { core::arch::nvptx::trap() }
+}

@@ -1,0 +1,359 @@
+//! vLLM's `paged_attention_v1`: single-query (decode) attention over a paged KV cache.
+//!
+//! Buffers (shapes in elements; see `pagedattn_layout::paged_attention` for strides):
+//! - `out`, `query`: `[num_seqs, num_heads, HEAD_SIZE]`;
+//! - `key_cache`: `[num_blocks, num_kv_heads, HEAD_SIZE / x, BLOCK_SIZE, x]`, `x = 16 B / element`;
+//! - `value_cache`: `[num_blocks, num_kv_heads, HEAD_SIZE, BLOCK_SIZE]`;
+//! - `block_tables`: `[num_seqs, max_num_blocks_per_seq]` i32; `seq_lens`: `[num_seqs]` i32;
+//! - `maybe_alibi_slopes`: `[num_heads]` f32 or null; `maybe_status`: `*mut u32` or null.
+//!
+//! Grid `(num_seqs, head_groups)`, `NUM_THREADS` threads, `smem_bytes()` of dynamic shared memory
+//! (all from `PagedAttentionV1Geometry`). A CTA serves one sequence and up to `heads_per_cta` query
+//! heads that share one KV head, so each K/V element is read once for all of them, with 16-byte loads.
+//!
+//! Thread mapping: each warp walks tiles of 32 tokens (tile `w`, `w + NUM_WARPS`, ...), keeping an
+//! online softmax (running max `m`, sum `l`, output `acc`) per head, in the log2 domain:
+//! - `q·k`: lane `i` owns token `i` of the tile and reads its key 16 bytes at a time (lanes of one
+//!   cache block read one contiguous span); the scaled query sits in shared memory (broadcast reads);
+//! - `p·v`: the tile's probabilities go through shared memory; lane `i` then owns value chunk
+//!   `j = i % CT` (`x` consecutive tokens, `CT = 32 / x` chunks per dim) of dims `i / CT + k * 32 / CT`,
+//!   so a warp's loads again cover contiguous spans, and the `CT` partial sums of a dim are combined
+//!   with shuffles once at the end;
+//! - the warps' states are merged through shared memory and the CTA writes the normalised output.
+//!
+//! Device-side data is guarded: a sequence length outside `0..=max_num_blocks_per_seq * BLOCK_SIZE`
+//! or a block id outside `0..num_blocks` is never used to address memory; the sequence's output is
+//! NaN and a flag is OR-ed into the status word.
+
+use crate::intrinsics::{
+    Chunk, Element, atomic_or, block_idx_x, block_idx_y, dynamic_smem, exp2, fma, fmax, load_chunk, shfl_xor,
+    sync_threads, sync_warp, thread_idx_x, warp_max, warp_sum,
+};
+use pagedattn_layout::{PagedAttentionParams, PagedAttentionV1Geometry as Geometry, status};
+
+const NUM_WARPS: usize = Geometry::NUM_WARPS;
+const NUM_THREADS: usize = Geometry::NUM_THREADS;
+const TILE: usize = Geometry::TILE;
+const MAX_HEADS: usize = Geometry::MAX_HEADS_PER_CTA;
+/// Output partials per lane (`heads_per_cta * HEAD_SIZE * CT / 32`), bounded by the geometry.
+const MAX_ACC: usize = 64;
+
+/// Four f32, 16-byte aligned: vector reads of the scaled query and probabilities in shared memory.
+#[repr(C, align(16))]
+#[derive(Clone, Copy)]
+struct F32x4([f32; 4]);
+
+/// Per-CTA facts, computed once at kernel start (FlashAttention's `BlockInfo`).
+struct Cta {
+    seq: usize,
+    kv_head: usize,
+    /// First query head of this CTA, and how many it serves (`<= heads_per_cta`).
+    head0: usize,
+    num_heads_here: usize,
+}
+
+impl Cta {
+    #[inline(always)]
+    fn new(p: &PagedAttentionParams, heads_per_cta: usize) -> Cta {
+        let group = (p.num_heads / p.num_kv_heads) as usize;
+        let groups_per_kv = group.div_ceil(heads_per_cta);
+        let hg = block_idx_y();
+        let kv_head = hg / groups_per_kv;
+        let head0 = kv_head * group + (hg % groups_per_kv) * heads_per_cta;
+        let end = kv_head * group + group;
+        let num_heads_here = if end - head0 < heads_per_cta { end - head0 } else { heads_per_cta };
+        Cta { seq: block_idx_x(), kv_head, head0, num_heads_here }
+    }
+
+    /// `out[seq][head0 + g][d] = v` for every `(g, d)` of the CTA, `v(g, d)` from the closure.
+    #[inline(always)]
+    unsafe fn write_out<T: Element, const HEAD_SIZE: usize>(&self, p: &PagedAttentionParams, v: impl Fn(usize, usize) -> f32) {
+        let out = p.out as *mut T;
+        let mut i = thread_idx_x();
+        while i < self.num_heads_here * HEAD_SIZE {
+            let (g, d) = (i / HEAD_SIZE, i % HEAD_SIZE);
+            let off = self.seq * p.out_stride_seq as usize + (self.head0 + g) * p.out_stride_head as usize + d;
+            // SAFETY: the host validated the output shape and strides for every (seq, head, dim).
+            unsafe { *out.add(off) = T::from_f32(v(g, d)) };
+            i += NUM_THREADS;
+        }
+    }
+}
+
+/// The block id of cache block `blk` of this sequence, if it is in range.
+#[inline(always)]
+unsafe fn physical_block(p: &PagedAttentionParams, seq: usize, blk: usize) -> Option<usize> {
+    // SAFETY: `blk < ceil(seq_len / BLOCK_SIZE) <= max_num_blocks_per_seq` (seq_len was checked), and
+    // the host validated the table's shape and row stride.
+    let b = unsafe { *(p.block_tables as *const i32).add(seq * p.block_table_stride as usize + blk) };
+    if b >= 0 && (b as u32) < p.num_blocks { Some(b as usize) } else { None }
+}
+
+/// # Safety
+/// Launched with the geometry of `(T, HEAD_SIZE, BLOCK_SIZE)` on buffers the host validated.
+#[inline(always)]
+pub unsafe fn paged_attention_v1<T: Element, const HEAD_SIZE: usize, const BLOCK_SIZE: usize>(p: &PagedAttentionParams) {
+    let geo = const { Geometry::new(T::DTYPE, HEAD_SIZE, BLOCK_SIZE) };
+    let gh = const { Geometry::new(T::DTYPE, HEAD_SIZE, BLOCK_SIZE).heads_per_cta() };
+    let carve = const { Geometry::new(T::DTYPE, HEAD_SIZE, BLOCK_SIZE).smem_words() };
+    let x = T::X;
+    // Value chunks per dim in a tile, dims per pass of the warp, passes over the head.
+    let ct = TILE / x;
+    let dims_per_pass = 32 / ct;
+    let passes = HEAD_SIZE / dims_per_pass;
+    const {
+        assert!(BLOCK_SIZE <= TILE && TILE % BLOCK_SIZE == 0 && BLOCK_SIZE % T::X == 0);
+        assert!(HEAD_SIZE % T::X == 0 && HEAD_SIZE % (32 / (TILE / T::X)) == 0);
+        let g = Geometry::new(T::DTYPE, HEAD_SIZE, BLOCK_SIZE);
+        assert!(g.heads_per_cta() <= MAX_HEADS);
+        assert!(g.heads_per_cta() * HEAD_SIZE * (TILE / T::X) / 32 <= MAX_ACC);
+    };
+    let _ = geo;
+
+    let cta = Cta::new(p, gh);
+    let tid = thread_idx_x();
+    let (warp, lane) = (tid / 32, tid % 32);
+
+    // SAFETY: `seq < num_seqs` (grid), seq_lens has num_seqs entries (host-validated).
+    let seq_len_raw = unsafe { *(p.seq_lens as *const i32).add(cta.seq) };
+    if seq_len_raw < 0 || seq_len_raw as usize > p.max_num_blocks_per_seq as usize * BLOCK_SIZE {
+        if tid == 0 && p.maybe_status != 0 {
+            // SAFETY: a non-null status pointer is a device u32 (host-provided).
+            unsafe { atomic_or(p.maybe_status as *mut u32, status::BAD_SEQ_LEN) };
+        }
+        // SAFETY: validated output.
+        unsafe { cta.write_out::<T, HEAD_SIZE>(p, |_, _| f32::NAN) };
+        return;
+    }
+    let seq_len = seq_len_raw as usize;
+
+    let smem = dynamic_smem();
+    // SAFETY (all shared-memory pointers): offsets inside the launch-sized carve-up of `geo`.
+    let (q_s, p_s, m_s, l_s, o_s, flag_s) = unsafe {
+        (smem.add(carve.q), smem.add(carve.p), smem.add(carve.m), smem.add(carve.l), smem.add(carve.o), smem.add(carve.flag) as *mut u32)
+    };
+
+    // Scaled query of the CTA's heads (zero for padding heads), and the ALiBi slopes in log2 units.
+    let q = p.query as *const T;
+    let mut i = tid;
+    while i < gh * HEAD_SIZE {
+        let (g, d) = (i / HEAD_SIZE, i % HEAD_SIZE);
+        let v = if g < cta.num_heads_here {
+            let off = cta.seq * p.q_stride_seq as usize + (cta.head0 + g) * p.q_stride_head as usize + d;
+            // SAFETY: host-validated query shape and strides.
+            unsafe { (*q.add(off)).to_f32() * p.scale_log2 }
+        } else {
+            0.0
+        };
+        // SAFETY: i < gh * HEAD_SIZE, the q region.
+        unsafe { *q_s.add(i) = v };
+        i += NUM_THREADS;
+    }
+    if tid == 0 {
+        // SAFETY: flag word of the carve-up.
+        unsafe { *flag_s = 0 };
+    }
+    let mut alibi = [0f32; MAX_HEADS];
+    if p.maybe_alibi_slopes != 0 {
+        for g in 0..gh {
+            if g < cta.num_heads_here {
+                // SAFETY: `[num_heads]` slopes, head0 + g < num_heads.
+                alibi[g] = unsafe { *(p.maybe_alibi_slopes as *const f32).add(cta.head0 + g) } * core::f32::consts::LOG2_E;
+            }
+        }
+    }
+    sync_threads();
+
+    let kv_base = cta.kv_head * p.kv_head_stride as usize;
+    let key_cache = p.key_cache as *const T;
+    let value_cache = p.value_cache as *const T;
+
+    let mut m = [f32::NEG_INFINITY; MAX_HEADS];
+    let mut l = [0f32; MAX_HEADS];
+    let mut acc = [0f32; MAX_ACC];
+    let mut bad = false;
+    let num_tiles = seq_len.div_ceil(TILE);
+    let p_w = unsafe { p_s.add(warp * gh * TILE) };
+
+    let mut tile = warp;
+    while tile < num_tiles {
+        let t0 = tile * TILE;
+
+        // ---- q·k: lane owns token t0 + lane.
+        let tok = t0 + lane;
+        let mut s = [0f32; MAX_HEADS];
+        let mut ok = false;
+        if tok < seq_len {
+            // SAFETY: tok < seq_len, so the block index is inside the sequence's table row.
+            match unsafe { physical_block(p, cta.seq, tok / BLOCK_SIZE) } {
+                Some(phys) => {
+                    ok = true;
+                    let slot = tok % BLOCK_SIZE;
+                    let kp = unsafe { key_cache.add(phys * p.kv_block_stride as usize + kv_base + slot * x) };
+                    for c in 0..HEAD_SIZE / x {
+                        // SAFETY: chunk c of this token's key, inside block `phys` (validated id).
+                        let k = unsafe { load_chunk(kp.add(c * BLOCK_SIZE * x)) };
+                        for e4 in 0..x / 4 {
+                            let kv: [f32; 4] = core::array::from_fn(|e| T::chunk_elem(&k, e4 * 4 + e));
+                            for g in 0..gh {
+                                // SAFETY: q region, 16-byte aligned (HEAD_SIZE and x are multiples of 4).
+                                let q4 = unsafe { *(q_s.add(g * HEAD_SIZE + c * x + e4 * 4) as *const F32x4) };
+                                for e in 0..4 {
+                                    s[g] = fma(q4.0[e], kv[e], s[g]);
+                                }
+                            }
+                        }
+                    }
+                }
+                None => {}
+            }
+            bad |= !ok;
+        }
+
+        // ---- online softmax per head (warp-uniform max and correction).
+        for g in 0..gh {
+            let sg = if ok { s[g] + alibi[g] * (tok as f32 + 1.0 - seq_len as f32) } else { f32::NEG_INFINITY };
+            let m_new = fmax(m[g], warp_max(sg));
+            let (corr, pg) = if m_new == f32::NEG_INFINITY { (1.0, 0.0) } else { (exp2(m[g] - m_new), exp2(sg - m_new)) };
+            m[g] = m_new;
+            l[g] = fma(l[g], corr, pg);
+            for k in 0..passes {
+                acc[g * passes + k] *= corr;
+            }
+            // SAFETY: this warp's p region.
+            unsafe { *p_w.add(g * TILE + lane) = pg };
+        }
+        sync_warp();
+
+        // ---- p·v: lane owns value chunk j of the tile (tokens t0 + j*x ..), dims lane / ct + k * dims_per_pass.
+        let j = lane % ct;
+        let ctok = t0 + j * x;
+        if ctok < seq_len {
+            // SAFETY: ctok < seq_len, inside the table row.
+            if let Some(phys) = unsafe { physical_block(p, cta.seq, ctok / BLOCK_SIZE) } {
+                let nvalid = if seq_len - ctok < x { seq_len - ctok } else { x };
+                let mut pv = [[0f32; 8]; MAX_HEADS];
+                for g in 0..gh {
+                    for e4 in 0..x / 4 {
+                        // SAFETY: p region, 16-byte aligned (TILE and x are multiples of 4).
+                        let v4 = unsafe { *(p_w.add(g * TILE + j * x + e4 * 4) as *const F32x4) };
+                        for e in 0..4 {
+                            pv[g][e4 * 4 + e] = v4.0[e];
+                        }
+                    }
+                }
+                let vp = unsafe { value_cache.add(phys * p.kv_block_stride as usize + kv_base + ctok % BLOCK_SIZE) };
+                let d0 = lane / ct;
+                for k in 0..passes {
+                    // SAFETY: dim d0 + k * dims_per_pass < HEAD_SIZE, slots ctok % BLOCK_SIZE .. + x inside the block.
+                    let v = unsafe { load_chunk(vp.add((d0 + k * dims_per_pass) * BLOCK_SIZE)) };
+                    for e in 0..x {
+                        // Slots past seq_len hold whatever the cache has (maybe NaN): never multiply them.
+                        let ve = if e < nvalid { T::chunk_elem(&v, e) } else { 0.0 };
+                        for g in 0..gh {
+                            acc[g * passes + k] = fma(pv[g][e], ve, acc[g * passes + k]);
+                        }
+                    }
+                }
+            }
+        }
+        sync_warp();
+        tile += NUM_WARPS;
+    }
+
+    // ---- combine: lanes sharing a dim, then warps.
+    for g in 0..gh {
+        l[g] = warp_sum(l[g]);
+    }
+    for i in 0..gh * passes {
+        let mut o = 1;
+        while o < ct {
+            acc[i] += shfl_xor(acc[i], o as u32);
+            o <<= 1;
+        }
+    }
+    if lane % ct == 0 {
+        for g in 0..gh {
+            for k in 0..passes {
+                // SAFETY: o region `[NUM_WARPS, gh, HEAD_SIZE]`.
+                unsafe { *o_s.add((warp * gh + g) * HEAD_SIZE + lane / ct + k * dims_per_pass) = acc[g * passes + k] };
+            }
+        }
+    }
+    if lane == 0 {
+        for g in 0..gh {
+            // SAFETY: m and l regions `[NUM_WARPS, gh]`.
+            unsafe {
+                *m_s.add(warp * gh + g) = m[g];
+                *l_s.add(warp * gh + g) = l[g];
+            }
+        }
+    }
+    if bad {
+        // SAFETY: flag word; concurrent stores all write 1.
+        unsafe { *flag_s = 1 };
+    }
+    sync_threads();
+
+    // SAFETY: flag word, written before the barrier.
+    let bad = unsafe { *flag_s } != 0;
+    if bad && tid == 0 && p.maybe_status != 0 {
+        // SAFETY: a non-null status pointer is a device u32.
+        unsafe { atomic_or(p.maybe_status as *mut u32, status::BAD_BLOCK_ID) };
+    }
+    // SAFETY: validated output; shared reads inside the carve-up.
+    unsafe {
+        cta.write_out::<T, HEAD_SIZE>(p, |g, d| {
+            if bad {
+                return f32::NAN;
+            }
+            let mut mx = f32::NEG_INFINITY;
+            for w in 0..NUM_WARPS {
+                mx = fmax(mx, *m_s.add(w * gh + g));
+            }
+            let (mut num, mut den) = (0f32, 0f32);
+            for w in 0..NUM_WARPS {
+                let mw = *m_s.add(w * gh + g);
+                if mw != f32::NEG_INFINITY {
+                    let f = exp2(mw - mx);
+                    den = fma(*l_s.add(w * gh + g), f, den);
+                    num = fma(*o_s.add((w * gh + g) * HEAD_SIZE + d), f, num);
+                }
+            }
+            if den > 0.0 { num / den } else { 0.0 }
+        })
+    };
+}
+
+/// Element type of a `DType` variant name (as the variant list spells it).
+macro_rules! elem {
+    (F32) => {
+        f32
+    };
+    (F16) => {
+        f16
+    };
+    (BF16) => {
+        $crate::intrinsics::Bf16
+    };
+}
+
+macro_rules! export_paged_attention_v1 {
+    ($dt:ident, $dtn:literal, $h:literal, $b:literal) => {
+        const _: () = {
+            /// One monomorphized variant; see the module docs.
+            ///
+            /// # Safety
+            /// Launched by the host's dispatch with this variant's geometry on validated buffers.
+            #[unsafe(export_name = pagedattn_layout::paged_attention_v1_symbol!($dtn, $h, $b))]
+            pub unsafe extern "ptx-kernel" fn kernel(p: PagedAttentionParams) {
+                // SAFETY: forwarded from the entry point's contract.
+                unsafe { paged_attention_v1::<elem!($dt), $h, $b>(&p) }
+            }
+        };
+    };
+}
+
+pagedattn_layout::for_each_paged_attention_v1_variant!(export_paged_attention_v1);
+
+const _: () = assert!(core::mem::size_of::<Chunk>() == 16);

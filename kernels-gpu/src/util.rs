@@ -1,0 +1,81 @@
+//! Device helpers for tests and benchmarks: deterministic random fill (large caches are filled on
+//! the device instead of copied from the host) and a read-only streaming probe (the bandwidth
+//! ceiling that `pagedattn bench` reports against).
+
+use crate::intrinsics::{Bf16, Chunk, Element, block_dim_x, block_idx_x, grid_dim_x, load_chunk, thread_idx_x, warp_sum};
+use pagedattn_layout::{FillParams, StreamReadParams, hash_uniform};
+
+/// `p[i] = scale * hash_uniform(i, seed)` for `i < n`, converted to `T` with round-to-nearest-even.
+/// Any grid; grid-stride loop.
+///
+/// # Safety
+/// `p` is valid for `n` writes.
+#[inline(always)]
+unsafe fn fill_uniform<T: Element>(p: *mut T, n: u64, seed: u64, scale: f32) {
+    let stride = (grid_dim_x() * block_dim_x()) as u64;
+    let mut i = (block_idx_x() * block_dim_x() + thread_idx_x()) as u64;
+    while i < n {
+        // SAFETY: i < n.
+        unsafe { *p.add(i as usize) = T::from_f32(scale * hash_uniform(i, seed)) };
+        i += stride;
+    }
+}
+
+/// # Safety
+/// `p.ptr` is valid for `p.n` f32 writes.
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn fill_uniform_f32(p: FillParams) {
+    // SAFETY: forwarded.
+    unsafe { fill_uniform(p.ptr as *mut f32, p.n, p.seed, p.scale) }
+}
+
+/// # Safety
+/// `p.ptr` is valid for `p.n` f16 writes.
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn fill_uniform_f16(p: FillParams) {
+    // SAFETY: forwarded.
+    unsafe { fill_uniform(p.ptr as *mut f16, p.n, p.seed, p.scale) }
+}
+
+/// # Safety
+/// `p.ptr` is valid for `p.n` bf16 writes.
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn fill_uniform_bf16(p: FillParams) {
+    // SAFETY: forwarded.
+    unsafe { fill_uniform(p.ptr as *mut Bf16, p.n, p.seed, p.scale) }
+}
+
+/// Reads `n_chunks` 16-byte chunks once (grid-stride, 16-byte loads) and writes one word per CTA
+/// (`out[blockIdx.x]`), so the reads cannot be optimised away. Launch with 256 threads.
+///
+/// # Safety
+/// `src` is valid for `n_chunks * 16` bytes and 16-byte aligned; `out` has `gridDim.x` words.
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn stream_read(p: StreamReadParams) {
+    let (src, n_chunks, out) = (p.src as *const Chunk, p.n_chunks, p.out as *mut u32);
+    let stride = (grid_dim_x() * block_dim_x()) as u64;
+    let mut i = (block_idx_x() * block_dim_x() + thread_idx_x()) as u64;
+    let mut x = 0u32;
+    // Four independent loads in flight per iteration.
+    while i + 3 * stride < n_chunks {
+        // SAFETY: every index < n_chunks.
+        let (a, b, c, d) = unsafe {
+            (load_chunk(src.add(i as usize)), load_chunk(src.add((i + stride) as usize)), load_chunk(src.add((i + 2 * stride) as usize)), load_chunk(src.add((i + 3 * stride) as usize)))
+        };
+        for k in 0..4 {
+            x ^= a.0[k] ^ b.0[k] ^ c.0[k] ^ d.0[k];
+        }
+        i += 4 * stride;
+    }
+    while i < n_chunks {
+        // SAFETY: i < n_chunks.
+        let v = unsafe { load_chunk(src.add(i as usize)) };
+        x ^= v.0[0] ^ v.0[1] ^ v.0[2] ^ v.0[3];
+        i += stride;
+    }
+    let r = warp_sum(f32::from_bits(x & 0x007f_ffff));
+    if thread_idx_x() == 0 {
+        // SAFETY: one word per CTA.
+        unsafe { *out.add(block_idx_x()) = r.to_bits() };
+    }
+}
