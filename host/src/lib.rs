@@ -35,6 +35,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod cpu;
+pub mod bench;
 pub mod device;
 pub mod dispatch;
 pub mod error;
@@ -42,6 +43,7 @@ mod launch;
 pub mod paged_attention_v1;
 pub mod ptx;
 pub mod tensor;
+pub mod testing;
 pub mod util;
 
 pub use device::{Device, Gpu};

@@ -1,0 +1,1 @@
+//! Decode benchmark harness (used by `pagedattn bench`).

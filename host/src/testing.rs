@@ -1,0 +1,250 @@
+//! Test cases shared by the integration tests and `pagedattn verify`: random inputs with shuffled
+//! block tables, NaN-poisoned outputs, comparison against the float64 CPU reference.
+
+use pagedattn_layout::DType;
+
+use crate::device::Device;
+use crate::error::Result;
+use crate::paged_attention_v1::{PagedAttentionArgs, paged_attention_v1, validate};
+use crate::tensor::Tensor;
+
+/// A small deterministic RNG (xorshift64*), so cases are reproducible from their seed.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Uniform in `[-1, 1)`.
+    pub fn uniform(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+
+    /// Uniform in `0..n`.
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+
+    pub fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            let j = self.below(i + 1);
+            v.swap(i, j);
+        }
+    }
+}
+
+/// Relative-L2 bound per dtype (float64 reference on the rounded inputs; the output is rounded once).
+pub fn tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 1e-5,
+        DType::F16 => 1e-3,
+        DType::BF16 => 8e-3,
+    }
+}
+
+/// One `paged_attention_v1` test case.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Case {
+    pub dtype: DType,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_size: usize,
+    pub block_size: usize,
+    pub seq_lens: Vec<usize>,
+    pub alibi: bool,
+    pub seed: u64,
+}
+
+impl std::fmt::Display for Case {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let lens: String = if self.seq_lens.len() <= 6 {
+            format!("{:?}", self.seq_lens)
+        } else {
+            format!("[{} seqs, max {}]", self.seq_lens.len(), self.seq_lens.iter().max().unwrap_or(&0))
+        };
+        write!(
+            f,
+            "{} h{} b{} heads {}/{} lens {lens}{} seed {}",
+            self.dtype,
+            self.head_size,
+            self.block_size,
+            self.num_heads,
+            self.num_kv_heads,
+            if self.alibi { " alibi" } else { "" },
+            self.seed
+        )
+    }
+}
+
+/// Host tensors of a case.
+pub struct Inputs {
+    pub query: Tensor,
+    pub key_cache: Tensor,
+    pub value_cache: Tensor,
+    pub block_tables: Tensor,
+    pub seq_lens: Tensor,
+    pub alibi_slopes: Option<Tensor>,
+    pub scale: f32,
+}
+
+impl Inputs {
+    pub fn args(&self) -> PagedAttentionArgs<'_> {
+        PagedAttentionArgs {
+            query: &self.query,
+            key_cache: &self.key_cache,
+            value_cache: &self.value_cache,
+            block_tables: &self.block_tables,
+            seq_lens: &self.seq_lens,
+            scale: self.scale,
+            alibi_slopes: self.alibi_slopes.as_ref(),
+        }
+    }
+
+    /// Copies every tensor to `device`.
+    pub fn upload(&self, device: &Device) -> Result<Inputs> {
+        Ok(Inputs {
+            query: device.upload(&self.query)?,
+            key_cache: device.upload(&self.key_cache)?,
+            value_cache: device.upload(&self.value_cache)?,
+            block_tables: device.upload(&self.block_tables)?,
+            seq_lens: device.upload(&self.seq_lens)?,
+            alibi_slopes: self.alibi_slopes.as_ref().map(|t| device.upload(t)).transpose()?,
+            scale: self.scale,
+        })
+    }
+}
+
+impl Case {
+    /// Random inputs: uniform queries and caches, physical blocks shuffled (with spare blocks the
+    /// table never names, holding NaN so a stray read shows), table entries past each sequence's
+    /// blocks set out of range (the kernel must never read them).
+    pub fn inputs(&self) -> Result<Inputs> {
+        let mut rng = Rng::new(self.seed);
+        let (hs, bs, x) = (self.head_size, self.block_size, self.dtype.x());
+        let num_seqs = self.seq_lens.len();
+        let blocks_of = |len: usize| len.div_ceil(bs);
+        let max_blocks = self.seq_lens.iter().map(|&l| blocks_of(l)).max().unwrap_or(0).max(1);
+        let used: usize = self.seq_lens.iter().map(|&l| blocks_of(l)).sum();
+        let num_blocks = used + 3;
+        let mut perm: Vec<i32> = (0..num_blocks as i32).collect();
+        rng.shuffle(&mut perm);
+        let mut table = vec![num_blocks as i32 + 1000; num_seqs * max_blocks];
+        let mut next = 0;
+        for (s, &len) in self.seq_lens.iter().enumerate() {
+            for b in 0..blocks_of(len) {
+                table[s * max_blocks + b] = perm[next];
+                next += 1;
+            }
+        }
+        let spare: Vec<usize> = perm[next..].iter().map(|&b| b as usize).collect();
+        let per_block = self.num_kv_heads * hs * bs;
+        let mut cache = |spare: &[usize]| -> Vec<f32> {
+            let mut v: Vec<f32> = (0..num_blocks * per_block).map(|_| rng.uniform()).collect();
+            for &b in spare {
+                v[b * per_block..(b + 1) * per_block].fill(f32::NAN);
+            }
+            v
+        };
+        let k = cache(&spare);
+        let v = cache(&spare);
+        let q: Vec<f32> = (0..num_seqs * self.num_heads * hs).map(|_| rng.uniform()).collect();
+        let alibi_slopes = if self.alibi {
+            let slopes: Vec<f32> = (0..self.num_heads).map(|h| 2f32.powf(-8.0 * (h + 1) as f32 / self.num_heads as f32)).collect();
+            Some(Tensor::from_f32(DType::F32, &[self.num_heads], &slopes)?)
+        } else {
+            None
+        };
+        Ok(Inputs {
+            query: Tensor::from_f32(self.dtype, &[num_seqs, self.num_heads, hs], &q)?,
+            key_cache: Tensor::from_f32(self.dtype, &[num_blocks, self.num_kv_heads, hs / x, bs, x], &k)?,
+            value_cache: Tensor::from_f32(self.dtype, &[num_blocks, self.num_kv_heads, hs, bs], &v)?,
+            block_tables: Tensor::from_i32(&[num_seqs, max_blocks], &table)?,
+            seq_lens: Tensor::from_i32(&[num_seqs], &self.seq_lens.iter().map(|&l| l as i32).collect::<Vec<_>>())?,
+            alibi_slopes,
+            scale: 1.0 / (hs as f32).sqrt(),
+        })
+    }
+}
+
+/// Error figures of an output against the reference.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Errors {
+    /// ‖got − want‖₂ / ‖want‖₂ (‖got − want‖₂ when the reference is all zeros).
+    pub rel_l2: f64,
+    pub max_abs: f64,
+    /// Elements that are NaN or infinite (never acceptable).
+    pub non_finite: usize,
+}
+
+impl Errors {
+    pub fn passes(&self, tol: f64) -> bool {
+        self.non_finite == 0 && self.rel_l2 <= tol
+    }
+}
+
+pub fn compare(got: &[f64], want: &[f64]) -> Errors {
+    assert_eq!(got.len(), want.len());
+    let (mut num, mut den, mut max_abs, mut non_finite) = (0f64, 0f64, 0f64, 0usize);
+    for (g, w) in got.iter().zip(want) {
+        if !g.is_finite() {
+            non_finite += 1;
+            continue;
+        }
+        num += (g - w) * (g - w);
+        den += w * w;
+        max_abs = max_abs.max((g - w).abs());
+    }
+    let rel_l2 = if den > 0.0 { (num / den).sqrt() } else { num.sqrt() };
+    Errors { rel_l2, max_abs, non_finite }
+}
+
+/// Runs `case` on `device` (output NaN-poisoned first) and compares with the f64 reference.
+pub fn check_case(device: &Device, case: &Case) -> Result<Errors> {
+    let host = case.inputs()?;
+    let dev = host.upload(device)?;
+    let mut out = device.nan(host.query.dtype(), host.query.shape())?;
+    paged_attention_v1(device, &mut out, &dev.args())?;
+    if let Device::Gpu(g) = device {
+        g.synchronize()?;
+    }
+    let got = out.to_cpu()?.to_f64_vec();
+    let plan = validate(&Device::Cpu, &Tensor::nan(host.query.dtype(), host.query.shape()), &host.args())?;
+    let want = crate::cpu::paged_attention_v1::reference(&plan, &host.args());
+    Ok(compare(&got, &want))
+}
+
+/// The verification grid: every dtype × head size × block size, with GQA ratios, ALiBi on/off and
+/// lengths 0, 1, non-multiples of the block size and a long one, rotated across cases so the grid
+/// stays small. `long` adds a few cases with 8k–32k tokens.
+pub fn grid(long: bool) -> Vec<Case> {
+    let mut cases = Vec::new();
+    let ratios = [(8, 8), (8, 2), (16, 1), (12, 4)];
+    let mut i = 0u64;
+    for &dtype in pagedattn_layout::DTYPES {
+        for &head_size in pagedattn_layout::HEAD_SIZES {
+            for &block_size in pagedattn_layout::BLOCK_SIZES {
+                let (num_heads, num_kv_heads) = ratios[i as usize % ratios.len()];
+                let lens = vec![0, 1, block_size - 1, block_size + 1, 3 * block_size, 100 + (i as usize * 37) % 400, 1000 + (i as usize * 131) % 1100];
+                cases.push(Case { dtype, num_heads, num_kv_heads, head_size, block_size, seq_lens: lens, alibi: i % 3 == 1, seed: 1000 + i });
+                i += 1;
+            }
+        }
+    }
+    if long {
+        for (j, &(dtype, head_size, block_size, len)) in
+            [(DType::F16, 128, 16, 32768), (DType::BF16, 128, 16, 16384), (DType::F32, 64, 32, 8192), (DType::F16, 256, 8, 12345)].iter().enumerate()
+        {
+            cases.push(Case { dtype, num_heads: 8, num_kv_heads: 2, head_size, block_size, seq_lens: vec![len, 7], alibi: j % 2 == 1, seed: 5000 + j as u64 });
+        }
+    }
+    cases
+}

@@ -1,0 +1,2 @@
+//! pagedattn's integration tests: one binary, one module per kernel.
+mod common;
