@@ -46,12 +46,14 @@ pub fn paged_attention_v1(dtype: DType, head_size: usize, block_size: usize) -> 
     if !BLOCK_SIZES.contains(&block_size) {
         return Err(Error::Unsupported { op, what: "block_size", got: block_size.to_string(), supported: format!("{BLOCK_SIZES:?}") });
     }
-    paged_attention_v1_variants().iter().find(|v| v.dtype == dtype && v.head_size == head_size && v.block_size == block_size).ok_or_else(|| Error::Unsupported {
-        op,
-        what: "(dtype, head_size, block_size)",
-        got: format!("({dtype}, {head_size}, {block_size})"),
-        supported: "see `pagedattn info`".into(),
-    })
+    paged_attention_v1_variants().iter().find(|v| v.dtype == dtype && v.head_size == head_size && v.block_size == block_size).ok_or_else(
+        || Error::Unsupported {
+            op,
+            what: "(dtype, head_size, block_size)",
+            got: format!("({dtype}, {head_size}, {block_size})"),
+            supported: "see `pagedattn info`".into(),
+        },
+    )
 }
 
 #[cfg(test)]

@@ -77,7 +77,8 @@ fn layout_err(tensor: &'static str, t: &Tensor, why: String) -> Error {
 /// Everything the host can check without reading device memory (and host-resident tables' contents).
 pub fn validate(device: &Device, out: &Tensor, a: &PagedAttentionArgs) -> Result<Plan> {
     let q = a.query;
-    let dtype = q.dtype().float().ok_or_else(|| Error::DType { op: OP, tensor: "query", got: q.dtype(), expected: "f32, f16 or bf16".into() })?;
+    let dtype =
+        q.dtype().float().ok_or_else(|| Error::DType { op: OP, tensor: "query", got: q.dtype(), expected: "f32, f16 or bf16".into() })?;
     let &[num_seqs, num_heads, head_size] = q.shape() else { return Err(shape_err("query", q, "[num_seqs, num_heads, head_size]".into())) };
     if !HEAD_SIZES.contains(&head_size) {
         return Err(Error::Unsupported { op: OP, what: "head_size", got: head_size.to_string(), supported: format!("{HEAD_SIZES:?}") });
@@ -88,7 +89,11 @@ pub fn validate(device: &Device, out: &Tensor, a: &PagedAttentionArgs) -> Result
         return Err(shape_err("key_cache", k, "[num_blocks, num_kv_heads, head_size / x, block_size, x]".into()));
     };
     if hx * kx != head_size || kx != x {
-        return Err(shape_err("key_cache", k, format!("[num_blocks, num_kv_heads, {}, block_size, {x}] for head_size {head_size}, {dtype}", head_size / x)));
+        return Err(shape_err(
+            "key_cache",
+            k,
+            format!("[num_blocks, num_kv_heads, {}, block_size, {x}] for head_size {head_size}, {dtype}", head_size / x),
+        ));
     }
     if !BLOCK_SIZES.contains(&block_size) {
         return Err(Error::Unsupported { op: OP, what: "block_size", got: block_size.to_string(), supported: format!("{BLOCK_SIZES:?}") });
@@ -98,7 +103,12 @@ pub fn validate(device: &Device, out: &Tensor, a: &PagedAttentionArgs) -> Result
         return Err(shape_err("value_cache", v, format!("[{num_blocks}, {num_kv_heads}, {head_size}, {block_size}] (from the key cache)")));
     }
     if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
-        return Err(Error::Value { op: OP, what: "num_heads / num_kv_heads", got: format!("{num_heads} / {num_kv_heads}"), why: "num_heads must be a multiple of num_kv_heads".into() });
+        return Err(Error::Value {
+            op: OP,
+            what: "num_heads / num_kv_heads",
+            got: format!("{num_heads} / {num_kv_heads}"),
+            why: "num_heads must be a multiple of num_kv_heads".into(),
+        });
     }
     for (name, t) in [("key_cache", k), ("value_cache", v)] {
         if t.dtype() != q.dtype() {
@@ -138,7 +148,9 @@ pub fn validate(device: &Device, out: &Tensor, a: &PagedAttentionArgs) -> Result
     if bt.dtype() != ScalarType::I32 {
         return Err(Error::DType { op: OP, tensor: "block_tables", got: bt.dtype(), expected: "i32".into() });
     }
-    let &[bt_rows, max_num_blocks_per_seq] = bt.shape() else { return Err(shape_err("block_tables", bt, "[num_seqs, max_num_blocks_per_seq]".into())) };
+    let &[bt_rows, max_num_blocks_per_seq] = bt.shape() else {
+        return Err(shape_err("block_tables", bt, "[num_seqs, max_num_blocks_per_seq]".into()));
+    };
     if bt_rows != num_seqs {
         return Err(shape_err("block_tables", bt, format!("[{num_seqs}, max_num_blocks_per_seq]")));
     }
@@ -166,11 +178,21 @@ pub fn validate(device: &Device, out: &Tensor, a: &PagedAttentionArgs) -> Result
         || [num_blocks, max_num_blocks_per_seq, num_seqs].into_iter().any(big)
         || max_num_blocks_per_seq.saturating_mul(block_size) > i32::MAX as usize
     {
-        return Err(Error::Value { op: OP, what: "size or stride", got: "> u32::MAX".into(), why: "does not fit the kernel's 32-bit index fields".into() });
+        return Err(Error::Value {
+            op: OP,
+            what: "size or stride",
+            got: "> u32::MAX".into(),
+            why: "does not fit the kernel's 32-bit index fields".into(),
+        });
     }
     let geo = PagedAttentionV1Geometry::new(dtype, head_size, block_size);
     if geo.head_groups(num_heads, num_kv_heads) > 65535 {
-        return Err(Error::Value { op: OP, what: "num_heads", got: num_heads.to_string(), why: "too many head groups for one grid axis".into() });
+        return Err(Error::Value {
+            op: OP,
+            what: "num_heads",
+            got: num_heads.to_string(),
+            why: "too many head groups for one grid axis".into(),
+        });
     }
 
     // Device placement: everything on the op's device, except tables that may be host data.
@@ -203,7 +225,13 @@ pub fn check_tables(plan: &Plan, block_tables: &[i32], seq_lens: &[i32]) -> Resu
     let cap = plan.max_num_blocks_per_seq * plan.block_size;
     for (s, &len) in seq_lens.iter().enumerate() {
         if len < 0 || len as usize > cap {
-            return Err(Error::HostData { op: OP, what: format!("seq_lens[{s}] = {len} is outside 0..={cap} (max_num_blocks_per_seq {} × block_size {})", plan.max_num_blocks_per_seq, plan.block_size) });
+            return Err(Error::HostData {
+                op: OP,
+                what: format!(
+                    "seq_lens[{s}] = {len} is outside 0..={cap} (max_num_blocks_per_seq {} × block_size {})",
+                    plan.max_num_blocks_per_seq, plan.block_size
+                ),
+            });
         }
         if block_tables.is_empty() {
             continue;
@@ -211,7 +239,10 @@ pub fn check_tables(plan: &Plan, block_tables: &[i32], seq_lens: &[i32]) -> Resu
         for b in 0..(len as usize).div_ceil(plan.block_size) {
             let id = block_tables[s * plan.max_num_blocks_per_seq + b];
             if id < 0 || id as usize >= plan.num_blocks {
-                return Err(Error::HostData { op: OP, what: format!("block_tables[{s}][{b}] = {id} is outside 0..{} (num_blocks)", plan.num_blocks) });
+                return Err(Error::HostData {
+                    op: OP,
+                    what: format!("block_tables[{s}][{b}] = {id} is outside 0..{} (num_blocks)", plan.num_blocks),
+                });
             }
         }
     }

@@ -44,7 +44,10 @@ pub fn select_image(family: KernelFamily, cc: (i32, i32)) -> Result<(Ptx, &'stat
     if let Some((_, _, data)) = cubin {
         return Ok((Ptx::from_binary(inflate(data)?), "cubin"));
     }
-    let ptx = of_family().filter_map(|i| Some((i, parse_arch(i.arch)?))).filter(|(i, a)| *a <= cc && !i.arch.ends_with('a')).max_by_key(|(_, a)| *a);
+    let ptx = of_family()
+        .filter_map(|i| Some((i, parse_arch(i.arch)?)))
+        .filter(|(i, a)| *a <= cc && !i.arch.ends_with('a'))
+        .max_by_key(|(_, a)| *a);
     match ptx {
         Some((i, _)) => {
             let text = String::from_utf8(inflate(i.ptx_deflate)?).map_err(|e| Error::Io(std::io::Error::other(e)))?;
@@ -60,7 +63,8 @@ pub fn select_image(family: KernelFamily, cc: (i32, i32)) -> Result<(Ptx, &'stat
 }
 
 fn inflate(data: &[u8]) -> Result<Vec<u8>> {
-    miniz_oxide::inflate::decompress_to_vec(data).map_err(|e| Error::Io(std::io::Error::other(format!("corrupt embedded kernel image: {e:?}"))))
+    miniz_oxide::inflate::decompress_to_vec(data)
+        .map_err(|e| Error::Io(std::io::Error::other(format!("corrupt embedded kernel image: {e:?}"))))
 }
 
 #[cfg(test)]

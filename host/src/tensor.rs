@@ -136,7 +136,12 @@ impl Tensor {
     pub fn from_bytes(dtype: ScalarType, shape: &[usize], bytes: Vec<u8>) -> Result<Tensor> {
         let n: usize = shape.iter().product();
         if bytes.len() != n * dtype.size_bytes() {
-            return Err(Error::Shape { op: "tensor", tensor: "bytes", got: shape.to_vec(), expected: format!("{} bytes, got {}", n * dtype.size_bytes(), bytes.len()) });
+            return Err(Error::Shape {
+                op: "tensor",
+                tensor: "bytes",
+                got: shape.to_vec(),
+                expected: format!("{} bytes, got {}", n * dtype.size_bytes(), bytes.len()),
+            });
         }
         Tensor::from_storage(Storage::Cpu(bytes), dtype, shape, &contiguous_strides(shape), 0)
     }
@@ -292,7 +297,13 @@ impl Tensor {
             Storage::Cpu(v) => stream.clone_htod(v)?,
             Storage::Gpu { slice, .. } => stream.clone_dtod(slice)?,
         };
-        Ok(Tensor { storage: Storage::Gpu { slice, stream: stream.clone() }, dtype: self.dtype, shape: self.shape.clone(), strides: self.strides.clone(), offset: self.offset })
+        Ok(Tensor {
+            storage: Storage::Gpu { slice, stream: stream.clone() },
+            dtype: self.dtype,
+            shape: self.shape.clone(),
+            strides: self.strides.clone(),
+            offset: self.offset,
+        })
     }
 
     /// Copies to the host (waits for the stream).
@@ -301,6 +312,12 @@ impl Tensor {
             Storage::Cpu(v) => v.clone(),
             Storage::Gpu { slice, stream } => stream.clone_dtoh(slice)?,
         };
-        Ok(Tensor { storage: Storage::Cpu(bytes), dtype: self.dtype, shape: self.shape.clone(), strides: self.strides.clone(), offset: self.offset })
+        Ok(Tensor {
+            storage: Storage::Cpu(bytes),
+            dtype: self.dtype,
+            shape: self.shape.clone(),
+            strides: self.strides.clone(),
+            offset: self.offset,
+        })
     }
 }

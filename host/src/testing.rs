@@ -233,17 +233,45 @@ pub fn grid(long: bool) -> Vec<Case> {
         for &head_size in pagedattn_layout::HEAD_SIZES {
             for &block_size in pagedattn_layout::BLOCK_SIZES {
                 let (num_heads, num_kv_heads) = ratios[i as usize % ratios.len()];
-                let lens = vec![0, 1, block_size - 1, block_size + 1, 3 * block_size, 100 + (i as usize * 37) % 400, 1000 + (i as usize * 131) % 1100];
-                cases.push(Case { dtype, num_heads, num_kv_heads, head_size, block_size, seq_lens: lens, alibi: i % 3 == 1, seed: 1000 + i });
+                let lens = vec![
+                    0,
+                    1,
+                    block_size - 1,
+                    block_size + 1,
+                    3 * block_size,
+                    100 + (i as usize * 37) % 400,
+                    1000 + (i as usize * 131) % 1100,
+                ];
+                cases.push(Case {
+                    dtype,
+                    num_heads,
+                    num_kv_heads,
+                    head_size,
+                    block_size,
+                    seq_lens: lens,
+                    alibi: i % 3 == 1,
+                    seed: 1000 + i,
+                });
                 i += 1;
             }
         }
     }
     if long {
         for (j, &(dtype, head_size, block_size, len)) in
-            [(DType::F16, 128, 16, 32768), (DType::BF16, 128, 16, 16384), (DType::F32, 64, 32, 8192), (DType::F16, 256, 8, 12345)].iter().enumerate()
+            [(DType::F16, 128, 16, 32768), (DType::BF16, 128, 16, 16384), (DType::F32, 64, 32, 8192), (DType::F16, 256, 8, 12345)]
+                .iter()
+                .enumerate()
         {
-            cases.push(Case { dtype, num_heads: 8, num_kv_heads: 2, head_size, block_size, seq_lens: vec![len, 7], alibi: j % 2 == 1, seed: 5000 + j as u64 });
+            cases.push(Case {
+                dtype,
+                num_heads: 8,
+                num_kv_heads: 2,
+                head_size,
+                block_size,
+                seq_lens: vec![len, 7],
+                alibi: j % 2 == 1,
+                seed: 5000 + j as u64,
+            });
         }
     }
     cases

@@ -24,7 +24,8 @@ pub fn fill_uniform(gpu: &Gpu, t: &mut Tensor, seed: u64, scale: f32) -> Result<
         ScalarType::BF16 => "fill_uniform_bf16",
         other => return Err(Error::DType { op: "fill_uniform", tensor: "t", got: other, expected: "f32, f16 or bf16".into() }),
     };
-    let base = t.device_ptr().ok_or(Error::Device { op: "fill_uniform", tensor: "t", got: "CPU", expected: "GPU" })? - (t.offset() * t.dtype().size_bytes()) as u64;
+    let base = t.device_ptr().ok_or(Error::Device { op: "fill_uniform", tensor: "t", got: "CPU", expected: "GPU" })?
+        - (t.offset() * t.dtype().size_bytes()) as u64;
     let n = (t.storage().len_bytes() / t.dtype().size_bytes()) as u64;
     let params = FillParams { ptr: base, n, seed, scale, _pad: 0 };
     let cfg = LaunchConfig { grid_dim: (grid(gpu)?, 1, 1), block_dim: (UTIL_THREADS as u32, 1, 1), shared_mem_bytes: 0 };
@@ -46,7 +47,8 @@ pub fn stream_read(gpu: &Gpu, src: &CudaSlice<u8>, out: &mut CudaSlice<u32>) -> 
     if out.len() < g as usize {
         return Err(Error::Value { op: "stream_read", what: "out.len()", got: out.len().to_string(), why: format!("needs {g} words") });
     }
-    let params = StreamReadParams { src: src.device_ptr(gpu.stream()).0, n_chunks: (src.len() / 16) as u64, out: out.device_ptr(gpu.stream()).0 };
+    let params =
+        StreamReadParams { src: src.device_ptr(gpu.stream()).0, n_chunks: (src.len() / 16) as u64, out: out.device_ptr(gpu.stream()).0 };
     let cfg = LaunchConfig { grid_dim: (g, 1, 1), block_dim: (UTIL_THREADS as u32, 1, 1), shared_mem_bytes: 0 };
     let f = gpu.function(KernelFamily::Util, "stream_read")?;
     // SAFETY: `StreamReadParams` is the kernel's parameter; it reads `n_chunks * 16 <= src.len()` bytes

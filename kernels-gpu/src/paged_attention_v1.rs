@@ -26,8 +26,8 @@
 //! NaN and a flag is OR-ed into the status word.
 
 use crate::intrinsics::{
-    Chunk, Element, atomic_or, block_idx_x, block_idx_y, dynamic_smem, exp2, fma, fmax, load_chunk, shfl_xor,
-    sync_threads, sync_warp, thread_idx_x, warp_max, warp_sum,
+    Chunk, Element, atomic_or, block_idx_x, block_idx_y, dynamic_smem, exp2, fma, fmax, load_chunk, shfl_xor, sync_threads, sync_warp,
+    thread_idx_x, warp_max, warp_sum,
 };
 use pagedattn_layout::{PagedAttentionParams, PagedAttentionV1Geometry as Geometry, status};
 

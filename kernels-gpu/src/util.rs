@@ -60,7 +60,12 @@ pub unsafe extern "ptx-kernel" fn stream_read(p: StreamReadParams) {
     while i + 3 * stride < n_chunks {
         // SAFETY: every index < n_chunks.
         let (a, b, c, d) = unsafe {
-            (load_chunk(src.add(i as usize)), load_chunk(src.add((i + stride) as usize)), load_chunk(src.add((i + 2 * stride) as usize)), load_chunk(src.add((i + 3 * stride) as usize)))
+            (
+                load_chunk(src.add(i as usize)),
+                load_chunk(src.add((i + stride) as usize)),
+                load_chunk(src.add((i + 2 * stride) as usize)),
+                load_chunk(src.add((i + 3 * stride) as usize)),
+            )
         };
         for k in 0..4 {
             x ^= a.0[k] ^ b.0[k] ^ c.0[k] ^ d.0[k];

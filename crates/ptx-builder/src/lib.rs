@@ -39,9 +39,15 @@ const TARGET: &str = "nvptx64-nvidia-cuda";
 #[derive(Debug)]
 pub enum BuildError {
     /// A toolchain component or tool is missing.
-    Missing { what: String, fix: String },
+    Missing {
+        what: String,
+        fix: String,
+    },
     /// A command could not be started or failed.
-    Command { command: String, output: String },
+    Command {
+        command: String,
+        output: String,
+    },
     Io(std::io::Error),
 }
 
@@ -233,7 +239,8 @@ impl PtxBuilder {
                         let mut out = Vec::new();
                         for family in families {
                             let name = family.clone().unwrap_or_else(|| crate_name.replace('-', "_"));
-                            let ptx = compile_ptx(toolchain, crate_path, &target_dir.join(arch), arch, family.as_deref(), &name, llvm_args)?;
+                            let ptx =
+                                compile_ptx(toolchain, crate_path, &target_dir.join(arch), arch, family.as_deref(), &name, llvm_args)?;
                             let dst = copy_to.join(format!("{name}.{arch}.ptx"));
                             copy_if_changed(&ptx, &dst)?;
                             let (cubin, log) = match ptxas {
@@ -332,20 +339,20 @@ impl Toolchain {
         // Inside a build script CARGO/RUSTC name the outer build's (pinned) toolchain binaries.
         let cargo = std::env::var_os("CARGO").map(PathBuf::from).unwrap_or_else(|| "cargo".into());
         let rustc = std::env::var_os("RUSTC").map(PathBuf::from).unwrap_or_else(|| "rustc".into());
-        let out = clean_env(Command::new(&rustc)).args(["--print", "sysroot"]).output().map_err(|e| BuildError::Command {
-            command: format!("{} --print sysroot", rustc.display()),
-            output: e.to_string(),
-        })?;
+        let out = clean_env(Command::new(&rustc))
+            .args(["--print", "sysroot"])
+            .output()
+            .map_err(|e| BuildError::Command { command: format!("{} --print sysroot", rustc.display()), output: e.to_string() })?;
         let sysroot = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-        let host = String::from_utf8_lossy(&clean_env(Command::new(&rustc)).args(["--print", "host-tuple"]).output()?.stdout)
-            .trim()
-            .to_string();
+        let host =
+            String::from_utf8_lossy(&clean_env(Command::new(&rustc)).args(["--print", "host-tuple"]).output()?.stdout).trim().to_string();
         let llvm_bin = sysroot.join("lib/rustlib").join(&host).join("bin");
         for tool in ["llvm-link", "opt", "llc"] {
             if !llvm_bin.join(tool).exists() {
                 return Err(BuildError::Missing {
                     what: format!("{tool} from the llvm-tools component (looked in {})", llvm_bin.display()),
-                    fix: "rustup toolchain install   (installs rust-toolchain.toml's components; or: rustup component add llvm-tools)".into(),
+                    fix: "rustup toolchain install   (installs rust-toolchain.toml's components; or: rustup component add llvm-tools)"
+                        .into(),
                 });
             }
         }
@@ -366,7 +373,22 @@ fn clean_env(mut c: Command) -> Command {
         let drop = k.starts_with("CARGO_")
             || matches!(
                 k.as_ref(),
-                "RUSTC_WRAPPER" | "RUSTC_WORKSPACE_WRAPPER" | "RUSTFLAGS" | "RUSTDOCFLAGS" | "OUT_DIR" | "TARGET" | "HOST" | "OPT_LEVEL" | "PROFILE" | "DEBUG" | "NUM_JOBS" | "RUSTC_LINKER" | "CARGO" | "RUSTC" | "RUSTDOC" | "RUSTUP_TOOLCHAIN"
+                "RUSTC_WRAPPER"
+                    | "RUSTC_WORKSPACE_WRAPPER"
+                    | "RUSTFLAGS"
+                    | "RUSTDOCFLAGS"
+                    | "OUT_DIR"
+                    | "TARGET"
+                    | "HOST"
+                    | "OPT_LEVEL"
+                    | "PROFILE"
+                    | "DEBUG"
+                    | "NUM_JOBS"
+                    | "RUSTC_LINKER"
+                    | "CARGO"
+                    | "RUSTC"
+                    | "RUSTDOC"
+                    | "RUSTUP_TOOLCHAIN"
             );
         if drop {
             c.env_remove(k.as_ref());
