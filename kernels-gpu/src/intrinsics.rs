@@ -223,7 +223,7 @@ impl Element for Bf16 {
     #[inline(always)]
     fn chunk_elem(c: &Chunk, i: usize) -> f32 {
         let w = c.0[i / 2];
-        f32::from_bits(if i % 2 == 0 { w << 16 } else { w & 0xffff_0000 })
+        f32::from_bits(if i.is_multiple_of(2) { w << 16 } else { w & 0xffff_0000 })
     }
     #[inline(always)]
     fn to_f32(self) -> f32 {

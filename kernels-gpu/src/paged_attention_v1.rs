@@ -102,8 +102,8 @@ pub unsafe fn paged_attention_v1<T: Element, const HEAD_SIZE: usize, const BLOCK
     let dims_per_pass = 32 / ct;
     let passes = HEAD_SIZE / dims_per_pass;
     const {
-        assert!(BLOCK_SIZE <= TILE && TILE % BLOCK_SIZE == 0 && BLOCK_SIZE % T::X == 0);
-        assert!(HEAD_SIZE % T::X == 0 && HEAD_SIZE % (32 / (TILE / T::X)) == 0);
+        assert!(BLOCK_SIZE <= TILE && TILE.is_multiple_of(BLOCK_SIZE) && BLOCK_SIZE.is_multiple_of(T::X));
+        assert!(HEAD_SIZE.is_multiple_of(T::X) && HEAD_SIZE.is_multiple_of(32 / (TILE / T::X)));
         let g = Geometry::new(T::DTYPE, HEAD_SIZE, BLOCK_SIZE);
         assert!(g.heads_per_cta() <= MAX_HEADS);
         assert!(g.heads_per_cta() * HEAD_SIZE * (TILE / T::X) / 32 <= MAX_ACC);
@@ -128,7 +128,7 @@ pub unsafe fn paged_attention_v1<T: Element, const HEAD_SIZE: usize, const BLOCK
     let seq_len = seq_len_raw as usize;
 
     let smem = dynamic_smem();
-    // SAFETY (all shared-memory pointers): offsets inside the launch-sized carve-up of `geo`.
+    // SAFETY: offsets inside the launch-sized carve-up of `geo` (all shared-memory pointers below).
     let (q_s, p_s, m_s, l_s, o_s, flag_s) = unsafe {
         (smem.add(carve.q), smem.add(carve.p), smem.add(carve.m), smem.add(carve.l), smem.add(carve.o), smem.add(carve.flag) as *mut u32)
     };
@@ -173,6 +173,7 @@ pub unsafe fn paged_attention_v1<T: Element, const HEAD_SIZE: usize, const BLOCK
     let mut acc = [0f32; MAX_ACC];
     let mut bad = false;
     let num_tiles = seq_len.div_ceil(TILE);
+    // SAFETY: this warp's slice of the p region `[NUM_WARPS, gh, TILE]`.
     let p_w = unsafe { p_s.add(warp * gh * TILE) };
 
     let mut tile = warp;
@@ -185,27 +186,25 @@ pub unsafe fn paged_attention_v1<T: Element, const HEAD_SIZE: usize, const BLOCK
         let mut ok = false;
         if tok < seq_len {
             // SAFETY: tok < seq_len, so the block index is inside the sequence's table row.
-            match unsafe { physical_block(p, cta.seq, tok / BLOCK_SIZE) } {
-                Some(phys) => {
-                    ok = true;
-                    let slot = tok % BLOCK_SIZE;
-                    let kp = unsafe { key_cache.add(phys * p.kv_block_stride as usize + kv_base + slot * x) };
-                    for c in 0..HEAD_SIZE / x {
-                        // SAFETY: chunk c of this token's key, inside block `phys` (validated id).
-                        let k = unsafe { load_chunk(kp.add(c * BLOCK_SIZE * x)) };
-                        for e4 in 0..x / 4 {
-                            let kv: [f32; 4] = core::array::from_fn(|e| T::chunk_elem(&k, e4 * 4 + e));
-                            for g in 0..gh {
-                                // SAFETY: q region, 16-byte aligned (HEAD_SIZE and x are multiples of 4).
-                                let q4 = unsafe { *(q_s.add(g * HEAD_SIZE + c * x + e4 * 4) as *const F32x4) };
-                                for e in 0..4 {
-                                    s[g] = fma(q4.0[e], kv[e], s[g]);
-                                }
+            if let Some(phys) = unsafe { physical_block(p, cta.seq, tok / BLOCK_SIZE) } {
+                ok = true;
+                let slot = tok % BLOCK_SIZE;
+                // SAFETY: the token's slot in block `phys` (a validated id) of this KV head.
+                let kp = unsafe { key_cache.add(phys * p.kv_block_stride as usize + kv_base + slot * x) };
+                for c in 0..HEAD_SIZE / x {
+                    // SAFETY: chunk c of this token's key, inside block `phys` (validated id).
+                    let k = unsafe { load_chunk(kp.add(c * BLOCK_SIZE * x)) };
+                    for e4 in 0..x / 4 {
+                        let kv: [f32; 4] = core::array::from_fn(|e| T::chunk_elem(&k, e4 * 4 + e));
+                        for g in 0..gh {
+                            // SAFETY: q region, 16-byte aligned (HEAD_SIZE and x are multiples of 4).
+                            let q4 = unsafe { *(q_s.add(g * HEAD_SIZE + c * x + e4 * 4) as *const F32x4) };
+                            for e in 0..4 {
+                                s[g] = fma(q4.0[e], kv[e], s[g]);
                             }
                         }
                     }
                 }
-                None => {}
             }
             bad |= !ok;
         }
@@ -242,6 +241,7 @@ pub unsafe fn paged_attention_v1<T: Element, const HEAD_SIZE: usize, const BLOCK
                         }
                     }
                 }
+                // SAFETY: the chunk's first slot in block `phys` (a validated id) of this KV head.
                 let vp = unsafe { value_cache.add(phys * p.kv_block_stride as usize + kv_base + ctok % BLOCK_SIZE) };
                 let d0 = lane / ct;
                 for k in 0..passes {

@@ -192,9 +192,7 @@ impl PtxBuilder {
     /// Builds every (arch, family). If this executable was started by rustc as the nvptx linker, it
     /// links instead and exits: call this before the build script prints anything.
     pub fn build(self) -> Result<BuildOutput, BuildError> {
-        if std::env::var_os(LINKER_MODE_ENV).is_some() {
-            linker::run_and_exit();
-        }
+        link_if_invoked_as_linker();
         let start = Instant::now();
         let crate_path = self.crate_path.canonicalize().map_err(|e| BuildError::Missing {
             what: format!("GPU crate {} ({e})", self.crate_path.display()),
@@ -327,6 +325,15 @@ impl BuildOutput {
     }
 }
 
+/// The builder makes the running executable the nvptx linker of the nested cargo. A program that calls
+/// [`PtxBuilder::build`] outside a build script (e.g. an xtask) must call this first thing in `main`,
+/// before it parses its arguments: when rustc started it as the linker, it links and exits.
+pub fn link_if_invoked_as_linker() {
+    if std::env::var_os(LINKER_MODE_ENV).is_some() {
+        linker::run_and_exit();
+    }
+}
+
 /// Where the nightly's tools are.
 struct Toolchain {
     cargo: PathBuf,
@@ -440,7 +447,7 @@ fn compile_ptx(
     let ptx_dir = target_dir.join("ptx");
     std::fs::create_dir_all(&ptx_dir)?;
     let ptx = ptx_dir.join(format!("{name}.ptx"));
-    let me = std::env::current_exe()?;
+    let me = stable_linker(target_dir)?;
     let mut c = clean_env(Command::new(&tc.cargo));
     c.current_dir(crate_path)
         .env("RUSTC", &tc.rustc)
@@ -467,6 +474,28 @@ fn compile_ptx(
         });
     }
     Ok(ptx)
+}
+
+/// The linker path is part of the nested build's fingerprint: every build script and tool that calls
+/// the builder is a different executable, so a copy at a fixed path keeps the kernels fresh across
+/// them (debug and release host builds, `cargo xtask kernels`). Replaced atomically when it differs.
+fn stable_linker(target_dir: &Path) -> Result<PathBuf, BuildError> {
+    let me = std::env::current_exe()?;
+    let dst = target_dir.join("ptx-builder-linker");
+    let mine = std::fs::read(&me)?;
+    if std::fs::read(&dst).is_ok_and(|old| old == mine) {
+        return Ok(dst);
+    }
+    std::fs::create_dir_all(target_dir)?;
+    let tmp = target_dir.join(format!("ptx-builder-linker.{}", std::process::id()));
+    std::fs::write(&tmp, &mine)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
+    }
+    std::fs::rename(&tmp, &dst)?;
+    Ok(dst)
 }
 
 /// `ptxas -v -arch=<arch>` → `<ptx stem>.cubin` + `.ptxas.txt`; skipped when the cubin is newer.

@@ -1,1 +1,213 @@
-fn main() {}
+//! Project automation (`cargo xtask <command>`, alias in `.cargo/config.toml`):
+//!
+//! - `kernels [--clean]`: builds every kernel family for every arch with `ptxas` required, prints the
+//!   build time, code sizes and a registers/spills/stack summary of every variant (`ptxas -v`).
+//! - `ptxas-report [DIR]`: only the summary, from the `*.ptxas.txt` files of a previous build.
+//! - `gpu-pack`: builds the CLI and the integration-test binary in release mode and copies them with a
+//!   `run.sh` into `gpu-pack/` (ignored by git), for a GPU machine without a Rust toolchain.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use pagedattn_layout::{ARCHS, KernelFamily};
+
+/// Largest pack we accept: it is copied to a remote GPU machine on every run.
+const PACK_LIMIT_BYTES: u64 = 40 << 20;
+
+fn main() -> ExitCode {
+    // rustc runs this executable as the nvptx linker during `kernels`.
+    ptx_builder::link_if_invoked_as_linker();
+    match try_main() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+fn try_main() -> Result<ExitCode> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let root = workspace_root();
+    match args.first().map(String::as_str) {
+        Some("kernels") => kernels(&root, args.iter().any(|a| a == "--clean")),
+        Some("ptxas-report") => {
+            let dir = args.get(1).map(PathBuf::from).unwrap_or_else(|| root.join("target/kernels"));
+            let (text, ok) = ptxas_report(&dir)?;
+            print!("{text}");
+            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Some("gpu-pack") => gpu_pack(&root),
+        _ => {
+            eprintln!("usage: cargo xtask <kernels [--clean] | ptxas-report [DIR] | gpu-pack>");
+            Ok(ExitCode::from(2))
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).ancestors().nth(2).expect("crates/xtask is two levels down").to_path_buf()
+}
+
+/// Builds all kernels (the same target dir as `host/build.rs`, so the host build reuses them).
+fn kernels(root: &Path, clean: bool) -> Result<ExitCode> {
+    let target = root.join("target/ptx-builder");
+    let out = root.join("target/kernels");
+    if clean {
+        let _ = std::fs::remove_dir_all(&target);
+        let _ = std::fs::remove_dir_all(&out);
+    }
+    let families = KernelFamily::ALL.map(KernelFamily::name);
+    let built = ptx_builder::PtxBuilder::new(root.join("kernels-gpu"))
+        .archs(ARCHS)
+        .families(&families)
+        .target_dir(&target)
+        .copy_to(&out)
+        .llvm_args(&["-unroll-threshold=2000"])
+        .ptxas(ptx_builder::Ptxas::Required)
+        .cargo_lines(false)
+        .build()?;
+    println!("{}{}", if clean { "clean " } else { "" }, built.report());
+    let (text, ok) = ptxas_report(&out)?;
+    print!("{text}");
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// One entry point's `ptxas -v` figures.
+struct Entry {
+    name: String,
+    registers: u32,
+    stack: u32,
+    spill_bytes: u32,
+}
+
+fn parse_ptxas(text: &str) -> Vec<Entry> {
+    let mut entries: Vec<Entry> = Vec::new();
+    let num_before = |line: &str, word: &str| -> u32 {
+        let toks: Vec<&str> = line.split_whitespace().collect();
+        toks.windows(2).find(|w| w[1].starts_with(word)).and_then(|w| w[0].parse().ok()).unwrap_or(0)
+    };
+    for line in text.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            let name = rest.split('\'').next().unwrap_or("").to_string();
+            entries.push(Entry { name, registers: 0, stack: 0, spill_bytes: 0 });
+        } else if let Some(e) = entries.last_mut() {
+            if line.contains("bytes stack frame") {
+                e.stack = num_before(line, "bytes");
+                e.spill_bytes = num_before(line, "bytes spill stores") + line.split(',').nth(2).map_or(0, |p| num_before(p, "bytes"));
+            } else if line.contains("Used") && line.contains("registers") {
+                e.registers = num_before(line, "registers");
+            }
+        }
+    }
+    entries
+}
+
+/// Summary per (family, arch) of every `*.ptxas.txt` in `dir`; `ok` is false if a log reports an
+/// error or a file is missing.
+fn ptxas_report(dir: &Path) -> Result<(String, bool)> {
+    let mut logs: Vec<PathBuf> =
+        std::fs::read_dir(dir)?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.to_string_lossy().ends_with(".ptxas.txt")).collect();
+    logs.sort();
+    let mut s = String::from("ptxas -v summary (registers per thread, stack frame and spill bytes per entry point):\n");
+    let mut ok = !logs.is_empty();
+    for log in &logs {
+        let text = std::fs::read_to_string(log)?;
+        if text.contains("error") {
+            ok = false;
+        }
+        let entries = parse_ptxas(&text);
+        let name = log.file_name().map(|n| n.to_string_lossy().replace(".ptxas.txt", "")).unwrap_or_default();
+        let regs = entries.iter().map(|e| e.registers);
+        let (min_r, max_r) = (regs.clone().min().unwrap_or(0), regs.max().unwrap_or(0));
+        let with_stack: Vec<&Entry> = entries.iter().filter(|e| e.stack > 0).collect();
+        let with_spills: Vec<&Entry> = entries.iter().filter(|e| e.spill_bytes > 0).collect();
+        s += &format!(
+            "  {name:<28} {:>3} entries  registers {min_r}..{max_r}  with stack frame: {}  with spills: {}\n",
+            entries.len(),
+            with_stack.len(),
+            with_spills.len()
+        );
+        for e in with_stack.iter().chain(&with_spills).take(8) {
+            s += &format!("      {}: {} regs, {} B stack, {} B spills\n", e.name, e.registers, e.stack, e.spill_bytes);
+        }
+    }
+    if logs.is_empty() {
+        s += "  no ptxas logs found (was ptxas available?)\n";
+    }
+    Ok((s, ok))
+}
+
+fn run(cmd: &mut Command) -> Result<std::process::Output> {
+    let out = cmd.output()?;
+    if !out.status.success() {
+        return Err(format!("{cmd:?} failed:\n{}", String::from_utf8_lossy(&out.stderr)).into());
+    }
+    Ok(out)
+}
+
+/// Builds the CLI and the test binary and bundles them with `run.sh` into `gpu-pack/`.
+fn gpu_pack(root: &Path) -> Result<ExitCode> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let pack = root.join("gpu-pack");
+    let _ = std::fs::remove_dir_all(&pack);
+    std::fs::create_dir_all(&pack)?;
+    eprintln!("xtask: building the CLI and the test binary (release)...");
+    run(Command::new(&cargo).current_dir(root).args(["build", "--release", "-p", "pagedattn", "--bin", "pagedattn"]))?;
+    let out = run(Command::new(&cargo).current_dir(root).args([
+        "test",
+        "--release",
+        "-p",
+        "pagedattn-tests",
+        "--no-run",
+        "--message-format=json",
+    ]))?;
+    let test_exe = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["reason"] == "compiler-artifact" && v["target"]["name"] == "pagedattn-tests" && v["profile"]["test"] == true)
+        .find_map(|v| v["executable"].as_str().map(PathBuf::from))
+        .ok_or("no test executable in cargo's output")?;
+    std::fs::copy(root.join("target/release/pagedattn"), pack.join("pagedattn"))?;
+    std::fs::copy(&test_exe, pack.join("pagedattn-tests"))?;
+    std::fs::write(pack.join("run.sh"), RUN_SH)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(pack.join("run.sh"), std::fs::Permissions::from_mode(0o755))?;
+    }
+    let size: u64 = std::fs::read_dir(&pack)?.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum();
+    println!("gpu-pack: {} ({:.1} MiB; limit {} MiB)", pack.display(), size as f64 / (1 << 20) as f64, PACK_LIMIT_BYTES >> 20);
+    if size > PACK_LIMIT_BYTES {
+        eprintln!("xtask: the pack is larger than {} MiB", PACK_LIMIT_BYTES >> 20);
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The GPU machine's entry point: `gpu-pack/run.sh [tests|verify|bench|sanitize|all]`; logs and JSON
+/// go to `$OUT` when set (the remote runner's output folder), else to `gpu-pack/out`.
+const RUN_SH: &str = r#"#!/usr/bin/env bash
+# Runs pagedattn's GPU tests, verification and benchmark on a machine with an NVIDIA GPU and no Rust.
+# Usage: run.sh [all|tests|verify|bench|sanitize] [extra bench args]
+set -u
+here="$(cd "$(dirname "$0")" && pwd)"
+out="${OUT:-$here/out}"; mkdir -p "$out"
+what="${1:-all}"; shift || true
+status=0
+step() { # step NAME CMD...: runs CMD, full log in $out/NAME.log, last lines on stdout
+  local name=$1; shift
+  echo "=== $name: $*"
+  "$@" > "$out/$name.log" 2>&1; local rc=$?
+  tail -n "${TAIL:-25}" "$out/$name.log"
+  if [ $rc -ne 0 ]; then echo "=== $name FAILED (exit $rc)"; status=1; fi
+}
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader || true
+case "$what" in tests|all) step tests "$here/pagedattn-tests" --test-threads=1 ;; esac
+case "$what" in verify|all) step verify "$here/pagedattn" verify --long --json "$out/verify.json" ;; esac
+case "$what" in bench|all) TAIL=40 step bench "$here/pagedattn" bench --json "$out/bench.json" "$@" ;; esac
+case "$what" in sanitize) step sanitize compute-sanitizer --tool memcheck --error-exitcode 9 "$here/pagedattn-tests" --test-threads=1 gpu ;; esac
+exit $status
+"#;
