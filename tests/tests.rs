@@ -1,2 +1,7 @@
-//! pagedattn's integration tests: one binary, one module per kernel.
+//! pagedattn's integration tests: one binary, one module per kernel, plus argument validation.
+//! GPU tests print `SKIPPED (no GPU): ...` and pass on a machine without one (set
+//! `PAGEDATTN_REQUIRE_GPU=1` to make that a failure).
+#[macro_use]
 mod common;
+mod paged_attention_v1;
+mod validation;

@@ -14,7 +14,14 @@ fn main() {
                 }
                 let w = worst.entry(c.dtype.name()).or_insert(0f64);
                 *w = w.max(e.rel_l2);
-                println!("{} {c}: rel_l2 {:.3e} max_abs {:.3e} nonfinite {} ({:?})", if ok { "PASS" } else { "FAIL" }, e.rel_l2, e.max_abs, e.non_finite, t.elapsed());
+                println!(
+                    "{} {c}: rel_l2 {:.3e} max_abs {:.3e} nonfinite {} ({:?})",
+                    if ok { "PASS" } else { "FAIL" },
+                    e.rel_l2,
+                    e.max_abs,
+                    e.non_finite,
+                    t.elapsed()
+                );
             }
             Err(e) => {
                 fails += 1;

@@ -1,1 +1,408 @@
-//! Decode benchmark harness (used by `pagedattn bench`).
+//! Decode benchmark harness (used by `pagedattn bench`): `paged_attention_v1` over device-filled
+//! caches, timed with CUDA events with a cold (L2 flushed) and a hot L2, compared with two bandwidth
+//! ceilings measured on the same device, and spot-checked against a float64 host reference.
+//!
+//! Library code: nothing here prints; [`run`] reports through a callback and returns a [`Report`].
+
+use cudarc::driver::{CudaEvent, CudaSlice, sys};
+use half::{bf16, f16};
+use pagedattn_layout::DType;
+use serde::Serialize;
+
+use crate::device::{Device, Gpu};
+use crate::error::{Error, Result};
+use crate::paged_attention_v1::{PagedAttentionArgs, paged_attention_v1};
+use crate::tensor::{ScalarType, Tensor};
+use crate::testing::{Rng, compare, tolerance};
+use crate::util::{fill_uniform, host_uniform, stream_read, stream_read_out_len};
+
+const GIB: usize = 1 << 30;
+
+/// What to measure. Every (dtype, batch, context) combination is one point.
+#[derive(Clone, Debug, Serialize)]
+pub struct Config {
+    #[serde(serialize_with = "ser_dtypes")]
+    pub dtypes: Vec<DType>,
+    pub batches: Vec<usize>,
+    pub contexts: Vec<usize>,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_size: usize,
+    pub block_size: usize,
+    pub iters: usize,
+    pub warmup: usize,
+    /// Points whose KV cache is larger are skipped.
+    pub max_kv_bytes: u64,
+    pub seed: u64,
+}
+
+/// Bandwidth ceilings of the device, measured once per run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Ceilings {
+    /// Device-to-device copy: bytes read + written per copy, median time, rate.
+    pub copy_bytes: u64,
+    pub copy_ms: f64,
+    pub copy_gbps: f64,
+    /// Read-only streaming pass (`util::stream_read`): bytes read, median time, rate.
+    pub read_bytes: u64,
+    pub read_ms: f64,
+    pub read_gbps: f64,
+}
+
+/// Figures of one measured point. Rates use the median time.
+#[derive(Clone, Debug, Serialize)]
+pub struct Measurement {
+    /// K and V bytes the sequences' tokens occupy, plus query and output.
+    pub bytes: u64,
+    pub cold_us: f64,
+    pub cold_min_us: f64,
+    pub hot_us: f64,
+    pub hot_min_us: f64,
+    pub cold_gbps: f64,
+    pub hot_gbps: f64,
+    /// Cold rate as a percentage of each ceiling.
+    pub pct_copy: f64,
+    pub pct_stream_read: f64,
+    /// Spot check of `checked_seqs` against the float64 reference.
+    pub checked_seqs: Vec<usize>,
+    pub rel_l2: f64,
+    pub max_abs: f64,
+    pub non_finite: usize,
+    pub tolerance: f64,
+    pub correct: bool,
+}
+
+/// One (dtype, batch, context) point: measured, or skipped with the reason.
+#[derive(Clone, Debug, Serialize)]
+pub struct Point {
+    #[serde(serialize_with = "ser_dtype")]
+    pub dtype: DType,
+    pub batch: usize,
+    pub context: usize,
+    /// Bytes of the allocated K and V caches.
+    pub kv_bytes: u64,
+    pub skipped: Option<String>,
+    pub measured: Option<Measurement>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub device: String,
+    pub l2_bytes: u64,
+    /// Bytes written before each cold run to evict the L2.
+    pub flush_bytes: u64,
+    pub config: Config,
+    pub ceilings: Ceilings,
+    pub points: Vec<Point>,
+}
+
+/// Progress events passed to [`run`]'s callback.
+pub enum Progress<'a> {
+    /// Measuring the ceilings (before any point).
+    Ceilings,
+    /// Ceilings known; `points` points follow.
+    Ready { ceilings: &'a Ceilings, points: usize },
+    /// Point `index` starts.
+    Start { index: usize, dtype: DType, batch: usize, context: usize },
+    /// Point `index` is done (measured or skipped).
+    Done { index: usize, point: &'a Point },
+}
+
+fn ser_dtype<S: serde::Serializer>(d: &DType, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(d.name())
+}
+
+fn ser_dtypes<S: serde::Serializer>(d: &[DType], s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.collect_seq(d.iter().map(|d| d.name()))
+}
+
+/// Runs every point of `cfg` on the GPU of `device` (an error for the CPU backend). Kernel status
+/// flags are left for the caller's [`Gpu::check_status`].
+pub fn run(device: &Device, cfg: &Config, progress: &mut dyn FnMut(Progress)) -> Result<Report> {
+    let Device::Gpu(gpu) = device else { return Err(Error::NoGpu("the benchmark needs a GPU".into())) };
+    let attr = |a| gpu.context().attribute(a);
+    let l2_bytes = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)?.max(1) as usize;
+
+    progress(Progress::Ceilings);
+    let ceilings = measure_ceilings(gpu, cfg)?;
+    // 4× the L2, so nothing of the previous run survives the flush.
+    let mut flush = gpu.stream().alloc_zeros::<u8>(4 * l2_bytes)?;
+
+    let mut grid = Vec::new();
+    for &dtype in &cfg.dtypes {
+        for &batch in &cfg.batches {
+            for &context in &cfg.contexts {
+                grid.push((dtype, batch, context));
+            }
+        }
+    }
+    progress(Progress::Ready { ceilings: &ceilings, points: grid.len() });
+    let mut points = Vec::with_capacity(grid.len());
+    for (index, &(dtype, batch, context)) in grid.iter().enumerate() {
+        progress(Progress::Start { index, dtype, batch, context });
+        let point = run_point(device, gpu, cfg, &ceilings, &mut flush, dtype, batch, context)?;
+        // Buffers were freed stream-ordered; wait so the next point's free-memory check sees it.
+        gpu.synchronize()?;
+        progress(Progress::Done { index, point: &point });
+        points.push(point);
+    }
+    Ok(Report { device: device.name(), l2_bytes: l2_bytes as u64, flush_bytes: flush.len() as u64, config: cfg.clone(), ceilings, points })
+}
+
+fn median_min(mut ms: Vec<f64>) -> (f64, f64) {
+    ms.sort_by(f64::total_cmp);
+    let n = ms.len();
+    let median = if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        ms[n / 2]
+    } else {
+        (ms[n / 2 - 1] + ms[n / 2]) / 2.0
+    };
+    (median, ms.first().copied().unwrap_or(f64::NAN))
+}
+
+fn gbps(bytes: u64, ms: f64) -> f64 {
+    bytes as f64 / (ms * 1e-3) / 1e9
+}
+
+/// Times `runs` executions of `op`, each between its own event pair; `before` runs ahead of each,
+/// outside the timed region. Returns milliseconds per run.
+fn time_each(gpu: &Gpu, runs: usize, mut before: impl FnMut() -> Result<()>, mut op: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
+    let ev = || gpu.context().new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT));
+    let events: Vec<(CudaEvent, CudaEvent)> = (0..runs).map(|_| Ok((ev()?, ev()?))).collect::<Result<_>>()?;
+    for (start, end) in &events {
+        before()?;
+        start.record(gpu.stream())?;
+        op()?;
+        end.record(gpu.stream())?;
+    }
+    events.iter().map(|(s, e)| Ok(s.elapsed_ms(e)? as f64)).collect()
+}
+
+fn measure_ceilings(gpu: &Gpu, cfg: &Config) -> Result<Ceilings> {
+    let (free, _) = gpu.context().mem_get_info()?;
+    // 2 GiB copies and a 4 GiB read, shrunk on small devices (multiples of 16 bytes).
+    let half = (2 * GIB).min(free / 4) & !15;
+    let runs = cfg.iters.clamp(5, 20);
+    let stream = gpu.stream();
+
+    let src = stream.alloc_zeros::<u8>(half)?;
+    let mut dst = stream.alloc_zeros::<u8>(half)?;
+    time_each(gpu, 2, || Ok(()), || Ok(stream.memcpy_dtod(&src, &mut dst)?))?;
+    let (copy_ms, _) = median_min(time_each(gpu, runs, || Ok(()), || Ok(stream.memcpy_dtod(&src, &mut dst)?))?);
+    drop((src, dst));
+
+    let buf = stream.alloc_zeros::<u8>(2 * half)?;
+    let mut out: CudaSlice<u32> = stream.alloc_zeros(stream_read_out_len(gpu)?)?;
+    time_each(gpu, 2, || Ok(()), || stream_read(gpu, &buf, &mut out))?;
+    let (read_ms, _) = median_min(time_each(gpu, runs, || Ok(()), || stream_read(gpu, &buf, &mut out))?);
+    drop((buf, out));
+    gpu.synchronize()?;
+
+    let copy_bytes = 2 * half as u64;
+    let read_bytes = 2 * half as u64;
+    Ok(Ceilings { copy_bytes, copy_ms, copy_gbps: gbps(copy_bytes, copy_ms), read_bytes, read_ms, read_gbps: gbps(read_bytes, read_ms) })
+}
+
+/// Fill seeds of the query, key and value tensors.
+const SEEDS: [u64; 3] = [1, 2, 3];
+
+#[allow(clippy::too_many_arguments)]
+fn run_point(
+    device: &Device,
+    gpu: &Gpu,
+    cfg: &Config,
+    ceilings: &Ceilings,
+    flush: &mut CudaSlice<u8>,
+    dtype: DType,
+    batch: usize,
+    context: usize,
+) -> Result<Point> {
+    let (nh, nkv, hs, bs) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_size, cfg.block_size);
+    let es = dtype.size_bytes();
+    let blocks_per_seq = context.div_ceil(bs).max(1);
+    let num_blocks = batch * blocks_per_seq;
+    let kv_bytes = (2 * num_blocks * nkv * hs * bs * es) as u64;
+    let mut point = Point { dtype, batch, context, kv_bytes, skipped: None, measured: None };
+    let q_bytes = (batch * nh * hs * es) as u64;
+    let tables = (batch * (blocks_per_seq + 1) * 4) as u64;
+    let (free, _) = gpu.context().mem_get_info()?;
+    if kv_bytes > cfg.max_kv_bytes {
+        point.skipped = Some(format!("KV {:.1} GiB exceeds the {:.1} GiB limit", gib(kv_bytes), gib(cfg.max_kv_bytes)));
+        return Ok(point);
+    }
+    // Headroom for the allocator and the module's own allocations.
+    let needed = kv_bytes + 2 * q_bytes + tables + (256 << 20);
+    if needed > free as u64 {
+        point.skipped = Some(format!("needs {:.1} GiB, {:.1} GiB free", gib(needed), gib(free as u64)));
+        return Ok(point);
+    }
+
+    let st = ScalarType::from(dtype);
+    let x = dtype.x();
+    let mut query = gpu.zeros(st, &[batch, nh, hs])?;
+    let mut key_cache = gpu.zeros(st, &[num_blocks, nkv, hs / x, bs, x])?;
+    let mut value_cache = gpu.zeros(st, &[num_blocks, nkv, hs, bs])?;
+    let mut out = gpu.zeros(st, &[batch, nh, hs])?;
+    for (t, seed) in [&mut query, &mut key_cache, &mut value_cache].into_iter().zip(SEEDS) {
+        fill_uniform(gpu, t, cfg.seed.wrapping_add(seed), 1.0)?;
+    }
+    // Each sequence owns `blocks_per_seq` blocks, scattered over the cache.
+    let mut perm: Vec<i32> = (0..num_blocks as i32).collect();
+    Rng::new(cfg.seed).shuffle(&mut perm);
+    let block_tables = Tensor::from_i32(&[batch, blocks_per_seq], &perm)?.to_gpu(gpu.stream())?;
+    let seq_lens = Tensor::from_i32(&[batch], &vec![context as i32; batch])?.to_gpu(gpu.stream())?;
+    let scale = 1.0 / (hs as f32).sqrt();
+    let args = PagedAttentionArgs {
+        query: &query,
+        key_cache: &key_cache,
+        value_cache: &value_cache,
+        block_tables: &block_tables,
+        seq_lens: &seq_lens,
+        scale,
+        alibi_slopes: None,
+    };
+
+    let stream = gpu.stream();
+    time_each(gpu, cfg.warmup, || Ok(()), || paged_attention_v1(device, &mut out, &args))?;
+    let cold = time_each(gpu, cfg.iters, || Ok(stream.memset_zeros(flush)?), || paged_attention_v1(device, &mut out, &args))?;
+    let hot = time_each(gpu, cfg.iters, || Ok(()), || paged_attention_v1(device, &mut out, &args))?;
+    let (cold_ms, cold_min) = median_min(cold);
+    let (hot_ms, hot_min) = median_min(hot);
+    let bytes = (batch * context * nkv * hs * 2 * es) as u64 + 2 * q_bytes;
+
+    // Spot check: the first and the last sequence against the f64 reference.
+    let got = out.to_cpu()?.to_f64_vec();
+    let checked_seqs: Vec<usize> = if batch > 1 { vec![0, batch - 1] } else { vec![0] };
+    let shape = Shape { dtype, nh, nkv, hs, bs, num_blocks, len: context, scale: scale as f64, seed: cfg.seed };
+    let (mut g, mut w) = (Vec::new(), Vec::new());
+    for &s in &checked_seqs {
+        g.extend_from_slice(&got[s * nh * hs..(s + 1) * nh * hs]);
+        w.extend(reference_seq(&shape, s, &perm[s * blocks_per_seq..(s + 1) * blocks_per_seq]));
+    }
+    let err = compare(&g, &w);
+    let tol = tolerance(dtype);
+    let cold_gbps = gbps(bytes, cold_ms);
+    point.measured = Some(Measurement {
+        bytes,
+        cold_us: cold_ms * 1e3,
+        cold_min_us: cold_min * 1e3,
+        hot_us: hot_ms * 1e3,
+        hot_min_us: hot_min * 1e3,
+        cold_gbps,
+        hot_gbps: gbps(bytes, hot_ms),
+        pct_copy: 100.0 * cold_gbps / ceilings.copy_gbps,
+        pct_stream_read: 100.0 * cold_gbps / ceilings.read_gbps,
+        checked_seqs,
+        rel_l2: err.rel_l2,
+        max_abs: err.max_abs,
+        non_finite: err.non_finite,
+        tolerance: tol,
+        correct: err.passes(tol),
+    });
+    Ok(point)
+}
+
+fn gib(b: u64) -> f64 {
+    b as f64 / GIB as f64
+}
+
+/// Sizes of a benchmark point, for the host reference.
+struct Shape {
+    dtype: DType,
+    nh: usize,
+    nkv: usize,
+    hs: usize,
+    bs: usize,
+    num_blocks: usize,
+    len: usize,
+    scale: f64,
+    seed: u64,
+}
+
+/// A device-filled element as the GPU holds it: the hash value rounded to the dtype.
+fn filled(dtype: DType, i: usize, seed: u64) -> f32 {
+    let v = host_uniform(i, seed, 1.0);
+    match dtype {
+        DType::F32 => v,
+        DType::F16 => f16::from_f32(v).to_f32(),
+        DType::BF16 => bf16::from_f32(v).to_f32(),
+    }
+}
+
+/// The float64 reference output `[num_heads, head_size]` of sequence `s` (all tokens in its `row`
+/// of blocks), recomputed from the fill hash, one thread per KV head.
+fn reference_seq(p: &Shape, s: usize, row: &[i32]) -> Vec<f64> {
+    let (hs, bs, x, group) = (p.hs, p.bs, p.dtype.x(), p.nh / p.nkv);
+    let [q_seed, k_seed, v_seed] = SEEDS.map(|v| p.seed.wrapping_add(v));
+    debug_assert!(row.iter().all(|&b| (b as usize) < p.num_blocks));
+    let per_kv_head = |kvh: usize| -> Vec<f64> {
+        // Keys and values of this KV head, [token][dim], gathered through the block table.
+        let (mut k, mut v) = (vec![0f32; p.len * hs], vec![0f32; p.len * hs]);
+        for t in 0..p.len {
+            let (blk, slot) = (row[t / bs] as usize, t % bs);
+            let head = blk * p.nkv + kvh;
+            for d in 0..hs {
+                k[t * hs + d] = filled(p.dtype, ((head * (hs / x) + d / x) * bs + slot) * x + d % x, k_seed);
+                v[t * hs + d] = filled(p.dtype, (head * hs + d) * bs + slot, v_seed);
+            }
+        }
+        let mut out = vec![0f64; group * hs];
+        for (g, o) in out.chunks_mut(hs).enumerate() {
+            let h = kvh * group + g;
+            let q: Vec<f64> = (0..hs).map(|d| filled(p.dtype, (s * p.nh + h) * hs + d, q_seed) as f64).collect();
+            let scores: Vec<f64> = k.chunks(hs).map(|kt| p.scale * kt.iter().zip(&q).map(|(&a, &b)| a as f64 * b).sum::<f64>()).collect();
+            let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let mut sum = 0.0;
+            for (sc, vt) in scores.iter().zip(v.chunks(hs)) {
+                let w = (sc - max).exp();
+                sum += w;
+                o.iter_mut().zip(vt).for_each(|(od, &vd)| *od += w * vd as f64);
+            }
+            if sum > 0.0 {
+                o.iter_mut().for_each(|od| *od /= sum);
+            }
+        }
+        out
+    };
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..p.nkv).map(|kvh| scope.spawn(move || per_kv_head(kvh))).collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::paged_attention_v1::validate;
+
+    /// The hash-based reference agrees with the generic CPU reference on the same (host-built) data.
+    #[test]
+    fn reference_matches_cpu_backend() {
+        let (dtype, nh, nkv, hs, bs, len, seed) = (DType::BF16, 4usize, 2usize, 64usize, 8usize, 21usize, 9u64);
+        let blocks_per_seq = len.div_ceil(bs);
+        let num_blocks = 2 * blocks_per_seq;
+        let mut perm: Vec<i32> = (0..num_blocks as i32).collect();
+        Rng::new(3).shuffle(&mut perm);
+        let x = dtype.x();
+        let host = |n: usize, seed: u64| (0..n).map(|i| host_uniform(i, seed, 1.0)).collect::<Vec<_>>();
+        let [qs, ks, vs] = SEEDS.map(|v| seed + v);
+        let q = Tensor::from_f32(dtype, &[2, nh, hs], &host(2 * nh * hs, qs)).unwrap();
+        let k = Tensor::from_f32(dtype, &[num_blocks, nkv, hs / x, bs, x], &host(num_blocks * nkv * hs * bs, ks)).unwrap();
+        let v = Tensor::from_f32(dtype, &[num_blocks, nkv, hs, bs], &host(num_blocks * nkv * hs * bs, vs)).unwrap();
+        let bt = Tensor::from_i32(&[2, blocks_per_seq], &perm).unwrap();
+        let sl = Tensor::from_i32(&[2], &[len as i32; 2]).unwrap();
+        let scale = 1.0 / (hs as f32).sqrt();
+        let args =
+            PagedAttentionArgs { query: &q, key_cache: &k, value_cache: &v, block_tables: &bt, seq_lens: &sl, scale, alibi_slopes: None };
+        let plan = validate(&Device::Cpu, &Tensor::nan(q.dtype(), q.shape()), &args).unwrap();
+        let want = crate::cpu::paged_attention_v1::reference(&plan, &args);
+        let shape = Shape { dtype, nh, nkv, hs, bs, num_blocks, len, scale: scale as f64, seed };
+        for s in 0..2 {
+            let got = reference_seq(&shape, s, &perm[s * blocks_per_seq..(s + 1) * blocks_per_seq]);
+            let e = compare(&got, &want[s * nh * hs..(s + 1) * nh * hs]);
+            assert!(e.rel_l2 < 1e-12, "seq {s}: {e:?}");
+        }
+    }
+}

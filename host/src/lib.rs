@@ -34,8 +34,8 @@
 //! ```
 #![deny(unsafe_op_in_unsafe_fn)]
 
-pub mod cpu;
 pub mod bench;
+pub mod cpu;
 pub mod device;
 pub mod dispatch;
 pub mod error;

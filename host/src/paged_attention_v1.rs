@@ -27,11 +27,11 @@ pub struct PagedAttentionArgs<'a> {
     /// a sequence uses is in `0..num_blocks`) and copied to the device; a device tensor is guarded by
     /// the kernel (see [`crate::Error::DeviceData`]).
     pub block_tables: &'a Tensor,
-    /// `[num_seqs]` i32, each in `0..=max_num_blocks_per_seq * block_size` (host tensors checked).
+    /// `[num_seqs]` i32, contiguous, each in `0..=max_num_blocks_per_seq * block_size` (host tensors checked).
     pub seq_lens: &'a Tensor,
     /// Softmax scale (usually `1 / sqrt(head_size)`); finite.
     pub scale: f32,
-    /// `[num_heads]` f32 ALiBi slopes: score += slope · (token position − seq_len + 1).
+    /// `[num_heads]` f32 ALiBi slopes (contiguous): score += slope · (token position − seq_len + 1).
     pub alibi_slopes: Option<&'a Tensor>,
 }
 
@@ -164,9 +164,16 @@ pub fn validate(device: &Device, out: &Tensor, a: &PagedAttentionArgs) -> Result
     if sl.shape() != [num_seqs] {
         return Err(shape_err("seq_lens", sl, format!("[{num_seqs}]")));
     }
+    // The kernel indexes lengths and slopes densely (no stride in the params).
+    if num_seqs > 1 && sl.strides()[0] != 1 {
+        return Err(layout_err("seq_lens", sl, "must be contiguous".into()));
+    }
     if let Some(al) = a.alibi_slopes {
         if al.dtype() != ScalarType::F32 || al.shape() != [num_heads] {
             return Err(shape_err("alibi_slopes", al, format!("[{num_heads}] f32")));
+        }
+        if num_heads > 1 && al.strides()[0] != 1 {
+            return Err(layout_err("alibi_slopes", al, "must be contiguous".into()));
         }
     }
     if !a.scale.is_finite() {

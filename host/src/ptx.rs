@@ -32,33 +32,61 @@ pub fn parse_arch(arch: &str) -> Option<(i32, i32)> {
     Some((n / 10, n % 10))
 }
 
-/// The image to load on a device of compute capability `cc`: a cubin of the same major version and
-/// the highest minor not above the device's (arch-specific `a` cubins only on their exact arch), else
-/// the PTX of the highest arch not above the device, JIT-compiled by the driver.
-pub fn select_image(family: KernelFamily, cc: (i32, i32)) -> Result<(Ptx, &'static str)> {
+/// How a device loads a family's image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageKind {
+    /// Machine code built for the device's arch (or a lower minor of the same major).
+    Cubin,
+    /// PTX text, JIT-compiled by the driver at load time.
+    Ptx,
+}
+
+impl ImageKind {
+    pub const fn describe(self) -> &'static str {
+        match self {
+            ImageKind::Cubin => "cubin",
+            ImageKind::Ptx => "PTX, JIT-compiled by the driver",
+        }
+    }
+}
+
+/// The image a device of compute capability `cc` loads for `family`, without inflating it: a cubin of
+/// the same major version and the highest minor not above the device's (arch-specific `a` cubins only
+/// on their exact arch), else the PTX of the highest arch not above the device.
+pub fn choose_image(family: KernelFamily, cc: (i32, i32)) -> Result<(&'static KernelImage, ImageKind)> {
     let of_family = || KERNEL_IMAGES.iter().filter(move |i| i.family == family.name());
     let cubin = of_family()
         .filter_map(|i| Some((i, parse_arch(i.arch)?, i.cubin_deflate?)))
         .filter(|(i, a, _)| a.0 == cc.0 && a.1 <= cc.1 && (!i.arch.ends_with('a') || *a == cc))
         .max_by_key(|(_, a, _)| *a);
-    if let Some((_, _, data)) = cubin {
-        return Ok((Ptx::from_binary(inflate(data)?), "cubin"));
+    if let Some((i, _, _)) = cubin {
+        return Ok((i, ImageKind::Cubin));
     }
     let ptx = of_family()
         .filter_map(|i| Some((i, parse_arch(i.arch)?)))
         .filter(|(i, a)| *a <= cc && !i.arch.ends_with('a'))
         .max_by_key(|(_, a)| *a);
     match ptx {
-        Some((i, _)) => {
-            let text = String::from_utf8(inflate(i.ptx_deflate)?).map_err(|e| Error::Io(std::io::Error::other(e)))?;
-            Ok((Ptx::from_src(text), "PTX, JIT-compiled by the driver"))
-        }
+        Some((i, _)) => Ok((i, ImageKind::Ptx)),
         None => Err(Error::NoImage {
             family: family.name(),
             major: cc.0,
             minor: cc.1,
             available: of_family().map(|i| i.arch).collect::<Vec<_>>().join(", "),
         }),
+    }
+}
+
+/// The image to load on a device of compute capability `cc` (see [`choose_image`]), inflated, with
+/// a description of its kind.
+pub fn select_image(family: KernelFamily, cc: (i32, i32)) -> Result<(Ptx, &'static str)> {
+    let (image, kind) = choose_image(family, cc)?;
+    match (kind, image.cubin_deflate) {
+        (ImageKind::Cubin, Some(data)) => Ok((Ptx::from_binary(inflate(data)?), kind.describe())),
+        _ => {
+            let text = String::from_utf8(inflate(image.ptx_deflate)?).map_err(|e| Error::Io(std::io::Error::other(e)))?;
+            Ok((Ptx::from_src(text), ImageKind::Ptx.describe()))
+        }
     }
 }
 

@@ -118,7 +118,7 @@ impl Tensor {
         if shape.len() != strides.len() {
             return Err(bad(format!("rank of shape {shape:?} differs from rank of strides")));
         }
-        if storage.len_bytes() % dtype.size_bytes() != 0 {
+        if !storage.len_bytes().is_multiple_of(dtype.size_bytes()) {
             return Err(bad(format!("storage of {} bytes is not a whole number of {dtype}", storage.len_bytes())));
         }
         let elems = storage.len_bytes() / dtype.size_bytes();
@@ -294,6 +294,8 @@ impl Tensor {
     /// Copies to the GPU (same shape, strides and offset; the whole storage is copied).
     pub fn to_gpu(&self, stream: &Arc<CudaStream>) -> Result<Tensor> {
         let slice = match &self.storage {
+            // The driver refuses 0-byte allocations: an empty tensor gets one (unused) byte.
+            Storage::Cpu(v) if v.is_empty() => stream.alloc_zeros::<u8>(1)?,
             Storage::Cpu(v) => stream.clone_htod(v)?,
             Storage::Gpu { slice, .. } => stream.clone_dtod(slice)?,
         };

@@ -2,15 +2,13 @@
 //! available: the role of rust-cuda's `cuda_builder`, on rustc's own nvptx64 backend.
 //!
 //! ```no_run
-//! // build.rs
-//! fn main() {
-//!     let out = ptx_builder::PtxBuilder::new("../kernels-gpu")
-//!         .archs(&["sm_80", "sm_90"])
-//!         .families(&["paged_attention_v1"])
-//!         .build()
-//!         .unwrap_or_else(|e| panic!("{e}"));
-//!     out.write_rust_index(std::path::Path::new(&std::env::var("OUT_DIR").unwrap()).join("kernels.rs")).unwrap();
-//! }
+//! // In build.rs's `main`:
+//! let out = ptx_builder::PtxBuilder::new("../kernels-gpu")
+//!     .archs(&["sm_80", "sm_90"])
+//!     .families(&["paged_attention_v1"])
+//!     .build()
+//!     .unwrap_or_else(|e| panic!("{e}"));
+//! out.write_rust_index(std::path::Path::new(&std::env::var("OUT_DIR").unwrap()).join("kernels.rs")).unwrap();
 //! ```
 //!
 //! How it works: for each arch it runs a nested `cargo rustc --release --target nvptx64-nvidia-cuda
