@@ -351,6 +351,12 @@ impl Toolchain {
         let sysroot = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
         let host =
             String::from_utf8_lossy(&clean_env(Command::new(&rustc)).args(["--print", "host-tuple"]).output()?.stdout).trim().to_string();
+        // Hand the nested cargo the toolchain's own rustc, never the rustup proxy: cargo compiles `core`
+        // with the rust-src directory as working directory, where no rust-toolchain.toml selects the
+        // pinned nightly and the proxy would pick the default toolchain.
+        let rustc = if sysroot.join("bin/rustc").is_file() { sysroot.join("bin/rustc") } else { rustc };
+        let cargo =
+            if std::env::var_os("CARGO").is_none() && sysroot.join("bin/cargo").is_file() { sysroot.join("bin/cargo") } else { cargo };
         let llvm_bin = sysroot.join("lib/rustlib").join(&host).join("bin");
         for tool in ["llvm-link", "opt", "llc"] {
             if !llvm_bin.join(tool).exists() {
