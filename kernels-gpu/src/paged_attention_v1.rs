@@ -93,7 +93,6 @@ unsafe fn physical_block(p: &PagedAttentionParams, seq: usize, blk: usize) -> Op
 /// Launched with the geometry of `(T, HEAD_SIZE, BLOCK_SIZE)` on buffers the host validated.
 #[inline(always)]
 pub unsafe fn paged_attention_v1<T: Element, const HEAD_SIZE: usize, const BLOCK_SIZE: usize>(p: &PagedAttentionParams) {
-    let geo = const { Geometry::new(T::DTYPE, HEAD_SIZE, BLOCK_SIZE) };
     let gh = const { Geometry::new(T::DTYPE, HEAD_SIZE, BLOCK_SIZE).heads_per_cta() };
     let carve = const { Geometry::new(T::DTYPE, HEAD_SIZE, BLOCK_SIZE).smem_words() };
     let x = T::X;
@@ -108,7 +107,6 @@ pub unsafe fn paged_attention_v1<T: Element, const HEAD_SIZE: usize, const BLOCK
         assert!(g.heads_per_cta() <= MAX_HEADS);
         assert!(g.heads_per_cta() * HEAD_SIZE * (TILE / T::X) / 32 <= MAX_ACC);
     };
-    let _ = geo;
 
     let cta = Cta::new(p, gh);
     let tid = thread_idx_x();
@@ -128,7 +126,7 @@ pub unsafe fn paged_attention_v1<T: Element, const HEAD_SIZE: usize, const BLOCK
     let seq_len = seq_len_raw as usize;
 
     let smem = dynamic_smem();
-    // SAFETY: offsets inside the launch-sized carve-up of `geo` (all shared-memory pointers below).
+    // SAFETY: offsets inside the launch-sized carve-up of this variant's geometry (all shared-memory pointers below).
     let (q_s, p_s, m_s, l_s, o_s, flag_s) = unsafe {
         (smem.add(carve.q), smem.add(carve.p), smem.add(carve.m), smem.add(carve.l), smem.add(carve.o), smem.add(carve.flag) as *mut u32)
     };
