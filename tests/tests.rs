@@ -3,5 +3,5 @@
 //! `PAGEDATTN_REQUIRE_GPU=1` to make that a failure).
 #[macro_use]
 mod common;
-mod paged_attention_v1;
+mod paged_attention;
 mod validation;

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::device::{Device, Gpu};
 use crate::error::{Error, Result};
-use crate::paged_attention_v1::{PagedAttentionArgs, paged_attention_v1};
+use crate::paged_attention::{PagedAttentionArgs, paged_attention_v1};
 use crate::tensor::{ScalarType, Tensor};
 use crate::testing::{Rng, compare, tolerance};
 use crate::util::{fill_uniform, host_uniform, stream_read, stream_read_out_len};
@@ -375,7 +375,7 @@ fn reference_seq(p: &Shape, s: usize, row: &[i32]) -> Vec<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::paged_attention_v1::validate;
+    use crate::paged_attention::validate;
 
     /// The hash-based reference agrees with the generic CPU reference on the same (host-built) data.
     #[test]
@@ -397,7 +397,7 @@ mod tests {
         let args =
             PagedAttentionArgs { query: &q, key_cache: &k, value_cache: &v, block_tables: &bt, seq_lens: &sl, scale, alibi_slopes: None };
         let plan = validate(&Device::Cpu, &Tensor::nan(q.dtype(), q.shape()), &args).unwrap();
-        let want = crate::cpu::paged_attention_v1::reference(&plan, &args);
+        let want = crate::cpu::paged_attention::reference(&plan, &args);
         let shape = Shape { dtype, nh, nkv, hs, bs, num_blocks, len, scale: scale as f64, seed };
         for s in 0..2 {
             let got = reference_seq(&shape, s, &perm[s * blocks_per_seq..(s + 1) * blocks_per_seq]);

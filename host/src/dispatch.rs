@@ -7,46 +7,46 @@ use pagedattn_layout::{BLOCK_SIZES, DType, HEAD_SIZES};
 
 use crate::error::{Error, Result};
 
-/// One compiled `paged_attention_v1` variant.
+/// One compiled `paged_attention` variant.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PagedAttentionV1Variant {
+pub struct PagedAttentionVariant {
     pub dtype: DType,
     pub head_size: usize,
     pub block_size: usize,
     pub symbol: &'static str,
 }
 
-/// Every compiled `paged_attention_v1` variant.
-pub fn paged_attention_v1_variants() -> &'static [PagedAttentionV1Variant] {
-    static TABLE: OnceLock<Vec<PagedAttentionV1Variant>> = OnceLock::new();
+/// Every compiled `paged_attention` variant.
+pub fn paged_attention_variants() -> &'static [PagedAttentionVariant] {
+    static TABLE: OnceLock<Vec<PagedAttentionVariant>> = OnceLock::new();
     TABLE.get_or_init(|| {
         let mut table = Vec::new();
         macro_rules! push {
             ($dt:ident, $dtn:literal, $h:literal, $b:literal) => {
-                table.push(PagedAttentionV1Variant {
+                table.push(PagedAttentionVariant {
                     dtype: DType::$dt,
                     head_size: $h,
                     block_size: $b,
-                    symbol: pagedattn_layout::paged_attention_v1_symbol!($dtn, $h, $b),
+                    symbol: pagedattn_layout::paged_attention_symbol!($dtn, $h, $b),
                 })
             };
         }
-        pagedattn_layout::for_each_paged_attention_v1_variant!(push);
+        pagedattn_layout::for_each_paged_attention_variant!(push);
         table
     })
 }
 
 /// The variant for `(dtype, head_size, block_size)`, or an error naming the unsupported value and
 /// the supported ones.
-pub fn paged_attention_v1(dtype: DType, head_size: usize, block_size: usize) -> Result<&'static PagedAttentionV1Variant> {
-    let op = "paged_attention_v1";
+pub fn paged_attention(dtype: DType, head_size: usize, block_size: usize) -> Result<&'static PagedAttentionVariant> {
+    let op = "paged_attention";
     if !HEAD_SIZES.contains(&head_size) {
         return Err(Error::Unsupported { op, what: "head_size", got: head_size.to_string(), supported: format!("{HEAD_SIZES:?}") });
     }
     if !BLOCK_SIZES.contains(&block_size) {
         return Err(Error::Unsupported { op, what: "block_size", got: block_size.to_string(), supported: format!("{BLOCK_SIZES:?}") });
     }
-    paged_attention_v1_variants().iter().find(|v| v.dtype == dtype && v.head_size == head_size && v.block_size == block_size).ok_or_else(
+    paged_attention_variants().iter().find(|v| v.dtype == dtype && v.head_size == head_size && v.block_size == block_size).ok_or_else(
         || Error::Unsupported {
             op,
             what: "(dtype, head_size, block_size)",
@@ -63,16 +63,16 @@ mod tests {
 
     #[test]
     fn table_covers_the_declared_lists_exactly() {
-        assert_eq!(paged_attention_v1_variants().len(), DTYPES.len() * HEAD_SIZES.len() * BLOCK_SIZES.len());
+        assert_eq!(paged_attention_variants().len(), DTYPES.len() * HEAD_SIZES.len() * BLOCK_SIZES.len());
         for &d in DTYPES {
             for &h in HEAD_SIZES {
                 for &b in BLOCK_SIZES {
-                    let v = paged_attention_v1(d, h, b).unwrap();
-                    assert_eq!(v.symbol, format!("paged_attention_v1_{d}_h{h}_b{b}"));
+                    let v = paged_attention(d, h, b).unwrap();
+                    assert_eq!(v.symbol, format!("paged_attention_{d}_h{h}_b{b}"));
                 }
             }
         }
-        assert!(matches!(paged_attention_v1(DType::F16, 48, 16), Err(Error::Unsupported { what: "head_size", .. })));
-        assert!(matches!(paged_attention_v1(DType::F16, 128, 12), Err(Error::Unsupported { what: "block_size", .. })));
+        assert!(matches!(paged_attention(DType::F16, 48, 16), Err(Error::Unsupported { what: "head_size", .. })));
+        assert!(matches!(paged_attention(DType::F16, 128, 12), Err(Error::Unsupported { what: "block_size", .. })));
     }
 }

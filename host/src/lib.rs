@@ -40,7 +40,7 @@ pub mod device;
 pub mod dispatch;
 pub mod error;
 mod launch;
-pub mod paged_attention_v1;
+pub mod paged_attention;
 pub mod ptx;
 pub mod tensor;
 pub mod testing;
@@ -48,7 +48,7 @@ pub mod util;
 
 pub use device::{Device, Gpu};
 pub use error::{Error, Result};
-pub use paged_attention_v1::{PagedAttentionArgs, paged_attention_v1};
+pub use paged_attention::{PagedAttentionArgs, paged_attention_v1};
 pub use tensor::{ScalarType, Storage, Tensor};
 
 /// The types shared with the kernels (params, layouts, variant lists).

@@ -5,7 +5,7 @@ use pagedattn_layout::DType;
 
 use crate::device::Device;
 use crate::error::Result;
-use crate::paged_attention_v1::{PagedAttentionArgs, paged_attention_v1, validate};
+use crate::paged_attention::{PagedAttentionArgs, paged_attention_v1, validate};
 use crate::tensor::Tensor;
 
 /// A small deterministic RNG (xorshift64*), so cases are reproducible from their seed.
@@ -218,7 +218,7 @@ pub fn check_case(device: &Device, case: &Case) -> Result<Errors> {
     }
     let got = out.to_cpu()?.to_f64_vec();
     let plan = validate(&Device::Cpu, &Tensor::nan(host.query.dtype(), host.query.shape()), &host.args())?;
-    let want = crate::cpu::paged_attention_v1::reference(&plan, &host.args());
+    let want = crate::cpu::paged_attention::reference(&plan, &host.args());
     Ok(compare(&got, &want))
 }
 

@@ -13,8 +13,8 @@
 #![allow(clippy::needless_range_loop)]
 
 pub mod intrinsics;
-#[cfg(feature = "paged_attention_v1")]
-pub mod paged_attention_v1;
+#[cfg(feature = "paged_attention")]
+pub mod paged_attention;
 #[cfg(feature = "util")]
 pub mod util;
 

@@ -14,7 +14,7 @@ use pagedattn::{Device, Error, Gpu, PagedAttentionArgs, ScalarType, Storage, Ten
 /// Set to `1` on a GPU machine to turn a missing GPU into a failure instead of a skip.
 pub const REQUIRE_GPU_ENV: &str = "PAGEDATTN_REQUIRE_GPU";
 
-/// The calling function's path (`pagedattn_tests::paged_attention_v1::gpu_grid`), for skip lines.
+/// The calling function's path (`pagedattn_tests::paged_attention::gpu_grid`), for skip lines.
 macro_rules! test_name {
     () => {{
         fn f() {}
@@ -82,8 +82,8 @@ pub fn run_inputs(device: &Device, host: &Inputs) -> pagedattn::Result<Vec<f64>>
 pub fn reference(host: &Inputs) -> Vec<f64> {
     let args = host.args();
     let out = Tensor::nan(host.query.dtype(), host.query.shape());
-    let plan = pagedattn::paged_attention_v1::validate(&Device::Cpu, &out, &args).expect("reference inputs are valid");
-    pagedattn::cpu::paged_attention_v1::reference(&plan, &args)
+    let plan = pagedattn::paged_attention::validate(&Device::Cpu, &out, &args).expect("reference inputs are valid");
+    pagedattn::cpu::paged_attention::reference(&plan, &args)
 }
 
 /// Float dtype of host inputs.

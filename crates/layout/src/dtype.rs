@@ -21,7 +21,7 @@ impl DType {
         16 / self.size_bytes()
     }
 
-    /// Short lowercase name, as used in kernel symbols (`paged_attention_v1_f16_h128_b16`).
+    /// Short lowercase name, as used in kernel symbols (`paged_attention_f16_h128_b16`).
     pub const fn name(self) -> &'static str {
         match self {
             DType::F32 => "f32",

@@ -3,7 +3,7 @@
 //! Everything that both sides must agree on is defined here once: the `#[repr(C)]` params structs
 //! passed by value to the kernels, the KV-cache layouts with their index math, the status flags the
 //! kernels raise, the launch geometry of each kernel, and the lists of compiled variants
-//! ([`for_each_paged_attention_v1_variant!`]), which expand into the kernels' entry points on one side
+//! ([`for_each_paged_attention_variant!`]), which expand into the kernels' entry points on one side
 //! and into the host's dispatch table on the other.
 #![no_std]
 
@@ -16,7 +16,7 @@ pub mod util;
 mod variants;
 
 pub use dtype::DType;
-pub use paged_attention::{PagedAttentionParams, PagedAttentionV1Geometry};
+pub use paged_attention::{PagedAttentionGeometry, PagedAttentionParams};
 pub use util::{FillParams, StreamReadParams};
 
 /// Head sizes with a compiled variant (vLLM's list).
@@ -31,21 +31,22 @@ pub const ARCHS: &[&str] = &["sm_80", "sm_90"];
 /// Kernel families: each is one PTX module, compiled and loaded on its own (lazily, on first use).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum KernelFamily {
-    /// vLLM's `paged_attention_v1`, every (dtype, head size, block size).
-    PagedAttentionV1,
+    /// vLLM's `paged_attention_v1`/`v2` (one kernel, optionally split into partitions) and the v2
+    /// reduce, every (dtype, head size, block size).
+    PagedAttention,
     /// Device-side helpers: random fill, streaming-read probe (benchmarks and tests).
     Util,
 }
 
 impl KernelFamily {
     /// Every family, in the order of the host's module table.
-    pub const ALL: [KernelFamily; 2] = [KernelFamily::PagedAttentionV1, KernelFamily::Util];
+    pub const ALL: [KernelFamily; 2] = [KernelFamily::PagedAttention, KernelFamily::Util];
 
     /// The family's name: the cargo feature of `pagedattn-kernels` that compiles it, and the stem of
     /// its PTX/cubin files.
     pub const fn name(self) -> &'static str {
         match self {
-            KernelFamily::PagedAttentionV1 => "paged_attention_v1",
+            KernelFamily::PagedAttention => "paged_attention",
             KernelFamily::Util => "util",
         }
     }

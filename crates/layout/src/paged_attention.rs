@@ -78,13 +78,13 @@ impl PagedAttentionParams {
 /// Each warp takes tiles of [`Self::TILE`] tokens: one lane per token for `q·k`, then the lanes
 /// re-map onto 16-byte value chunks for `p·v`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PagedAttentionV1Geometry {
+pub struct PagedAttentionGeometry {
     pub dtype: DType,
     pub head_size: usize,
     pub block_size: usize,
 }
 
-impl PagedAttentionV1Geometry {
+impl PagedAttentionGeometry {
     pub const NUM_WARPS: usize = 4;
     pub const NUM_THREADS: usize = Self::NUM_WARPS * 32;
     /// Tokens per warp iteration: one lane per token in the `q·k` phase.
@@ -139,7 +139,7 @@ impl PagedAttentionV1Geometry {
     }
 }
 
-/// Offsets (f32 words) into a CTA's dynamic shared memory; see [`PagedAttentionV1Geometry::smem_words`].
+/// Offsets (f32 words) into a CTA's dynamic shared memory; see [`PagedAttentionGeometry::smem_words`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SmemCarve {
     pub q: usize,
@@ -161,9 +161,9 @@ mod tests {
         for &dtype in DTYPES {
             for &head_size in HEAD_SIZES {
                 for &block_size in BLOCK_SIZES {
-                    let g = PagedAttentionV1Geometry::new(dtype, head_size, block_size);
+                    let g = PagedAttentionGeometry::new(dtype, head_size, block_size);
                     let h = g.heads_per_cta();
-                    assert!((1..=PagedAttentionV1Geometry::MAX_HEADS_PER_CTA).contains(&h));
+                    assert!((1..=PagedAttentionGeometry::MAX_HEADS_PER_CTA).contains(&h));
                     // p·v: lanes sharing a dim must tile the head exactly.
                     let dims_per_pass = 32 / g.value_chunks_per_row();
                     assert_eq!(head_size % dims_per_pass, 0, "{dtype} h{head_size}");

@@ -1,21 +1,21 @@
-//! The single list of compiled variants. `for_each_paged_attention_v1_variant!(cb)` calls
+//! The single list of compiled variants. `for_each_paged_attention_variant!(cb)` calls
 //! `cb!(DTYPE_VARIANT, "dtype_name", HEAD_SIZE, BLOCK_SIZE)` once per variant: the kernels crate
 //! expands it into `#[export_name]` entry points, the host into its dispatch table, and both build
-//! the symbol name with [`paged_attention_v1_symbol!`], so names are never typed by hand.
+//! the symbol name with [`paged_attention_symbol!`], so names are never typed by hand.
 //! The lists must match [`crate::HEAD_SIZES`], [`crate::BLOCK_SIZES`] and [`crate::DTYPES`]
 //! (checked by a test in the host crate).
 
-/// Symbol of one `paged_attention_v1` variant, e.g. `paged_attention_v1_f16_h128_b16`.
+/// Symbol of one `paged_attention_v1` variant, e.g. `paged_attention_f16_h128_b16`.
 #[macro_export]
-macro_rules! paged_attention_v1_symbol {
+macro_rules! paged_attention_symbol {
     ($dtn:literal, $h:literal, $b:literal) => {
-        concat!("paged_attention_v1_", $dtn, "_h", stringify!($h), "_b", stringify!($b))
+        concat!("paged_attention_", $dtn, "_h", stringify!($h), "_b", stringify!($b))
     };
 }
 
-/// Calls `$cb!(DTYPE, "dtype", HEAD_SIZE, BLOCK_SIZE)` for every compiled `paged_attention_v1` variant.
+/// Calls `$cb!(DTYPE, "dtype", HEAD_SIZE, BLOCK_SIZE)` for every compiled `paged_attention` variant (v1 and v2 share it).
 #[macro_export]
-macro_rules! for_each_paged_attention_v1_variant {
+macro_rules! for_each_paged_attention_variant {
     ($cb:ident) => {
         $crate::__for_each_dtype!($cb; [(F32, "f32") (F16, "f16") (BF16, "bf16")];
             [32 64 80 96 112 120 128 192 256]; [8 16 32]);

@@ -5,7 +5,7 @@
 //! // In build.rs's `main`:
 //! let out = ptx_builder::PtxBuilder::new("../kernels-gpu")
 //!     .archs(&["sm_80", "sm_90"])
-//!     .families(&["paged_attention_v1"])
+//!     .families(&["paged_attention"])
 //!     .build()
 //!     .unwrap_or_else(|e| panic!("{e}"));
 //! out.write_rust_index(std::path::Path::new(&std::env::var("OUT_DIR").unwrap()).join("kernels.rs")).unwrap();

@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use cudarc::driver::sys;
 use indicatif::{ProgressBar, ProgressStyle};
 use pagedattn::layout::{BLOCK_SIZES, DType, HEAD_SIZES, KernelFamily, status};
-use pagedattn::paged_attention_v1::validate;
+use pagedattn::paged_attention::validate;
 use pagedattn::testing::{self, Case, Inputs};
 use pagedattn::{Device, Error, Gpu, ScalarType, Tensor, bench, dispatch, paged_attention_v1, ptx};
 use safetensors::{Dtype, SafeTensorError, SafeTensors, tensor::TensorView};
@@ -303,7 +303,7 @@ fn info(a: InfoArgs) -> CliResult {
         Err(_) => vec![(8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0)],
     };
     let load: Vec<LoadChoice> = KernelFamily::ALL.iter().flat_map(|&f| ccs.iter().map(move |&cc| load_choice(f, cc))).collect();
-    let variants = dispatch::paged_attention_v1_variants();
+    let variants = dispatch::paged_attention_variants();
     if a.json {
         let images: Vec<_> = ptx::images().iter().map(|i| {
             json!({"family": i.family, "arch": i.arch, "ptx_deflate_bytes": i.ptx_deflate.len(), "cubin_deflate_bytes": i.cubin_deflate.map(<[u8]>::len)})
@@ -318,7 +318,7 @@ fn info(a: InfoArgs) -> CliResult {
             "kernel_load": load,
             "images": images,
             "build_report": ptx::BUILD_REPORT,
-            "paged_attention_v1_variants": variants,
+            "paged_attention_variants": variants,
         });
         println!("{}", serde_json::to_string_pretty(&v).map_err(|e| CliError::Io(e.to_string()))?);
         return Ok(());
@@ -473,7 +473,7 @@ fn run(a: RunArgs) -> CliResult {
     };
     let mut out = device.nan(host.query.dtype(), host.query.shape())?;
     if let Device::Gpu(g) = &device {
-        g.module(KernelFamily::PagedAttentionV1)?; // load (maybe JIT) outside the timed region
+        g.module(KernelFamily::PagedAttention)?; // load (maybe JIT) outside the timed region
     }
     let t0 = Instant::now();
     paged_attention_v1(&device, &mut out, &args)?;
@@ -601,7 +601,7 @@ fn run_guard(device: &mut Device, guard: Guard) -> pagedattn::Result<CaseResult>
     paged_attention_v1(device, &mut out, &dev.args())?;
     let got = out.to_cpu()?.to_f64_vec();
     let plan = validate(&Device::Cpu, &Tensor::nan(host.query.dtype(), host.query.shape()), &host.args())?;
-    let want = pagedattn::cpu::paged_attention_v1::reference(&plan, &host.args());
+    let want = pagedattn::cpu::paged_attention::reference(&plan, &host.args());
 
     let row = case.num_heads * case.head_size;
     let mut problems = Vec::new();

@@ -1,4 +1,4 @@
 //! The CPU reference backend: every op in float64, naively (the test oracle, and the fallback when
 //! no GPU is present). One file per kernel, named as in `kernels-gpu/src/`.
 
-pub mod paged_attention_v1;
+pub mod paged_attention;

@@ -3,7 +3,7 @@
 //! none of the kernel's tiling, so it is the oracle the GPU is tested against.
 
 use crate::error::Result;
-use crate::paged_attention_v1::{PagedAttentionArgs, Plan};
+use crate::paged_attention::{PagedAttentionArgs, Plan};
 use crate::tensor::Tensor;
 
 /// The exact (f64) result, `[num_seqs, num_heads, head_size]` row-major, from inputs already

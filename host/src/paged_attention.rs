@@ -1,10 +1,10 @@
 //! `paged_attention_v1`: vLLM's decode attention over a paged KV cache.
 //!
-//! Kernel: `kernels-gpu/src/paged_attention_v1.rs`; CPU reference: `cpu/paged_attention_v1.rs`;
-//! tests: `tests/paged_attention_v1.rs`. Layouts: `pagedattn_layout::paged_attention`.
+//! Kernel: `kernels-gpu/src/paged_attention.rs`; CPU reference: `cpu/paged_attention.rs`;
+//! tests: `tests/paged_attention.rs`. Layouts: `pagedattn_layout::paged_attention`.
 
 use cudarc::driver::LaunchConfig;
-use pagedattn_layout::{BLOCK_SIZES, DType, HEAD_SIZES, KernelFamily, PagedAttentionParams, PagedAttentionV1Geometry};
+use pagedattn_layout::{BLOCK_SIZES, DType, HEAD_SIZES, KernelFamily, PagedAttentionGeometry, PagedAttentionParams};
 
 use crate::device::{Device, Gpu};
 use crate::error::{Error, Result};
@@ -61,7 +61,7 @@ pub fn paged_attention_v1(device: &Device, out: &mut Tensor, args: &PagedAttenti
         return Ok(());
     }
     match device {
-        Device::Cpu => cpu::paged_attention_v1::run(&plan, out, args),
+        Device::Cpu => cpu::paged_attention::run(&plan, out, args),
         Device::Gpu(gpu) => launch_gpu(gpu, &plan, out, args),
     }
 }
@@ -192,7 +192,7 @@ pub fn validate(device: &Device, out: &Tensor, a: &PagedAttentionArgs) -> Result
             why: "does not fit the kernel's 32-bit index fields".into(),
         });
     }
-    let geo = PagedAttentionV1Geometry::new(dtype, head_size, block_size);
+    let geo = PagedAttentionGeometry::new(dtype, head_size, block_size);
     if geo.head_groups(num_heads, num_kv_heads) > 65535 {
         return Err(Error::Value {
             op: OP,
@@ -257,7 +257,7 @@ pub fn check_tables(plan: &Plan, block_tables: &[i32], seq_lens: &[i32]) -> Resu
 }
 
 fn launch_gpu(gpu: &Gpu, plan: &Plan, out: &mut Tensor, a: &PagedAttentionArgs) -> Result<()> {
-    let variant = dispatch::paged_attention_v1(plan.dtype, plan.head_size, plan.block_size)?;
+    let variant = dispatch::paged_attention(plan.dtype, plan.head_size, plan.block_size)?;
     // Host-resident tables were checked in `validate`; copy them (freed stream-ordered after the kernel).
     let bt_dev;
     let bt = if a.block_tables.is_cpu() {
@@ -298,14 +298,14 @@ fn launch_gpu(gpu: &Gpu, plan: &Plan, out: &mut Tensor, a: &PagedAttentionArgs) 
         scale_log2: a.scale * std::f32::consts::LOG2_E,
         _pad: 0,
     };
-    let geo = PagedAttentionV1Geometry::new(plan.dtype, plan.head_size, plan.block_size);
+    let geo = PagedAttentionGeometry::new(plan.dtype, plan.head_size, plan.block_size);
     let cfg = LaunchConfig {
         grid_dim: (plan.num_seqs as u32, geo.head_groups(plan.num_heads, plan.num_kv_heads) as u32, 1),
-        block_dim: (PagedAttentionV1Geometry::NUM_THREADS as u32, 1, 1),
+        block_dim: (PagedAttentionGeometry::NUM_THREADS as u32, 1, 1),
         shared_mem_bytes: geo.smem_bytes() as u32,
     };
     log::debug!("{}: grid {:?}, {} threads, {} B shared", variant.symbol, cfg.grid_dim, cfg.block_dim.0, cfg.shared_mem_bytes);
-    let func = gpu.function(KernelFamily::PagedAttentionV1, variant.symbol)?;
+    let func = gpu.function(KernelFamily::PagedAttention, variant.symbol)?;
     // SAFETY: `PagedAttentionParams` is the kernel's parameter type; `validate` checked every shape,
     // stride, dtype and size the kernel addresses with, and the tables' device copies live until the
     // stream-ordered free after the kernel; device-side indices are guarded in the kernel.

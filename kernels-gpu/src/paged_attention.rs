@@ -8,7 +8,7 @@
 //! - `maybe_alibi_slopes`: `[num_heads]` f32 or null; `maybe_status`: `*mut u32` or null.
 //!
 //! Grid `(num_seqs, head_groups)`, `NUM_THREADS` threads, `smem_bytes()` of dynamic shared memory
-//! (all from `PagedAttentionV1Geometry`). A CTA serves one sequence and up to `heads_per_cta` query
+//! (all from `PagedAttentionGeometry`). A CTA serves one sequence and up to `heads_per_cta` query
 //! heads that share one KV head, so each K/V element is read once for all of them, with 16-byte loads.
 //!
 //! Thread mapping: each warp walks tiles of 32 tokens (tile `w`, `w + NUM_WARPS`, ...), keeping an
@@ -29,7 +29,7 @@ use crate::intrinsics::{
     Chunk, Element, atomic_or, block_idx_x, block_idx_y, dynamic_smem, exp2, fma, fmax, load_chunk, shfl_xor, sync_threads, sync_warp,
     thread_idx_x, warp_max, warp_sum,
 };
-use pagedattn_layout::{PagedAttentionParams, PagedAttentionV1Geometry as Geometry, status};
+use pagedattn_layout::{PagedAttentionGeometry as Geometry, PagedAttentionParams, status};
 
 const NUM_WARPS: usize = Geometry::NUM_WARPS;
 const NUM_THREADS: usize = Geometry::NUM_THREADS;
@@ -92,7 +92,7 @@ unsafe fn physical_block(p: &PagedAttentionParams, seq: usize, blk: usize) -> Op
 /// # Safety
 /// Launched with the geometry of `(T, HEAD_SIZE, BLOCK_SIZE)` on buffers the host validated.
 #[inline(always)]
-pub unsafe fn paged_attention_v1<T: Element, const HEAD_SIZE: usize, const BLOCK_SIZE: usize>(p: &PagedAttentionParams) {
+pub unsafe fn paged_attention<T: Element, const HEAD_SIZE: usize, const BLOCK_SIZE: usize>(p: &PagedAttentionParams) {
     let gh = const { Geometry::new(T::DTYPE, HEAD_SIZE, BLOCK_SIZE).heads_per_cta() };
     let carve = const { Geometry::new(T::DTYPE, HEAD_SIZE, BLOCK_SIZE).smem_words() };
     let x = T::X;
@@ -336,22 +336,22 @@ macro_rules! elem {
     };
 }
 
-macro_rules! export_paged_attention_v1 {
+macro_rules! export_paged_attention {
     ($dt:ident, $dtn:literal, $h:literal, $b:literal) => {
         const _: () = {
             /// One monomorphized variant; see the module docs.
             ///
             /// # Safety
             /// Launched by the host's dispatch with this variant's geometry on validated buffers.
-            #[unsafe(export_name = pagedattn_layout::paged_attention_v1_symbol!($dtn, $h, $b))]
+            #[unsafe(export_name = pagedattn_layout::paged_attention_symbol!($dtn, $h, $b))]
             pub unsafe extern "ptx-kernel" fn kernel(p: PagedAttentionParams) {
                 // SAFETY: forwarded from the entry point's contract.
-                unsafe { paged_attention_v1::<elem!($dt), $h, $b>(&p) }
+                unsafe { paged_attention::<elem!($dt), $h, $b>(&p) }
             }
         };
     };
 }
 
-pagedattn_layout::for_each_paged_attention_v1_variant!(export_paged_attention_v1);
+pagedattn_layout::for_each_paged_attention_variant!(export_paged_attention);
 
 const _: () = assert!(core::mem::size_of::<Chunk>() == 16);
