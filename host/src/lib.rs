@@ -5,7 +5,8 @@
 //!
 //! 1. Pick a device: [`Device::auto`] (the first GPU, else the CPU reference), [`Gpu::new`].
 //! 2. Make tensors: [`Tensor::from_f32`] / [`Tensor::from_i32`] on the host, [`Device::upload`].
-//! 3. Call an op, e.g. [`paged_attention_v1`]; on the GPU it is queued on the device's stream.
+//! 3. Call an op, e.g. [`reshape_and_cache`] to write keys and values into the paged cache, then
+//!    [`paged_attention_v1`]; on the GPU each is queued on the device's stream.
 //! 4. Read results with [`Tensor::to_cpu`]; check device-side guards with [`Gpu::check_status`].
 //!
 //! ```
@@ -35,6 +36,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod bench;
+pub mod cache;
 pub mod cpu;
 pub mod device;
 pub mod dispatch;
@@ -46,6 +48,7 @@ pub mod tensor;
 pub mod testing;
 pub mod util;
 
+pub use cache::{copy_blocks, reshape_and_cache, reshape_and_cache_flash, swap_blocks};
 pub use device::{Device, Gpu};
 pub use error::{Error, Result};
 pub use paged_attention::{PagedAttentionArgs, paged_attention_v1};
