@@ -11,7 +11,7 @@ use pagedattn::cache::CacheLayout;
 use pagedattn::layout::{BLOCK_SIZES, DTYPES, DType, HEAD_SIZES, status};
 use pagedattn::testing::{Inputs, Rng};
 use pagedattn::{
-    Device, Error, PagedAttentionArgs, ScalarType, Storage, Tensor, copy_blocks, reshape_and_cache, reshape_and_cache_flash, swap_blocks,
+    Device, Error, PagedAttentionArgs, ScalarType, Tensor, copy_blocks, reshape_and_cache, reshape_and_cache_flash, swap_blocks,
 };
 
 use crate::common::{self, assert_matches, run_op};
@@ -36,7 +36,7 @@ macro_rules! expect_err {
 
 /// A contiguous host i64 tensor.
 fn i64s(shape: &[usize], data: &[i64]) -> Tensor {
-    Tensor::from_bytes(ScalarType::I64, shape, data.iter().flat_map(|v| v.to_le_bytes()).collect()).unwrap()
+    Tensor::from_i64(shape, data).unwrap()
 }
 
 /// Uniform in `[-1, 1)` but never zero, so a zeroed element cannot pass for a written one.
@@ -49,18 +49,19 @@ fn nonzero(rng: &mut Rng) -> f64 {
 /// non-zero values everywhere (inside and outside the view).
 fn random_view(dtype: ScalarType, shape: &[usize], strides: &[usize], offset: usize, len: usize, rng: &mut Rng) -> Tensor {
     let mut base = Tensor::nan(dtype, &[len]);
-    for i in 0..len {
-        base.set_storage_f64(i, nonzero(rng));
+    {
+        let mut b = base.cpu_bytes_mut().unwrap();
+        for i in 0..len {
+            dtype.write_f64(&mut b, i, nonzero(rng));
+        }
     }
-    let bytes = base.cpu_bytes().unwrap().to_vec();
-    Tensor::from_storage(Storage::Cpu(bytes), dtype, shape, strides, offset).unwrap()
+    base.view(shape, strides, offset).unwrap()
 }
 
 /// A host view over a storage of `len` elements all NaN (`nan`) or random non-zero.
 fn cache_view(dtype: ScalarType, shape: &[usize], strides: &[usize], offset: usize, len: usize, nan: bool, rng: &mut Rng) -> Tensor {
     if nan {
-        let bytes = Tensor::nan(dtype, &[len]).cpu_bytes().unwrap().to_vec();
-        Tensor::from_storage(Storage::Cpu(bytes), dtype, shape, strides, offset).unwrap()
+        Tensor::nan(dtype, &[len]).view(shape, strides, offset).unwrap()
     } else {
         random_view(dtype, shape, strides, offset, len, rng)
     }
@@ -179,16 +180,7 @@ fn cpu_reshape_and_cache_flash_hnd_view() {
     let (key, value) = hand_kv(ScalarType::F16, 2, h, d);
     let strides = [h * bs * d, d, bs * d, 1];
     let n = nb * h * bs * d;
-    let view = || {
-        Tensor::from_storage(
-            Storage::Cpu(Tensor::nan(ScalarType::F16, &[n]).cpu_bytes().unwrap().to_vec()),
-            ScalarType::F16,
-            &[nb, bs, h, d],
-            &strides,
-            0,
-        )
-        .unwrap()
-    };
+    let view = || Tensor::nan(ScalarType::F16, &[n]).view(&[nb, bs, h, d], &strides, 0).unwrap();
     let (mut kc, mut vc) = (view(), view());
     reshape_and_cache_flash(&Device::Cpu, &key, &value, &mut kc, &mut vc, &i64s(&[2], &[7, 2])).unwrap();
     for (t, s) in [(0, 7), (1, 2)] {
@@ -203,39 +195,30 @@ fn cpu_reshape_and_cache_flash_hnd_view() {
     assert_eq!(written(&kc), 2 * h * d);
 }
 
-/// vLLM's combined caches: `[2, num_blocks, block_size, H, D]` (key = kv[0], value = kv[1]) and
-/// `[num_blocks, 2, block_size, H, D]` (key = kv[:, 0], value = kv[:, 1]), as views with the
-/// combined tensor's strides and offsets.
+/// vLLM's combined caches, one allocation split with `select`: `[2, num_blocks, block_size, H, D]`
+/// (key = kv[0], value = kv[1]) and `[num_blocks, 2, block_size, H, D]` (key = kv[:, 0], value =
+/// kv[:, 1]).
 #[test]
 fn cpu_reshape_and_cache_flash_combined_views() {
     let (h, d, bs, nb) = (2, 4, 2, 3);
     let (key, value) = hand_kv(ScalarType::F32, 2, h, d);
-    let row = h * d;
-    let page = bs * row;
-    // (strides of one cache, offset of the value cache, storage index of [b][o][hh][dd] for kv = 0/1)
-    type At = fn(usize, usize, usize, usize, usize) -> usize;
-    let outer: At = |kv, b, o, hh, dd| (((kv * 3 + b) * 2 + o) * 2 + hh) * 4 + dd;
-    let inner: At = |kv, b, o, hh, dd| (((b * 2 + kv) * 2 + o) * 2 + hh) * 4 + dd;
-    for (name, strides, v_off, at) in
-        [("[2, nb, ...]", [page, row, d, 1], nb * page, outer), ("[nb, 2, ...]", [2 * page, row, d, 1], page, inner)]
-    {
-        let n = 2 * nb * page;
-        let view = |off: usize| {
-            let bytes = Tensor::nan(ScalarType::F32, &[n]).cpu_bytes().unwrap().to_vec();
-            Tensor::from_storage(Storage::Cpu(bytes), ScalarType::F32, &[nb, bs, h, d], &strides, off).unwrap()
-        };
-        let (mut kc, mut vc) = (view(0), view(v_off));
+    for (name, shape, axis) in [("[2, nb, ...]", [2, nb, bs, h, d], 0), ("[nb, 2, ...]", [nb, 2, bs, h, d], 1)] {
+        let kv = Tensor::nan(ScalarType::F32, &shape);
+        let (mut kc, mut vc) = (kv.select(axis, 0).unwrap(), kv.select(axis, 1).unwrap());
         reshape_and_cache_flash(&Device::Cpu, &key, &value, &mut kc, &mut vc, &i64s(&[2], &[5, 0])).unwrap();
+        // The combined tensor's element [kv][b][o][hh][dd] (or [b][kv][o][hh][dd]).
+        let at = |which: usize, b: usize, o: usize, hh: usize, dd: usize| {
+            if axis == 0 { kv.get_f64(&[which, b, o, hh, dd]) } else { kv.get_f64(&[b, which, o, hh, dd]) }
+        };
         for (t, s) in [(0, 5), (1, 0)] {
             for hh in 0..h {
                 for dd in 0..d {
-                    assert_eq!(kc.storage_f64(at(0, s / bs, s % bs, hh, dd)), hand_value(t, hh, dd, false), "{name}");
-                    assert_eq!(vc.storage_f64(at(1, s / bs, s % bs, hh, dd)), hand_value(t, hh, dd, true), "{name}");
+                    assert_eq!(at(0, s / bs, s % bs, hh, dd), hand_value(t, hh, dd, false), "{name}");
+                    assert_eq!(at(1, s / bs, s % bs, hh, dd), hand_value(t, hh, dd, true), "{name}");
                 }
             }
         }
-        assert_eq!(written(&kc), 2 * h * d, "{name}");
-        assert_eq!(written(&vc), 2 * h * d, "{name}");
+        assert_eq!(written(&kv), 2 * 2 * h * d, "{name}: only the two tokens' rows");
     }
 }
 
@@ -467,9 +450,7 @@ fn reshape_layout_errors() {
     expect_err!(run_args(f, &mut a), Error::Layout { tensor: "key_cache", why, .. } => assert!(why.contains("overlaps"), "{why}"));
     // A strided slot mapping.
     let mut a = args(f);
-    a.slots =
-        Tensor::from_storage(Storage::Cpu(i64s(&[6], &[0, 9, 1, 9, 2, 9]).cpu_bytes().unwrap().to_vec()), ScalarType::I64, &[3], &[2], 0)
-            .unwrap();
+    a.slots = i64s(&[6], &[0, 9, 1, 9, 2, 9]).view(&[3], &[2], 0).unwrap();
     expect_err!(run_args(f, &mut a), Error::Layout { tensor: "slot_mapping", .. });
 }
 
@@ -748,8 +729,8 @@ impl ReshapeCase {
     }
 }
 
-/// Flash caches `[num_blocks, block_size, H, D]` of a layout (each a view over a storage of the
-/// combined tensor's size; key and value in separate storages).
+/// Flash caches `[num_blocks, block_size, H, D]` of a layout: separate allocations (NHD, HND), or
+/// the two halves of one combined allocation split with `select`.
 #[allow(clippy::too_many_arguments)]
 fn flash_caches(
     layout: FlashLayout,
@@ -763,23 +744,42 @@ fn flash_caches(
 ) -> (Tensor, Tensor) {
     let page = bs * h * d;
     let shape = [nb, bs, h, d];
-    let (strides, len, v_off) = match layout {
-        FlashLayout::Nhd => ([page, h * d, d, 1], nb * page, 0),
-        FlashLayout::Hnd => ([page, d, bs * d, 1], nb * page, 0),
-        FlashLayout::KvOuter => ([page, h * d, d, 1], 2 * nb * page, nb * page),
-        FlashLayout::KvInner => ([2 * page, h * d, d, 1], 2 * nb * page, page),
+    let combined = |shape: &[usize], axis: usize, rng: &mut Rng| {
+        let n = shape.iter().product();
+        let kv = cache_view(st, shape, &pagedattn::tensor::contiguous_strides(shape), 0, n, nan, rng);
+        (kv.select(axis, 0).unwrap(), kv.select(axis, 1).unwrap())
     };
-    (cache_view(st, &shape, &strides, 0, len, nan, rng), cache_view(st, &shape, &strides, v_off, len, nan, rng))
+    match layout {
+        FlashLayout::Nhd => {
+            let strides = [page, h * d, d, 1];
+            (cache_view(st, &shape, &strides, 0, nb * page, nan, rng), cache_view(st, &shape, &strides, 0, nb * page, nan, rng))
+        }
+        FlashLayout::Hnd => {
+            let strides = [page, d, bs * d, 1];
+            (cache_view(st, &shape, &strides, 0, nb * page, nan, rng), cache_view(st, &shape, &strides, 0, nb * page, nan, rng))
+        }
+        FlashLayout::KvOuter => combined(&[2, nb, bs, h, d], 0, rng),
+        FlashLayout::KvInner => combined(&[nb, 2, bs, h, d], 1, rng),
+    }
+}
+
+/// Copies two tensors to `device`, keeping them views of one allocation if they share one (a
+/// combined KV cache), so that whole-storage comparisons see both halves.
+fn upload_pair(device: &Device, a: &Tensor, b: &Tensor) -> (Tensor, Tensor) {
+    let a_dev = device.upload(a).unwrap();
+    let b_dev = if a.shares_storage(b) { a_dev.view(b.shape(), b.strides(), b.offset()).unwrap() } else { device.upload(b).unwrap() };
+    (a_dev, b_dev)
 }
 
 /// Runs a reshape case on the CPU and on `device` and checks the caches bit for bit.
 fn check_reshape(device: &Device, c: &ReshapeCase) {
     let inp = c.inputs();
     let slots = i64s(&[c.num_tokens], &inp.slots);
-    let (mut kc_cpu, mut vc_cpu) = (inp.key_cache.to_cpu().unwrap(), inp.value_cache.to_cpu().unwrap());
+    let (mut kc_cpu, mut vc_cpu) = upload_pair(&Device::Cpu, &inp.key_cache, &inp.value_cache);
     reshape(&Device::Cpu, c.layout, &inp.key, &inp.value, &mut kc_cpu, &mut vc_cpu, &slots).unwrap_or_else(|e| panic!("{c}: CPU: {e}"));
     let up = |t: &Tensor| device.upload(t).unwrap();
-    let (key, value, mut kc, mut vc) = (up(&inp.key), up(&inp.value), up(&inp.key_cache), up(&inp.value_cache));
+    let (key, value) = (up(&inp.key), up(&inp.value));
+    let (mut kc, mut vc) = upload_pair(device, &inp.key_cache, &inp.value_cache);
     let slots_dev = if c.device_slots { up(&slots) } else { slots.to_cpu().unwrap() };
     reshape(device, c.layout, &key, &value, &mut kc, &mut vc, &slots_dev).unwrap_or_else(|e| panic!("{c}: GPU: {e}"));
     assert_same_bits(&kc, &kc_cpu, &format!("{c}: key cache"));
@@ -856,10 +856,11 @@ fn gpu_bad_device_slot_is_flagged() {
         bad[7] = [i64::MAX, num_slots + 12345][i % 2];
         let mut good = bad.clone();
         (good[3], good[7]) = (-1, -1);
-        let (mut kc_cpu, mut vc_cpu) = (inp.key_cache.to_cpu().unwrap(), inp.value_cache.to_cpu().unwrap());
+        let (mut kc_cpu, mut vc_cpu) = upload_pair(&Device::Cpu, &inp.key_cache, &inp.value_cache);
         reshape(&Device::Cpu, layout, &inp.key, &inp.value, &mut kc_cpu, &mut vc_cpu, &i64s(&[12], &good)).unwrap();
         let up = |t: &Tensor| device.upload(t).unwrap();
-        let (key, value, mut kc, mut vc) = (up(&inp.key), up(&inp.value), up(&inp.key_cache), up(&inp.value_cache));
+        let (key, value) = (up(&inp.key), up(&inp.value));
+        let (mut kc, mut vc) = upload_pair(&device, &inp.key_cache, &inp.value_cache);
         reshape(&device, layout, &key, &value, &mut kc, &mut vc, &up(&i64s(&[12], &bad))).unwrap();
         let what = format!("{c} with slots {} and {}", bad[3], bad[7]);
         assert_same_bits(&kc, &kc_cpu, &format!("{what}: key cache"));
@@ -891,13 +892,14 @@ fn gpu_duplicate_device_slots_one_write_wins() {
                     only[j] = *s;
                 }
             }
-            let (mut kc, mut vc) = (inp.key_cache.to_cpu().unwrap(), inp.value_cache.to_cpu().unwrap());
+            let (mut kc, mut vc) = upload_pair(&Device::Cpu, &inp.key_cache, &inp.value_cache);
             reshape(&Device::Cpu, layout, &inp.key, &inp.value, &mut kc, &mut vc, &i64s(&[6], &only)).unwrap();
             (kc.to_f64_vec(), vc.to_f64_vec())
         };
         let (a, b) = (alone(1), alone(4));
         let up = |t: &Tensor| device.upload(t).unwrap();
-        let (key, value, mut kc, mut vc) = (up(&inp.key), up(&inp.value), up(&inp.key_cache), up(&inp.value_cache));
+        let (key, value) = (up(&inp.key), up(&inp.value));
+        let (mut kc, mut vc) = upload_pair(&device, &inp.key_cache, &inp.value_cache);
         reshape(&device, layout, &key, &value, &mut kc, &mut vc, &up(&i64s(&[6], &slots))).unwrap();
         let got = (kc.to_cpu().unwrap().to_f64_vec(), vc.to_cpu().unwrap().to_f64_vec());
         for (g, (x, y)) in [(&got.0, (&a.0, &b.0)), (&got.1, (&a.1, &b.1))] {
@@ -938,12 +940,9 @@ fn check_copy_blocks(device: &Device, seed: u64) {
     let mapping = i64s(&[n + 1, 2], &pairs);
     let what = format!("copy_blocks {dtype} kind {kind} {num_layers} layers h{h} d{d} b{bs} nb{nb} pairs {n} seed {seed}");
 
-    let mut k_cpu: Vec<Tensor> = keys.iter().map(|t| t.to_cpu().unwrap()).collect();
-    let mut v_cpu: Vec<Tensor> = values.iter().map(|t| t.to_cpu().unwrap()).collect();
+    let (mut k_cpu, mut v_cpu): (Vec<Tensor>, Vec<Tensor>) = keys.iter().zip(&values).map(|(k, v)| upload_pair(&Device::Cpu, k, v)).unzip();
     run_copy(&mut k_cpu, &mut v_cpu, &mapping).unwrap_or_else(|e| panic!("{what}: CPU: {e}"));
-    for t in keys.iter_mut().chain(values.iter_mut()) {
-        *t = device.upload(t).unwrap();
-    }
+    (keys, values) = keys.iter().zip(&values).map(|(k, v)| upload_pair(device, k, v)).unzip();
     let map_dev = if seed.is_multiple_of(2) { device.upload(&mapping).unwrap() } else { mapping.to_cpu().unwrap() };
     {
         let mut k: Vec<&mut Tensor> = keys.iter_mut().collect();

@@ -2,7 +2,7 @@
 
 use pagedattn::layout::DType;
 use pagedattn::testing::{Case, Inputs, Rng};
-use pagedattn::{Device, Error, PagedAttentionArgs, ScalarType, Storage, Tensor, paged_attention_v1};
+use pagedattn::{Device, Error, PagedAttentionArgs, ScalarType, Tensor, paged_attention_v1};
 
 use crate::common;
 
@@ -72,8 +72,7 @@ fn rand(dtype: ScalarType, shape: &[usize]) -> Tensor {
 /// A random host view: `shape`/`strides`/`offset` over a storage of `len` elements.
 fn view(dtype: ScalarType, len: usize, shape: &[usize], strides: &[usize], offset: usize) -> Tensor {
     let storage = rand(dtype, &[len]);
-    let bytes = storage.cpu_bytes().unwrap().to_vec();
-    Tensor::from_storage(Storage::Cpu(bytes), dtype, shape, strides, offset).unwrap()
+    storage.view(shape, strides, offset).unwrap()
 }
 
 /// Runs on the CPU backend into a fresh output of the query's dtype and shape.

@@ -19,7 +19,7 @@ use pagedattn_layout::{CopyBlocksParams, DType, KernelFamily, ReshapeAndCacheFla
 
 use crate::device::{Device, Gpu};
 use crate::error::{Error, Result};
-use crate::tensor::{ScalarType, Storage, Tensor, contiguous_strides};
+use crate::tensor::{ScalarType, Tensor, contiguous_strides};
 use crate::{cpu, dispatch, launch};
 
 const RESHAPE: &str = "reshape_and_cache";
@@ -112,7 +112,7 @@ fn reshape(
     }
     match device {
         Device::Cpu => {
-            let slots = host_i64(slot_mapping);
+            let slots = slot_mapping.to_i64_vec();
             cpu::cache::reshape_and_cache(&plan, key, value, key_cache, value_cache, &slots)
         }
         Device::Gpu(gpu) => launch_reshape(gpu, &plan, key, value, key_cache, value_cache, slot_mapping),
@@ -164,42 +164,25 @@ fn inner_contiguous(t: &Tensor, from: usize) -> bool {
     t.shape()[from..].iter().zip(&t.strides()[from..]).zip(&want).all(|((&n, &s), &w)| n <= 1 || s == w)
 }
 
-/// Checks that every tensor is on the op's device (`host_ok`: tensors that may also be host data).
+/// Checks that every tensor is on the op's device: device memory for the GPU, pageable host memory
+/// for the CPU backend. `tables` may be host data on the GPU (pageable or pinned: checked, then
+/// uploaded), so they are only checked for the CPU backend.
 fn check_placement(
     op: &'static str,
     device: &Device,
     tensors: &[(&'static str, &Tensor)],
-    host_ok: &[(&'static str, &Tensor)],
+    tables: &[(&'static str, &Tensor)],
 ) -> Result<()> {
     let on_gpu = matches!(device, Device::Gpu(_));
     let want = if on_gpu { "GPU" } else { "CPU" };
-    let extra: &[(&'static str, &Tensor)] = if on_gpu { &[] } else { host_ok };
+    let extra: &[(&'static str, &Tensor)] = if on_gpu { &[] } else { tables };
     for &(name, t) in tensors.iter().chain(extra) {
-        if t.is_cpu() == on_gpu {
+        let here = if on_gpu { t.is_gpu() } else { t.is_cpu() };
+        if !here {
             return Err(Error::Device { op, tensor: name, got: t.storage().location(), expected: want });
         }
     }
     Ok(())
-}
-
-/// The entries of a host i64 tensor, row-major.
-pub(crate) fn host_i64(t: &Tensor) -> Vec<i64> {
-    let b = t.cpu_bytes().expect("host tensor");
-    let shape = t.shape();
-    let mut idx = vec![0usize; shape.len()];
-    let mut out = Vec::with_capacity(t.numel());
-    for _ in 0..t.numel() {
-        let i = t.storage_index(&idx) * 8;
-        out.push(i64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes")));
-        for d in (0..idx.len()).rev() {
-            idx[d] += 1;
-            if idx[d] < shape[d] {
-                break;
-            }
-            idx[d] = 0;
-        }
-    }
-    out
 }
 
 /// Everything the host can check for a reshape op without reading device memory, and the contents
@@ -333,8 +316,8 @@ pub fn validate_reshape(
         layout == CacheLayout::Flash && (head_size * es) % 16 == 0 && [key, value, key_cache, value_cache].into_iter().all(rows_aligned);
 
     let plan = ReshapePlan { layout, dtype, num_tokens, num_kv_heads, head_size, block_size, num_blocks, vec16 };
-    if slot_mapping.is_cpu() {
-        check_slots(op, &host_i64(slot_mapping), num_slots, &plan)?;
+    if slot_mapping.is_host() {
+        check_slots(op, &slot_mapping.to_i64_vec(), num_slots, &plan)?;
     }
     Ok(plan)
 }
@@ -367,7 +350,7 @@ fn check_slots(op: &'static str, slots: &[i64], num_slots: usize, plan: &Reshape
 
 /// The device copy of a host table (`None` when it already is on the device).
 fn upload_if_host(gpu: &Gpu, t: &Tensor) -> Result<Option<Tensor>> {
-    if t.is_cpu() { Ok(Some(t.to_gpu(gpu.stream())?)) } else { Ok(None) }
+    if t.is_host() { Ok(Some(t.to_gpu(gpu.stream())?)) } else { Ok(None) }
 }
 
 fn ptr(t: &Tensor) -> u64 {
@@ -501,7 +484,7 @@ pub fn copy_blocks(
         return Ok(());
     }
     match device {
-        Device::Cpu => cpu::cache::copy_blocks(&plan, key_caches, value_caches, &host_i64(block_mapping)),
+        Device::Cpu => cpu::cache::copy_blocks(&plan, key_caches, value_caches, &block_mapping.to_i64_vec()),
         Device::Gpu(gpu) => launch_copy_blocks(gpu, &plan, key_caches, value_caches, block_mapping),
     }
 }
@@ -619,8 +602,8 @@ pub fn validate_copy_blocks(
         value_block_bytes,
         value_block_stride_bytes,
     };
-    if block_mapping.is_cpu() {
-        check_pairs(op, &host_i64(block_mapping), num_blocks, num_blocks, true)?;
+    if block_mapping.is_host() {
+        check_pairs(op, &block_mapping.to_i64_vec(), num_blocks, num_blocks, true)?;
     }
     Ok(plan)
 }
@@ -718,14 +701,19 @@ pub struct SwapBlocksPlan {
 ///
 /// `src` and `dst` have the same dtype and the same shape after axis 0, which must be contiguous
 /// (a block is one span of bytes). On the GPU each block is one `cuMemcpyAsync` on the device's
-/// stream: device to device, or between the device and pinned host memory. On the CPU backend both
-/// are host tensors. Ids must be in range and no destination may repeat ([`Error::HostData`]).
+/// stream, queued without waiting: device to device, or between the device and pinned host memory
+/// ([`Tensor::to_pinned`], [`Gpu::pinned`]; pageable memory cannot be copied asynchronously and is
+/// an [`Error::Device`], as is a pair of pinned tensors). These copies are not tracked: synchronize
+/// the stream before touching a pinned `dst` (or changing a pinned `src`) on the host, and keep
+/// both alive until then. On the CPU backend both are pageable host tensors. `block_mapping` is
+/// host data (pageable or pinned); ids must be in range and no destination may repeat
+/// ([`Error::HostData`]).
 pub fn swap_blocks(device: &Device, src: &Tensor, dst: &mut Tensor, block_mapping: &Tensor) -> Result<()> {
     let plan = validate_swap_blocks(device, src, dst, block_mapping)?;
     if plan.num_pairs == 0 || plan.block_bytes == 0 {
         return Ok(());
     }
-    let pairs = host_i64(block_mapping);
+    let pairs = block_mapping.to_i64_vec();
     match device {
         Device::Cpu => cpu::cache::swap_blocks(&plan, src, dst, &pairs),
         Device::Gpu(gpu) => copy_swap_gpu(gpu, &plan, src, dst, &pairs),
@@ -736,7 +724,7 @@ pub fn swap_blocks(device: &Device, src: &Tensor, dst: &mut Tensor, block_mappin
 pub fn validate_swap_blocks(device: &Device, src: &Tensor, dst: &Tensor, block_mapping: &Tensor) -> Result<SwapBlocksPlan> {
     let op = SWAP;
     let num_pairs = check_mapping_shape(op, block_mapping)?;
-    if !block_mapping.is_cpu() {
+    if !block_mapping.is_host() {
         return Err(Error::Device { op, tensor: "block_mapping", got: block_mapping.storage().location(), expected: "CPU" });
     }
     if dst.dtype() != src.dtype() {
@@ -764,34 +752,40 @@ pub fn validate_swap_blocks(device: &Device, src: &Tensor, dst: &Tensor, block_m
         Device::Gpu(_) => {
             for (name, t) in [("src", src), ("dst", dst)] {
                 if t.is_cpu() {
-                    return Err(Error::Device { op, tensor: name, got: "CPU", expected: "GPU" });
+                    return Err(Error::Device { op, tensor: name, got: "CPU", expected: "GPU or pinned host" });
                 }
+            }
+            if !src.is_gpu() && !dst.is_gpu() {
+                return Err(Error::Device {
+                    op,
+                    tensor: "dst",
+                    got: dst.storage().location(),
+                    expected: "GPU (src is pinned host memory)",
+                });
             }
         }
     }
-    check_pairs(op, &host_i64(block_mapping), src.shape()[0], dst.shape()[0], false)?;
+    check_pairs(op, &block_mapping.to_i64_vec(), src.shape()[0], dst.shape()[0], false)?;
     Ok(SwapBlocksPlan { num_pairs, block_bytes, src_block_stride_bytes: src_stride, dst_block_stride_bytes: dst_stride })
 }
 
-/// The device address of block 0 of `t`.
-fn block_base(t: &Tensor) -> u64 {
-    match t.storage() {
-        Storage::Gpu { .. } => ptr(t),
-        Storage::Cpu(_) => unreachable!("validated: device tensors"),
-    }
-}
-
 fn copy_swap_gpu(gpu: &Gpu, plan: &SwapBlocksPlan, src: &Tensor, dst: &mut Tensor, pairs: &[i64]) -> Result<()> {
-    let (s0, d0) = (block_base(src), block_base(dst));
+    // Unified addressing: device and pinned host addresses are both `cuMemcpyAsync` endpoints. `None`
+    // only when the driver could not map pinned memory (the error is recorded in the context).
+    let base = |name: &'static str, t: &Tensor| {
+        t.raw_ptr().ok_or_else(|| Error::Device { op: SWAP, tensor: name, got: t.storage().location(), expected: "a mapped address" })
+    };
+    let (s0, d0) = (base("src", src)?, base("dst", dst)?);
     let stream = gpu.stream().cu_stream();
     log::debug!("swap_blocks: {} copies of {} bytes", plan.num_pairs, plan.block_bytes);
     for p in pairs.chunks_exact(2) {
         let s = s0 + p[0] as u64 * plan.src_block_stride_bytes as u64;
         let d = d0 + p[1] as u64 * plan.dst_block_stride_bytes as u64;
         // SAFETY: `validate_swap_blocks` checked both ids against their tensors' num_blocks and that a
-        // block is `block_bytes` contiguous bytes of its view, so both spans lie inside live
-        // allocations that outlive the stream-ordered copy (the tensors are borrowed by the caller,
-        // who must keep them until the stream has run, as for every asynchronous op).
+        // block is `block_bytes` contiguous bytes of its view, so both spans lie inside the views'
+        // allocations. Device memory is freed stream-ordered after the copy; pinned memory must stay
+        // alive until the caller synchronizes (the documented contract of `swap_blocks` and of
+        // `Tensor::raw_ptr`).
         unsafe { cudarc::driver::sys::cuMemcpyAsync(d, s, plan.block_bytes, stream) }.result()?;
     }
     Ok(())

@@ -8,22 +8,26 @@ use crate::cache::{CacheLayout, CopyBlocksPlan, ReshapePlan, SwapBlocksPlan};
 use crate::error::Result;
 use crate::tensor::Tensor;
 
-/// The raw bits of element `idx` of a host tensor.
-fn get_bits(t: &Tensor, idx: &[usize]) -> u64 {
+/// The raw bits of the storage elements `at` of a host tensor (under one read lock).
+fn read_bits(t: &Tensor, at: &[usize]) -> Vec<u64> {
     let es = t.dtype().size_bytes();
-    let at = t.storage_index(idx) * es;
     let b = t.cpu_bytes().expect("validated: host tensor");
-    let mut v = [0u8; 8];
-    v[..es].copy_from_slice(&b[at..at + es]);
-    u64::from_le_bytes(v)
+    at.iter()
+        .map(|&i| {
+            let mut v = [0u8; 8];
+            v[..es].copy_from_slice(&b[i * es..(i + 1) * es]);
+            u64::from_le_bytes(v)
+        })
+        .collect()
 }
 
-/// Stores raw bits into element `idx` of a host tensor.
-fn set_bits(t: &mut Tensor, idx: &[usize], bits: u64) {
+/// Stores raw bits into storage elements of a host tensor (under one write lock).
+fn write_bits(t: &mut Tensor, at: &[usize], bits: &[u64]) {
     let es = t.dtype().size_bytes();
-    let at = t.storage_index(idx) * es;
-    let b = t.cpu_bytes_mut().expect("validated: host tensor");
-    b[at..at + es].copy_from_slice(&bits.to_le_bytes()[..es]);
+    let mut b = t.cpu_bytes_mut().expect("validated: host tensor");
+    for (&i, v) in at.iter().zip(bits) {
+        b[i * es..(i + 1) * es].copy_from_slice(&v.to_le_bytes()[..es]);
+    }
 }
 
 /// Every multi-index of `shape`, row-major.
@@ -57,8 +61,8 @@ pub fn reshape_and_cache(
     slots: &[i64],
 ) -> Result<()> {
     let (bs, x) = (plan.block_size, plan.dtype.x());
-    let mut key_writes = Vec::new();
-    let mut value_writes = Vec::new();
+    // Storage indices: (key, key_cache) and (value, value_cache) of every element written.
+    let (mut k_src, mut k_dst, mut v_src, mut v_dst) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (t, &s) in slots.iter().enumerate().take(plan.num_tokens) {
         if s < 0 {
             continue;
@@ -67,20 +71,19 @@ pub fn reshape_and_cache(
         for h in 0..plan.num_kv_heads {
             for d in 0..plan.head_size {
                 let (k_at, v_at) = match plan.layout {
-                    CacheLayout::Vllm => (vec![b, h, d / x, o, d % x], vec![b, h, d, o]),
-                    CacheLayout::Flash => (vec![b, o, h, d], vec![b, o, h, d]),
+                    CacheLayout::Vllm => (key_cache.storage_index(&[b, h, d / x, o, d % x]), value_cache.storage_index(&[b, h, d, o])),
+                    CacheLayout::Flash => (key_cache.storage_index(&[b, o, h, d]), value_cache.storage_index(&[b, o, h, d])),
                 };
-                key_writes.push((k_at, get_bits(key, &[t, h, d])));
-                value_writes.push((v_at, get_bits(value, &[t, h, d])));
+                k_src.push(key.storage_index(&[t, h, d]));
+                v_src.push(value.storage_index(&[t, h, d]));
+                k_dst.push(k_at);
+                v_dst.push(v_at);
             }
         }
     }
-    for (at, bits) in key_writes {
-        set_bits(key_cache, &at, bits);
-    }
-    for (at, bits) in value_writes {
-        set_bits(value_cache, &at, bits);
-    }
+    let (k_bits, v_bits) = (read_bits(key, &k_src), read_bits(value, &v_src));
+    write_bits(key_cache, &k_dst, &k_bits);
+    write_bits(value_cache, &v_dst, &v_bits);
     Ok(())
 }
 
@@ -88,18 +91,16 @@ pub fn reshape_and_cache(
 /// element (reads first).
 fn copy_pairs(src: &Tensor, dst: &mut Tensor, pairs: &[i64]) {
     let inner = indices(&src.shape()[1..]);
-    let mut writes = Vec::with_capacity(pairs.len() / 2 * inner.len());
+    let (mut from, mut to) = (Vec::new(), Vec::new());
     for p in pairs.chunks_exact(2) {
-        let (from, to) = (p[0] as usize, p[1] as usize);
         for idx in &inner {
-            let s: Vec<usize> = std::iter::once(from).chain(idx.iter().copied()).collect();
-            let d: Vec<usize> = std::iter::once(to).chain(idx.iter().copied()).collect();
-            writes.push((d, get_bits(src, &s)));
+            let at = |block: i64, t: &Tensor| t.storage_index(&[&[block as usize], &idx[..]].concat());
+            from.push(at(p[0], src));
+            to.push(at(p[1], dst));
         }
     }
-    for (at, bits) in writes {
-        set_bits(dst, &at, bits);
-    }
+    let bits = read_bits(src, &from);
+    write_bits(dst, &to, &bits);
 }
 
 /// `copy_blocks`: in every layer's key and value cache, block `src` is copied to block `dst` for
@@ -107,8 +108,9 @@ fn copy_pairs(src: &Tensor, dst: &mut Tensor, pairs: &[i64]) {
 pub fn copy_blocks(plan: &CopyBlocksPlan, key_caches: &mut [&mut Tensor], value_caches: &mut [&mut Tensor], pairs: &[i64]) -> Result<()> {
     for l in 0..plan.num_layers {
         for cache in [&mut *key_caches[l], &mut *value_caches[l]] {
-            let snapshot = cache.to_cpu()?;
-            copy_pairs(&snapshot, cache, pairs);
+            // A second view of the same storage: `copy_pairs` reads every source before it writes.
+            let source = cache.view(cache.shape(), cache.strides(), cache.offset())?;
+            copy_pairs(&source, cache, pairs);
         }
     }
     Ok(())
