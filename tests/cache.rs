@@ -552,6 +552,8 @@ fn swap_blocks_errors() {
         Error::DType { tensor: "dst", .. }
     );
     expect_err!(swap_blocks(&Device::Cpu, &random(dt, &[3, 8, 4], &mut rng), &mut dst, &ok), Error::Shape { tensor: "dst", .. });
+    let kv = random(dt, &[2, 3, 4, 8], &mut rng);
+    expect_err!(swap_blocks(&Device::Cpu, &kv.select(0, 0).unwrap(), &mut kv.select(0, 1).unwrap(), &ok), Error::Layout { tensor: "dst", why, .. } => assert!(why.contains("shares"), "{why}"));
     let strided = random_view(dt, &[3, 4, 8], &[64, 16, 1], 0, 192, &mut rng);
     expect_err!(swap_blocks(&Device::Cpu, &strided, &mut dst, &ok), Error::Layout { tensor: "src", .. });
     for (pairs, needle) in [
@@ -780,7 +782,12 @@ fn check_reshape(device: &Device, c: &ReshapeCase) {
     let up = |t: &Tensor| device.upload(t).unwrap();
     let (key, value) = (up(&inp.key), up(&inp.value));
     let (mut kc, mut vc) = upload_pair(device, &inp.key_cache, &inp.value_cache);
-    let slots_dev = if c.device_slots { up(&slots) } else { slots.to_cpu().unwrap() };
+    // Host slots alternate between pageable and pinned memory (both are checked, then uploaded).
+    let slots_dev = match device {
+        _ if c.device_slots => up(&slots),
+        Device::Gpu(g) if c.seed % 2 == 1 => slots.to_pinned(g).unwrap(),
+        _ => slots.to_cpu().unwrap(),
+    };
     reshape(device, c.layout, &key, &value, &mut kc, &mut vc, &slots_dev).unwrap_or_else(|e| panic!("{c}: GPU: {e}"));
     assert_same_bits(&kc, &kc_cpu, &format!("{c}: key cache"));
     assert_same_bits(&vc, &vc_cpu, &format!("{c}: value cache"));
@@ -934,7 +941,8 @@ fn check_copy_blocks(device: &Device, seed: u64) {
     let (mut keys, mut values): (Vec<Tensor>, Vec<Tensor>) = (0..num_layers).map(|_| make(&mut rng)).unzip();
     let mut perm: Vec<i64> = (0..nb as i64).collect();
     rng.shuffle(&mut perm);
-    let n = 1 + rng.below(nb / 2);
+    // At most (nb - 1) / 2 pairs, so the last block of the permutation is free for a self-copy.
+    let n = 1 + rng.below((nb - 1) / 2);
     let mut pairs: Vec<i64> = (0..n).flat_map(|i| [perm[i], perm[n + i]]).collect();
     pairs.extend([perm[nb - 1], perm[nb - 1]]);
     let mapping = i64s(&[n + 1, 2], &pairs);
@@ -1062,6 +1070,66 @@ fn gpu_tensors_on_the_wrong_device() {
     expect_err!(swap_blocks(&gpu, &dev_k, &mut dev_v, &gpu.upload(&mapping).unwrap()), Error::Device { tensor: "block_mapping", .. });
     expect_err!(swap_blocks(&gpu, &host_k, &mut dev_v, &mapping), Error::Device { tensor: "src", got: "CPU", .. });
     expect_err!(swap_blocks(&Device::Cpu, &host_k, &mut dev_v, &mapping), Error::Device { tensor: "dst", got: "GPU", .. });
+
+    // Pinned memory: a host table anywhere (checked, uploaded), never a cache operand of a kernel,
+    // and not an operand of the CPU backend.
+    let Device::Gpu(g) = &gpu else { unreachable!() };
+    let mut host = args(CacheLayout::Flash);
+    let up = |t: &Tensor| gpu.upload(t).unwrap();
+    let (key, value, mut kc, mut vc) = (up(&host.key), up(&host.value), up(&host.key_cache), up(&host.value_cache));
+    let pinned_slots = host.slots.to_pinned(g).unwrap();
+    reshape_and_cache_flash(&gpu, &key, &value, &mut kc, &mut vc, &pinned_slots).unwrap();
+    let bad_pinned = i64s(&[3], &[0, 99, 1]).to_pinned(g).unwrap();
+    expect_err!(reshape_and_cache_flash(&gpu, &key, &value, &mut kc, &mut vc, &bad_pinned), Error::HostData { what, .. } => assert!(what.contains("slot_mapping[1] = 99"), "{what}"));
+    let mut pinned_kc = host.key_cache.to_pinned(g).unwrap();
+    expect_err!(
+        reshape_and_cache_flash(&gpu, &key, &value, &mut pinned_kc, &mut vc, &host.slots),
+        Error::Device { tensor: "key_cache", got: "pinned host", .. }
+    );
+    expect_err!(
+        reshape_and_cache_flash(&Device::Cpu, &host.key, &host.value, &mut host.key_cache, &mut host.value_cache, &pinned_slots),
+        Error::Device { tensor: "slot_mapping", got: "pinned host", .. }
+    );
+    let (mut k1, mut v1) = (up(&host.key_cache), up(&host.value_cache));
+    copy_blocks(&gpu, &mut [&mut k1], &mut [&mut v1], &i64s(&[1, 2], &[0, 1]).to_pinned(g).unwrap()).unwrap();
+    // swap_blocks between two pinned tensors: no GPU end.
+    let (p1, mut p2) = (host_k.to_pinned(g).unwrap(), host_k.to_pinned(g).unwrap());
+    expect_err!(swap_blocks(&gpu, &p1, &mut p2, &mapping), Error::Device { tensor: "dst", got: "pinned host", .. });
+    g.synchronize().unwrap();
+}
+
+/// `swap_blocks` between the GPU and pinned host memory, both ways; the host side is one half of a
+/// combined `[num_blocks, 2, ...]` pinned cache (the other half must stay untouched).
+#[test]
+fn gpu_swap_blocks_with_pinned_host_memory() {
+    let Some(mut device) = gpu_or_skip!() else { return };
+    let mut rng = Rng::new(99);
+    for (i, &dtype) in DTYPES.iter().enumerate() {
+        let st = ScalarType::from(dtype);
+        let (bs, h, d) = ([8, 16, 32][i], 4, 128);
+        let gpu_host = random(st, &[9, bs, h, d], &mut rng);
+        let kv_host = random(st, &[6, 2, bs, h, d], &mut rng);
+        let g = common::gpu_of(&mut device);
+        let mut on_gpu = gpu_host.to_gpu(g.stream()).unwrap();
+        let kv = kv_host.to_pinned(g).unwrap();
+        let (pinned_key, mut pinned_value) = (kv.select(1, 0).unwrap(), kv.select(1, 1).unwrap());
+
+        // Out: GPU blocks -> pinned value half.
+        let out = i64s(&[3, 2], &[8, 0, 2, 5, 0, 3]);
+        let kv_want = kv_host.to_cpu().unwrap();
+        swap_blocks(&Device::Cpu, &gpu_host, &mut kv_want.select(1, 1).unwrap(), &out).unwrap();
+        swap_blocks(&device, &on_gpu, &mut pinned_value, &out).unwrap();
+        common::gpu_of(&mut device).synchronize().unwrap();
+        assert_same_bits(&kv, &kv_want, &format!("swap out {dtype}"));
+
+        // In: pinned key half -> GPU blocks.
+        let into = i64s(&[2, 2], &[1, 4, 5, 0]);
+        let mut gpu_want = gpu_host.to_cpu().unwrap();
+        swap_blocks(&Device::Cpu, &kv_want.select(1, 0).unwrap(), &mut gpu_want, &into).unwrap();
+        swap_blocks(&device, &pinned_key, &mut on_gpu, &into).unwrap();
+        assert_same_bits(&on_gpu, &gpu_want, &format!("swap in {dtype}"));
+    }
+    common::gpu_of(&mut device).check_status().unwrap();
 }
 
 // ---------------------------------------------------------------------------------------------

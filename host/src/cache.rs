@@ -736,6 +736,10 @@ pub fn validate_swap_blocks(device: &Device, src: &Tensor, dst: &Tensor, block_m
     if dst.shape().len() != src.shape().len() || dst.shape()[1..] != src.shape()[1..] {
         return Err(shape_err(op, "dst", dst, format!("[num_blocks, {:?}] (the source's block shape)", &src.shape()[1..])));
     }
+    if src.shares_storage(dst) {
+        // Overlapping spans would make the driver's copy undefined; blocks move within one cache with `copy_blocks`.
+        return Err(layout_err(op, "dst", dst, "shares its storage with src (copy within one cache with copy_blocks)".into()));
+    }
     let es = src.dtype().size_bytes();
     for (name, t) in [("src", src), ("dst", dst)] {
         if !inner_contiguous(t, 1) {
