@@ -415,6 +415,11 @@ fn reshape_shape_errors() {
     let mut a = args(f);
     a.value_cache = random(dt, &[3, 8, 2, 16], &mut rng);
     expect_err!(run_args(f, &mut a), Error::Shape { tensor: "value_cache", .. });
+    // A head too large for one token's tile in the vLLM kernel (f32: at most 6140).
+    let big = random(ScalarType::F32, &[1, 1, 6144], &mut rng);
+    let mut kc = random(ScalarType::F32, &[1, 1, 1536, 1, 4], &mut rng);
+    let mut vc = random(ScalarType::F32, &[1, 1, 6144, 1], &mut rng);
+    expect_err!(reshape_and_cache(&Device::Cpu, &big, &big, &mut kc, &mut vc, &i64s(&[1], &[0])), Error::Unsupported { what: "head_size", supported, .. } => assert!(supported.contains("6140"), "{supported}"));
     // Block size 0.
     let mut a = args(f);
     a.key_cache = random(dt, &[3, 0, 2, 16], &mut rng);
@@ -644,6 +649,8 @@ struct ReshapeCase {
     kv_offset: usize,
     nan_caches: bool,
     device_slots: bool,
+    /// Prefill-style slots: consecutive positions through shuffled blocks (else a random permutation).
+    runs: bool,
     seed: u64,
 }
 
@@ -651,7 +658,7 @@ impl std::fmt::Display for ReshapeCase {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{:?}{} {} tokens {} heads {}x h{} b{} pad {} off {}{}{} seed {}",
+            "{:?}{} {} tokens {} heads {}x h{} b{} pad {} off {}{}{}{} seed {}",
             self.layout,
             if self.layout == CacheLayout::Flash { format!("/{:?}", self.flash) } else { String::new() },
             self.dtype,
@@ -663,6 +670,7 @@ impl std::fmt::Display for ReshapeCase {
             self.kv_offset,
             if self.nan_caches { " nan-caches" } else { "" },
             if self.device_slots { " device-slots" } else { "" },
+            if self.runs { " runs" } else { "" },
             self.seed
         )
     }
@@ -693,6 +701,7 @@ impl ReshapeCase {
             kv_offset: [0, 0, x, 1][rng.below(4)],
             nan_caches: rng.below(2) == 0,
             device_slots: rng.below(2) == 0,
+            runs: rng.below(2) == 0,
             seed,
         }
     }
@@ -711,8 +720,16 @@ impl ReshapeCase {
         let kv = |rng: &mut Rng| random_view(st, &[rows, h, d], &[tok, d, 1], off, off + rows * tok, rng);
         let (key, value) = (kv(&mut rng), kv(&mut rng));
         // Distinct slots, about one token in eight padding.
-        let mut all: Vec<i64> = (0..(nb * bs) as i64).collect();
-        rng.shuffle(&mut all);
+        let all: Vec<i64> = if self.runs {
+            let mut blocks: Vec<i64> = (0..nb as i64).collect();
+            rng.shuffle(&mut blocks);
+            let start = rng.below(bs);
+            (start..nb * bs).map(|p| blocks[p / bs] * bs as i64 + (p % bs) as i64).collect()
+        } else {
+            let mut all: Vec<i64> = (0..(nb * bs) as i64).collect();
+            rng.shuffle(&mut all);
+            all
+        };
         let slots: Vec<i64> = (0..t).map(|i| if rng.below(8) == 0 { -1 - rng.below(3) as i64 } else { all[i] }).collect();
         let nan = self.nan_caches;
         let (key_cache, value_cache) = match self.layout {
@@ -842,6 +859,20 @@ fn gpu_reshape_block_sizes() {
             let mut c = ReshapeCase::random(900 + i as u64, layout);
             c.block_size = bs;
             c.num_tokens = 3 * bs.min(20) + 1;
+            check_reshape(&device, &c);
+        }
+    }
+    common::gpu_of(&mut device).check_status().unwrap();
+}
+
+/// Head sizes past paged attention's: the vLLM-layout kernel's tile shrinks (11, 5, 2 tokens per CTA).
+#[test]
+fn gpu_reshape_large_heads() {
+    let Some(mut device) = gpu_or_skip!() else { return };
+    for (i, hs) in [512, 1024, 2048].into_iter().enumerate() {
+        for layout in [CacheLayout::Vllm, CacheLayout::Flash] {
+            let mut c = ReshapeCase::random(950 + i as u64, layout);
+            (c.head_size, c.num_kv_heads, c.block_size, c.num_tokens) = (hs, 2, 16, 37);
             check_reshape(&device, &c);
         }
     }
@@ -1270,5 +1301,95 @@ fn gpu_reshape_then_paged_attention_round_trip() {
             i += 1;
         }
     }
+    common::gpu_of(&mut device).check_status().unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Throughput (a note for the record, not a check)
+// ---------------------------------------------------------------------------------------------
+
+/// Mean milliseconds per execution of `op` over `runs` back-to-back executions (host clock around
+/// synchronized batches: ops are asynchronous, so this is their throughput on the stream).
+fn time_ms(device: &Device, runs: usize, mut op: impl FnMut()) -> f64 {
+    let Device::Gpu(g) = device else { unreachable!("GPU only") };
+    op(); // warm-up (module load)
+    g.synchronize().unwrap();
+    let start = std::time::Instant::now();
+    for _ in 0..runs {
+        op();
+    }
+    g.synchronize().unwrap();
+    start.elapsed().as_secs_f64() * 1e3 / runs as f64
+}
+
+/// Effective bandwidth (bytes read + written) of each op at serving sizes: bf16, 8 KV heads of 128,
+/// block 16; a prefill of 8192 tokens, copy-on-write of 256 blocks over 8 layers, a swap of 256
+/// blocks to pinned memory.
+#[test]
+fn gpu_cache_ops_bandwidth_note() {
+    let Some(mut device) = gpu_or_skip!() else { return };
+    let (t, h, d, bs) = (8192usize, 8, 128, 16);
+    let st = ScalarType::BF16;
+    let x = 8;
+    let nb = t / bs + 64;
+    let gbps = |bytes: usize, ms: f64| bytes as f64 / (ms * 1e-3) / 1e9;
+    let (key, value) = {
+        let g = common::gpu_of(&mut device);
+        (g.zeros(st, &[t, h, d]).unwrap(), g.zeros(st, &[t, h, d]).unwrap())
+    };
+    let mut rng = Rng::new(1);
+    let mut blocks: Vec<i64> = (0..nb as i64).collect();
+    rng.shuffle(&mut blocks);
+    let slots: Vec<i64> = (0..t).map(|i| blocks[i / bs] * bs as i64 + (i % bs) as i64).collect();
+    let slots = device.upload(&i64s(&[t], &slots)).unwrap();
+    let moved = 2 * 2 * t * h * d * 2;
+    for layout in [CacheLayout::Vllm, CacheLayout::Flash] {
+        let g = common::gpu_of(&mut device);
+        let (mut kc, mut vc) = match layout {
+            CacheLayout::Vllm => (g.zeros(st, &[nb, h, d / x, bs, x]).unwrap(), g.zeros(st, &[nb, h, d, bs]).unwrap()),
+            CacheLayout::Flash => (g.zeros(st, &[nb, bs, h, d]).unwrap(), g.zeros(st, &[nb, bs, h, d]).unwrap()),
+        };
+        let ms = time_ms(&device, 21, || reshape(&device, layout, &key, &value, &mut kc, &mut vc, &slots).unwrap());
+        common::note(&format!(
+            "{layout:?} reshape_and_cache bf16 {t} tokens h{h} d{d} b{bs}: {:.1} us, {:.0} GB/s",
+            ms * 1e3,
+            gbps(moved, ms)
+        ));
+    }
+
+    let (layers, pairs, cb_blocks) = (8, 256, 1024);
+    let block_bytes = bs * h * d * 2;
+    let (mut keys, mut values): (Vec<Tensor>, Vec<Tensor>) = {
+        let g = common::gpu_of(&mut device);
+        (0..layers).map(|_| (g.zeros(st, &[cb_blocks, bs, h, d]).unwrap(), g.zeros(st, &[cb_blocks, bs, h, d]).unwrap())).unzip()
+    };
+    let mut perm: Vec<i64> = (0..cb_blocks as i64).collect();
+    rng.shuffle(&mut perm);
+    let pairs_v: Vec<i64> = (0..pairs).flat_map(|i| [perm[i], perm[pairs + i]]).collect();
+    let mapping = device.upload(&i64s(&[pairs, 2], &pairs_v)).unwrap();
+    let ms = time_ms(&device, 21, || {
+        let mut k: Vec<&mut Tensor> = keys.iter_mut().collect();
+        let mut v: Vec<&mut Tensor> = values.iter_mut().collect();
+        copy_blocks(&device, &mut k, &mut v, &mapping).unwrap();
+    });
+    let moved = layers * pairs * 2 * block_bytes * 2;
+    common::note(&format!(
+        "copy_blocks bf16 {layers} layers x {pairs} pairs of {block_bytes} B: {:.1} us, {:.0} GB/s",
+        ms * 1e3,
+        gbps(moved, ms)
+    ));
+
+    let (src, mut pinned) = {
+        let g = common::gpu_of(&mut device);
+        (g.zeros(st, &[cb_blocks, bs, h, d]).unwrap(), g.pinned(st, &[pairs, bs, h, d]).unwrap())
+    };
+    let out: Vec<i64> = (0..pairs).flat_map(|i| [perm[i], i as i64]).collect();
+    let out = i64s(&[pairs, 2], &out);
+    let ms = time_ms(&device, 11, || swap_blocks(&device, &src, &mut pinned, &out).unwrap());
+    common::note(&format!(
+        "swap_blocks GPU->pinned bf16 {pairs} blocks of {block_bytes} B: {:.1} us, {:.1} GB/s",
+        ms * 1e3,
+        gbps(pairs * block_bytes, ms)
+    ));
     common::gpu_of(&mut device).check_status().unwrap();
 }

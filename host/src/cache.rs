@@ -14,7 +14,9 @@
 use std::collections::HashMap;
 
 use cudarc::driver::LaunchConfig;
-use pagedattn_layout::cache::{COPY_BLOCKS_THREADS, reshape_threads};
+use pagedattn_layout::cache::{
+    COPY_BLOCKS_THREADS, RESHAPE_MAX_SMEM_BYTES, RESHAPE_TILE_THREADS, reshape_threads, reshape_tile_tokens, reshape_tile_words,
+};
 use pagedattn_layout::{CopyBlocksParams, DType, KernelFamily, ReshapeAndCacheFlashParams, ReshapeAndCacheParams};
 
 use crate::device::{Device, Gpu};
@@ -298,6 +300,23 @@ pub fn validate_reshape(
         return Err(too_big(op, "num_kv_heads * head_size", num_kv_heads.saturating_mul(head_size), "u32::MAX"));
     }
     let num_slots = num_blocks.checked_mul(block_size).ok_or_else(|| too_big(op, "num_blocks * block_size", num_blocks, "u64::MAX"))?;
+    if layout == CacheLayout::Vllm {
+        // The kernel tiles (tokens, one KV head) in shared memory: heads on grid.y, block ids as u32.
+        if reshape_tile_tokens(head_size, x) == 0 {
+            return Err(Error::Unsupported {
+                op,
+                what: "head_size",
+                got: head_size.to_string(),
+                supported: format!("up to {} (one token's keys and values in shared memory)", max_tile_head_size(x)),
+            });
+        }
+        if num_kv_heads > 65535 {
+            return Err(too_big(op, "num_kv_heads", num_kv_heads, "65535"));
+        }
+        if num_blocks >= u32::MAX as usize {
+            return Err(too_big(op, "num_blocks", num_blocks, "u32::MAX - 1"));
+        }
+    }
 
     check_placement(
         op,
@@ -320,6 +339,12 @@ pub fn validate_reshape(
         check_slots(op, &slot_mapping.to_i64_vec(), num_slots, &plan)?;
     }
     Ok(plan)
+}
+
+/// The largest head size with a `reshape_and_cache` tile of at least one token.
+fn max_tile_head_size(x: usize) -> usize {
+    // `reshape_tile_words(1, d, x) = 2d + x + 3` words must fit, and d is a multiple of x.
+    (RESHAPE_MAX_SMEM_BYTES / 4 - x - 3) / 2 / x * x
 }
 
 /// Checks a host `slot_mapping`: every non-negative slot below `num_slots`, no slot named twice.
@@ -373,12 +398,16 @@ fn launch_reshape(
     let (ks, vs, kcs, vcs) = (key.strides(), value.strides(), key_cache.strides(), value_cache.strides());
     let symbol = dispatch::cache_symbol(plan.dtype, plan.layout == CacheLayout::Flash)?;
     let func = gpu.function(KernelFamily::Cache, symbol)?;
-    let units = plan.num_kv_heads * plan.head_size / if plan.vec16 { plan.dtype.x() } else { 1 };
-    let cfg =
-        LaunchConfig { grid_dim: (plan.num_tokens as u32, 1, 1), block_dim: (reshape_threads(units) as u32, 1, 1), shared_mem_bytes: 0 };
-    log::debug!("{symbol}: grid {:?}, {} threads, vec16 {}", cfg.grid_dim, cfg.block_dim.0, plan.vec16);
     match plan.layout {
         CacheLayout::Vllm => {
+            let x = plan.dtype.x();
+            let tokens_per_cta = reshape_tile_tokens(plan.head_size, x);
+            let cfg = LaunchConfig {
+                grid_dim: (plan.num_tokens.div_ceil(tokens_per_cta) as u32, plan.num_kv_heads as u32, 1),
+                block_dim: (RESHAPE_TILE_THREADS as u32, 1, 1),
+                shared_mem_bytes: (4 * reshape_tile_words(tokens_per_cta, plan.head_size, x)) as u32,
+            };
+            log::debug!("{symbol}: grid {:?}, {} threads, {} B shared", cfg.grid_dim, cfg.block_dim.0, cfg.shared_mem_bytes);
             let params = ReshapeAndCacheParams {
                 key: ptr(key),
                 value: ptr(value),
@@ -399,15 +428,24 @@ fn launch_reshape(
                 key_cache_stride_head: kcs[1] as u32,
                 value_cache_stride_block: vcs[0] as u32,
                 value_cache_stride_head: vcs[1] as u32,
-                _pad: [0; 2],
+                tokens_per_cta: tokens_per_cta as u32,
+                _pad: 0,
             };
             // SAFETY: `ReshapeAndCacheParams` is the kernel's parameter type; `validate_reshape`
-            // checked every shape, stride, dtype and size it addresses with (the grid covers
-            // `num_tokens` slot entries); the slot copy lives until its stream-ordered free after the
-            // kernel; device-side slots are bounds-checked in the kernel.
+            // checked every shape, stride, dtype and size it addresses with (the kernel reads slot
+            // entries and rows only below `num_tokens`; grid.y is `num_kv_heads`; the dynamic shared
+            // memory is the tile the kernel carves up for `tokens_per_cta`); the slot copy lives until
+            // its stream-ordered free after the kernel; device-side slots are bounds-checked in the kernel.
             unsafe { launch::launch(gpu.stream(), &func, cfg, &params) }
         }
         CacheLayout::Flash => {
+            let units = plan.num_kv_heads * plan.head_size / if plan.vec16 { plan.dtype.x() } else { 1 };
+            let cfg = LaunchConfig {
+                grid_dim: (plan.num_tokens as u32, 1, 1),
+                block_dim: (reshape_threads(units) as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            log::debug!("{symbol}: grid {:?}, {} threads, vec16 {}", cfg.grid_dim, cfg.block_dim.0, plan.vec16);
             let params = ReshapeAndCacheFlashParams {
                 key: ptr(key),
                 value: ptr(value),

@@ -12,12 +12,17 @@
 //! - `reshape_and_cache_flash`: `key_cache`, `value_cache` `[num_blocks, block_size, num_kv_heads,
 //!   head_size]`, block/slot/head strides per cache.
 //!
-//! Thread mapping: one CTA per token (grid `num_tokens`); its threads walk the token's
-//! `num_kv_heads * head_size` elements (16-byte chunks in the flash kernel when `vec16` is set) with
-//! a block-stride loop, so the reads of `key`/`value` are contiguous across a warp. In the vLLM
-//! layout each 16-byte key chunk is written whole by `x` neighbouring threads; the value cache is
-//! written one element per `block_size` stride, as in vLLM. In the flash layout a head's row is
-//! contiguous in both tensors, so reads and writes are both coalesced.
+//! Thread mapping of `reshape_and_cache` (vLLM layout): a CTA takes `tokens_per_cta` consecutive
+//! tokens of one KV head (grid `(ceil(num_tokens / tokens_per_cta), num_kv_heads)`) and transposes
+//! them through shared memory: the rows are read along the head dim (coalesced), then written with
+//! the token index fastest, so when consecutive tokens have consecutive slots (a prefill) the value
+//! cache receives whole 32-byte sectors (`[.., dim, slot]` is contiguous in the slot) and the key
+//! cache 16-token runs of 16-byte chunks. One token per CTA, as in vLLM, wrote the value cache one
+//! element per sector.
+//!
+//! `reshape_and_cache_flash`: one CTA per token (grid `num_tokens`); its threads walk the token's
+//! `num_kv_heads * head_size` elements (16-byte chunks when `vec16` is set) with a block-stride
+//! loop. A head's row is contiguous in both tensors, so reads and writes are both coalesced.
 //!
 //! `copy_blocks`: grid `(num_pairs, num_layers)`, `COPY_BLOCKS_THREADS` threads; CTA `(i, l)` copies
 //! block `block_mapping[i][0]` to block `block_mapping[i][1]` in layer `l`'s key and value caches,
@@ -26,67 +31,163 @@
 //! Device-side data is guarded: a slot `>= num_slots` or a block id outside `0..num_blocks` is never
 //! used as an address; that token or pair is skipped and a flag is OR-ed into the status word.
 
-use crate::intrinsics::{Chunk, atomic_or, block_dim_x, block_idx_x, block_idx_y, load_chunk, store_chunk, thread_idx_x};
+use crate::intrinsics::{
+    Chunk, atomic_or, block_dim_x, block_idx_x, block_idx_y, dynamic_smem, load_chunk, store_chunk, sync_threads, thread_idx_x,
+};
 use pagedattn_layout::{CopyBlocksParams, ReshapeAndCacheFlashParams, ReshapeAndCacheParams, status};
 
-/// Raises `flag` in the status word (once per CTA: thread 0).
+/// ORs `flag` into the status word, if there is one.
 #[inline(always)]
 unsafe fn raise(maybe_status: u64, flag: u32) {
-    if thread_idx_x() == 0 && maybe_status != 0 {
+    if maybe_status != 0 {
         // SAFETY: a non-null status pointer is a device u32 (host-provided).
         unsafe { atomic_or(maybe_status as *mut u32, flag) };
     }
 }
 
-/// Where this CTA's token goes: `(block, offset)`, or `None` for a padding slot (negative) or one
-/// past the cache (flagged).
+/// Where `token` goes: `(block, offset)`, or `None` for a padding slot (negative) or one past the
+/// cache (then `BAD_SLOT` is raised when `report`).
 ///
 /// # Safety
 /// `slot_mapping` has an entry for `token`.
 #[inline(always)]
-unsafe fn token_slot(slot_mapping: u64, token: usize, block_size: u32, num_slots: u64, maybe_status: u64) -> Option<(usize, usize)> {
+unsafe fn token_slot(
+    slot_mapping: u64,
+    token: usize,
+    block_size: u32,
+    num_slots: u64,
+    maybe_status: u64,
+    report: bool,
+) -> Option<(usize, usize)> {
     // SAFETY: the caller guarantees the entry exists.
     let slot = unsafe { *(slot_mapping as *const i64).add(token) };
     if slot < 0 {
         return None;
     }
     if slot as u64 >= num_slots {
-        // SAFETY: forwarded status pointer.
-        unsafe { raise(maybe_status, status::BAD_SLOT) };
+        if report {
+            // SAFETY: forwarded status pointer.
+            unsafe { raise(maybe_status, status::BAD_SLOT) };
+        }
         return None;
     }
     let (slot, bs) = (slot as u64, block_size as u64);
     Some(((slot / bs) as usize, (slot % bs) as usize))
 }
 
+/// The bits of a cache element (`u16` or `u32`), widened to a shared-memory word and back.
+pub trait Bits: Copy {
+    fn to_word(self) -> u32;
+    fn from_word(w: u32) -> Self;
+}
+
+impl Bits for u16 {
+    #[inline(always)]
+    fn to_word(self) -> u32 {
+        self as u32
+    }
+    #[inline(always)]
+    fn from_word(w: u32) -> Self {
+        w as u16
+    }
+}
+
+impl Bits for u32 {
+    #[inline(always)]
+    fn to_word(self) -> u32 {
+        self
+    }
+    #[inline(always)]
+    fn from_word(w: u32) -> Self {
+        w
+    }
+}
+
+/// Marks a token of the tile that writes nothing (padding, bad slot, past `num_tokens`).
+const NO_BLOCK: u32 = u32::MAX;
+
 /// # Safety
-/// Launched with grid `(num_tokens)` on buffers the host validated for `p`; `T` has the caches'
-/// element size.
+/// Launched with grid `(ceil(num_tokens / tokens_per_cta), num_kv_heads)` and
+/// `4 * reshape_tile_words(tokens_per_cta, head_size, x)` bytes of dynamic shared memory on buffers
+/// the host validated for `p`; `T` has the caches' element size.
 #[inline(always)]
-pub unsafe fn reshape_and_cache<T: Copy>(p: &ReshapeAndCacheParams) {
+pub unsafe fn reshape_and_cache<T: Bits>(p: &ReshapeAndCacheParams) {
     let x = const { 16 / core::mem::size_of::<T>() };
-    let token = block_idx_x();
-    // SAFETY: token < num_tokens (grid) and the mapping has num_tokens entries.
-    let Some((block, offset)) = (unsafe { token_slot(p.slot_mapping, token, p.block_size, p.num_slots, p.maybe_status) }) else {
-        return;
-    };
-    let (key, value) = (p.key as *const T, p.value as *const T);
-    let (key_cache, value_cache) = (p.key_cache as *mut T, p.value_cache as *mut T);
-    let head_size = p.head_size;
-    let n = p.num_kv_heads * head_size;
-    let mut i = thread_idx_x() as u32;
-    while i < n {
-        let (head, dim) = ((i / head_size) as usize, (i % head_size) as usize);
-        // SAFETY: token < num_tokens, head < num_kv_heads, dim < head_size, block < num_blocks and
-        // offset < block_size: inside the validated shapes and strides. Both loads come before the
-        // stores, so they are in flight together.
+    let (tile, head) = (block_idx_x(), block_idx_y());
+    let (tid, nthreads) = (thread_idx_x(), block_dim_x());
+    let (tok_n, d) = (p.tokens_per_cta as usize, p.head_size as usize);
+    let t0 = tile * tok_n;
+    let num_tokens = p.num_tokens as usize;
+    // Shared memory (u32 words): keys [tok_n][d + x], values [tok_n][d + 1], blocks and offsets [tok_n].
+    let smem = dynamic_smem() as *mut u32;
+    let (kw, vw) = (d + x, d + 1);
+    // SAFETY: offsets inside the launch-sized carve-up (`reshape_tile_words`).
+    let (k_s, v_s, blk_s, off_s) = unsafe { (smem, smem.add(tok_n * kw), smem.add(tok_n * (kw + vw)), smem.add(tok_n * (kw + vw + 1))) };
+
+    // Each token's destination (one thread per token, which also reports a bad slot).
+    if tid < tok_n {
+        let t = t0 + tid;
+        let dst = if t < num_tokens {
+            // SAFETY: t < num_tokens, so the mapping has the entry.
+            unsafe { token_slot(p.slot_mapping, t, p.block_size, p.num_slots, p.maybe_status, true) }
+        } else {
+            None
+        };
+        let (b, o) = match dst {
+            Some((b, o)) => (b as u32, o as u32),
+            None => (NO_BLOCK, 0),
+        };
+        // SAFETY: tid < tok_n: inside the blocks and offsets regions.
         unsafe {
-            let k = *key.add(p.key_offset(token, head, dim));
-            let v = *value.add(p.value_offset(token, head, dim));
-            *key_cache.add(p.key_cache_offset(block, head, dim, offset, x)) = k;
-            *value_cache.add(p.value_cache_offset(block, head, dim, offset)) = v;
+            *blk_s.add(tid) = b;
+            *off_s.add(tid) = o;
         }
-        i += block_dim_x() as u32;
+    }
+    // The tile's rows, along the head dim (coalesced reads).
+    let (key, value) = (p.key as *const T, p.value as *const T);
+    let mut i = tid;
+    while i < tok_n * d {
+        let (tok, e) = (i / d, i % d);
+        let t = t0 + tok;
+        if t < num_tokens {
+            // SAFETY: t < num_tokens, head < num_kv_heads, e < head_size: inside the validated key and
+            // value; tok < tok_n and e < d inside the key and value regions of the tile.
+            unsafe {
+                *k_s.add(tok * kw + e) = (*key.add(p.key_offset(t, head, e))).to_word();
+                *v_s.add(tok * vw + e) = (*value.add(p.value_offset(t, head, e))).to_word();
+            }
+        }
+        i += nthreads;
+    }
+    sync_threads();
+
+    // Token fastest: consecutive threads write consecutive slots when the slots are consecutive.
+    let (key_cache, value_cache) = (p.key_cache as *mut T, p.value_cache as *mut T);
+    let mut i = tid;
+    while i < tok_n * d {
+        // Value `[.., dim, slot]`: thread -> (dim = i / tok_n, token = i % tok_n).
+        let (e, tok) = (i / tok_n, i % tok_n);
+        // SAFETY: tok < tok_n inside the blocks/offsets regions and (tok, e) inside the value tile; a
+        // block other than NO_BLOCK is < num_blocks and its offset < block_size (`token_slot`).
+        unsafe {
+            let b = *blk_s.add(tok);
+            if b != NO_BLOCK {
+                let at = p.value_cache_offset(b as usize, head, e, *off_s.add(tok) as usize);
+                *value_cache.add(at) = T::from_word(*v_s.add(tok * vw + e));
+            }
+        }
+        // Key `[.., chunk, slot, x]`: thread -> (chunk, token, element), element fastest.
+        let (c, tok, el) = (i / (x * tok_n), i / x % tok_n, i % x);
+        let e = c * x + el;
+        // SAFETY: as above, for the key tile (e < d since d is a multiple of x).
+        unsafe {
+            let b = *blk_s.add(tok);
+            if b != NO_BLOCK {
+                let at = p.key_cache_offset(b as usize, head, e, *off_s.add(tok) as usize, x);
+                *key_cache.add(at) = T::from_word(*k_s.add(tok * kw + e));
+            }
+        }
+        i += nthreads;
     }
 }
 
@@ -98,7 +199,9 @@ pub unsafe fn reshape_and_cache<T: Copy>(p: &ReshapeAndCacheParams) {
 pub unsafe fn reshape_and_cache_flash<T: Unit>(p: &ReshapeAndCacheFlashParams) {
     let token = block_idx_x();
     // SAFETY: token < num_tokens (grid) and the mapping has num_tokens entries.
-    let Some((block, offset)) = (unsafe { token_slot(p.slot_mapping, token, p.block_size, p.num_slots, p.maybe_status) }) else {
+    let Some((block, offset)) =
+        (unsafe { token_slot(p.slot_mapping, token, p.block_size, p.num_slots, p.maybe_status, thread_idx_x() == 0) })
+    else {
         return;
     };
     // SAFETY: forwarded; `vec16` is the host's alignment promise for `Chunk` units.
@@ -228,8 +331,10 @@ pub unsafe extern "ptx-kernel" fn copy_blocks(p: CopyBlocksParams) {
     let (src, dst) = unsafe { (*map.add(2 * pair), *map.add(2 * pair + 1)) };
     let nb = p.num_blocks as i64;
     if src < 0 || src >= nb || dst < 0 || dst >= nb {
-        // SAFETY: forwarded status pointer.
-        unsafe { raise(p.maybe_status, status::BAD_BLOCK_ID) };
+        if thread_idx_x() == 0 {
+            // SAFETY: forwarded status pointer.
+            unsafe { raise(p.maybe_status, status::BAD_BLOCK_ID) };
+        }
         return;
     }
     let (src, dst) = (src as u64, dst as u64);

@@ -15,8 +15,29 @@
 //! - `copy_blocks`: per layer one key and one value cache of any layout whose axis 0 is the block and
 //!   whose other axes are contiguous, so a block is one span of bytes.
 
-/// Threads per CTA of the reshape kernels, at most (one CTA per token loops over its elements).
+/// Threads per CTA of `reshape_and_cache_flash`, at most (one CTA per token loops over its elements).
 pub const RESHAPE_MAX_THREADS: usize = 512;
+/// Threads per CTA of `reshape_and_cache` (vLLM layout).
+pub const RESHAPE_TILE_THREADS: usize = 256;
+/// Tokens per CTA of `reshape_and_cache` (vLLM layout), at most: 16 consecutive slots fill a 32-byte
+/// sector of a bf16/f16 value-cache row, and 16 keys make 256 contiguous bytes of a key chunk row.
+pub const RESHAPE_TILE_TOKENS: usize = 16;
+/// Dynamic shared memory a `reshape_and_cache` CTA may use (the default limit, no opt-in needed).
+pub const RESHAPE_MAX_SMEM_BYTES: usize = 48 * 1024;
+
+/// Shared-memory words (`u32`, one per element) of a `reshape_and_cache` tile of `tokens` tokens:
+/// keys `[tokens, head_size + x]`, values `[tokens, head_size + 1]` (the padding keeps the
+/// transposed reads free of bank conflicts), then the tokens' blocks and offsets `[tokens]` each.
+pub const fn reshape_tile_words(tokens: usize, head_size: usize, x: usize) -> usize {
+    tokens * (2 * head_size + x + 3)
+}
+
+/// Tokens per `reshape_and_cache` CTA for a head size: [`RESHAPE_TILE_TOKENS`], or fewer when that
+/// tile would not fit [`RESHAPE_MAX_SMEM_BYTES`]; 0 when not even one token fits.
+pub const fn reshape_tile_tokens(head_size: usize, x: usize) -> usize {
+    let fit = RESHAPE_MAX_SMEM_BYTES / 4 / reshape_tile_words(1, head_size, x);
+    if fit < RESHAPE_TILE_TOKENS { fit } else { RESHAPE_TILE_TOKENS }
+}
 /// Threads per CTA of `copy_blocks`.
 pub const COPY_BLOCKS_THREADS: usize = 256;
 
@@ -34,7 +55,9 @@ pub const fn reshape_threads(units: usize) -> usize {
 }
 
 /// Kernel parameters of `reshape_and_cache_<dtype>`, passed by value. Pointers are device addresses,
-/// strides are in elements. Grid `(num_tokens)`, [`reshape_threads`]`(num_kv_heads * head_size)` threads.
+/// strides are in elements. Grid `(ceil(num_tokens / tokens_per_cta), num_kv_heads)`,
+/// [`RESHAPE_TILE_THREADS`] threads, `4 * reshape_tile_words(tokens_per_cta, head_size, x)` bytes of
+/// dynamic shared memory.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct ReshapeAndCacheParams {
@@ -66,7 +89,9 @@ pub struct ReshapeAndCacheParams {
     pub key_cache_stride_head: u32,
     pub value_cache_stride_block: u32,
     pub value_cache_stride_head: u32,
-    pub _pad: [u32; 2],
+    /// Consecutive tokens per CTA ([`reshape_tile_tokens`]).
+    pub tokens_per_cta: u32,
+    pub _pad: u32,
 }
 
 const _: () = assert!(core::mem::size_of::<ReshapeAndCacheParams>() == 7 * 8 + 14 * 4);
@@ -248,6 +273,18 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(p.key_cache_row(2, 5, 3), 2 * h * bs * d + 3 * bs * d + 5 * d);
+    }
+
+    #[test]
+    fn reshape_tiles_fit() {
+        // Every head size up to 256 gets a whole tile, larger ones fewer tokens, huge ones none.
+        for x in [4, 8] {
+            assert_eq!(reshape_tile_tokens(1024, x), 5);
+            assert_eq!(reshape_tile_tokens(256, x), RESHAPE_TILE_TOKENS);
+            let t = reshape_tile_tokens(256, x);
+            assert!(4 * reshape_tile_words(t, 256, x) <= RESHAPE_MAX_SMEM_BYTES);
+        }
+        assert_eq!(reshape_tile_tokens(6144, 4), 0);
     }
 
     #[test]
