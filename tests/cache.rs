@@ -735,9 +735,11 @@ impl ReshapeCase {
         let (key_cache, value_cache) = match self.layout {
             CacheLayout::Vllm => {
                 let x = self.dtype.x();
-                // Padded head and block strides (whole 16-byte chunks), caches 16 bytes into their storage.
+                // Padded head and block strides (whole 16-byte chunks), the key cache 16 bytes into
+                // its storage (one element more, not 16-byte aligned, when the key rows are not either).
                 let (hs_k, bs_k) = (d * bs + x, h * (d * bs + x) + 2 * x);
-                let k = cache_view(st, &[nb, h, d / x, bs, x], &[bs_k, hs_k, bs * x, x, 1], x, x + nb * bs_k, nan, &mut rng);
+                let k_off = x + (self.kv_offset == 1) as usize;
+                let k = cache_view(st, &[nb, h, d / x, bs, x], &[bs_k, hs_k, bs * x, x, 1], k_off, k_off + nb * bs_k, nan, &mut rng);
                 let (hs_v, bs_v) = (d * bs + 1, h * (d * bs + 1) + 3);
                 let v = cache_view(st, &[nb, h, d, bs], &[bs_v, hs_v, bs, 1], 2, 2 + nb * bs_v, nan, &mut rng);
                 (k, v)
@@ -865,7 +867,8 @@ fn gpu_reshape_block_sizes() {
     common::gpu_of(&mut device).check_status().unwrap();
 }
 
-/// Head sizes past paged attention's: the vLLM-layout kernel's tile shrinks (11, 5, 2 tokens per CTA).
+/// Head sizes past paged attention's: the vLLM-layout kernel's tile shrinks (f32: 11, 5, 2 tokens
+/// per CTA).
 #[test]
 fn gpu_reshape_large_heads() {
     let Some(mut device) = gpu_or_skip!() else { return };

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 
 use cudarc::driver::LaunchConfig;
 use pagedattn_layout::cache::{
-    COPY_BLOCKS_THREADS, RESHAPE_MAX_SMEM_BYTES, RESHAPE_TILE_THREADS, reshape_threads, reshape_tile_tokens, reshape_tile_words,
+    COPY_BLOCKS_THREADS, RESHAPE_MAX_SMEM_BYTES, RESHAPE_TILE_THREADS, reshape_threads, reshape_tile_bytes, reshape_tile_tokens,
 };
 use pagedattn_layout::{CopyBlocksParams, DType, KernelFamily, ReshapeAndCacheFlashParams, ReshapeAndCacheParams};
 
@@ -302,7 +302,7 @@ pub fn validate_reshape(
     let num_slots = num_blocks.checked_mul(block_size).ok_or_else(|| too_big(op, "num_blocks * block_size", num_blocks, "u64::MAX"))?;
     if layout == CacheLayout::Vllm {
         // The kernel tiles (tokens, one KV head) in shared memory: heads on grid.y, block ids as u32.
-        if reshape_tile_tokens(head_size, x) == 0 {
+        if reshape_tile_tokens(head_size, dtype.size_bytes()) == 0 {
             return Err(Error::Unsupported {
                 op,
                 what: "head_size",
@@ -343,8 +343,9 @@ pub fn validate_reshape(
 
 /// The largest head size with a `reshape_and_cache` tile of at least one token.
 fn max_tile_head_size(x: usize) -> usize {
-    // `reshape_tile_words(1, d, x) = 2d + x + 3` words must fit, and d is a multiple of x.
-    (RESHAPE_MAX_SMEM_BYTES / 4 - x - 3) / 2 / x * x
+    // `reshape_tile_bytes(1, d, es) = (2d + x + 2) * es + 8` must fit, and d is a multiple of x.
+    let es = 16 / x;
+    ((RESHAPE_MAX_SMEM_BYTES - 8) / es - x - 2) / 2 / x * x
 }
 
 /// Checks a host `slot_mapping`: every non-negative slot below `num_slots`, no slot named twice.
@@ -400,13 +401,19 @@ fn launch_reshape(
     let func = gpu.function(KernelFamily::Cache, symbol)?;
     match plan.layout {
         CacheLayout::Vllm => {
-            let x = plan.dtype.x();
-            let tokens_per_cta = reshape_tile_tokens(plan.head_size, x);
+            let es = plan.dtype.size_bytes();
+            let tokens_per_cta = reshape_tile_tokens(plan.head_size, es);
             let cfg = LaunchConfig {
                 grid_dim: (plan.num_tokens.div_ceil(tokens_per_cta) as u32, plan.num_kv_heads as u32, 1),
                 block_dim: (RESHAPE_TILE_THREADS as u32, 1, 1),
-                shared_mem_bytes: (4 * reshape_tile_words(tokens_per_cta, plan.head_size, x)) as u32,
+                shared_mem_bytes: reshape_tile_bytes(tokens_per_cta, plan.head_size, es) as u32,
             };
+            // 16-byte accesses: the device base of every storage is 256-byte aligned, so a row or
+            // chunk is 16-byte aligned exactly when its element offset is a multiple of x.
+            let aligned = |t: &Tensor, axes: usize| {
+                (t.offset() * es).is_multiple_of(16) && t.strides()[..axes].iter().all(|s| (s * es).is_multiple_of(16))
+            };
+            let (kv_vec16, key_cache_vec16) = (aligned(key, 2) && aligned(value, 2), aligned(key_cache, 2));
             log::debug!("{symbol}: grid {:?}, {} threads, {} B shared", cfg.grid_dim, cfg.block_dim.0, cfg.shared_mem_bytes);
             let params = ReshapeAndCacheParams {
                 key: ptr(key),
@@ -429,12 +436,15 @@ fn launch_reshape(
                 value_cache_stride_block: vcs[0] as u32,
                 value_cache_stride_head: vcs[1] as u32,
                 tokens_per_cta: tokens_per_cta as u32,
+                kv_vec16: kv_vec16 as u32,
+                key_cache_vec16: key_cache_vec16 as u32,
                 _pad: 0,
             };
             // SAFETY: `ReshapeAndCacheParams` is the kernel's parameter type; `validate_reshape`
             // checked every shape, stride, dtype and size it addresses with (the kernel reads slot
             // entries and rows only below `num_tokens`; grid.y is `num_kv_heads`; the dynamic shared
-            // memory is the tile the kernel carves up for `tokens_per_cta`); the slot copy lives until
+            // memory is the tile the kernel carves up for `tokens_per_cta`; the vec16 flags are set only
+            // for 16-byte aligned rows and chunks); the slot copy lives until
             // its stream-ordered free after the kernel; device-side slots are bounds-checked in the kernel.
             unsafe { launch::launch(gpu.stream(), &func, cfg, &params) }
         }
