@@ -1064,6 +1064,14 @@ fn gpu_swap_blocks_device_to_device() {
         let mut got = device.upload(&dst).unwrap();
         swap_blocks(&device, &src_dev, &mut got, &mapping).unwrap();
         assert_same_bits(&got, &want, &format!("swap_blocks {dtype}"));
+        // A contiguous destination: blocks 0, 1, 2 -> 1, 2, 3 are adjacent on both sides (one copy).
+        let dst = random(st, &[5, bs, h, d], &mut rng);
+        let mapping = i64s(&[4, 2], &[0, 1, 1, 2, 2, 3, 6, 0]);
+        let mut want = dst.to_cpu().unwrap();
+        swap_blocks(&Device::Cpu, &src, &mut want, &mapping).unwrap();
+        let mut got = device.upload(&dst).unwrap();
+        swap_blocks(&device, &src_dev, &mut got, &mapping).unwrap();
+        assert_same_bits(&got, &want, &format!("swap_blocks {dtype}, a run of adjacent blocks"));
     }
     common::gpu_of(&mut device).check_status().unwrap();
 }
@@ -1156,8 +1164,8 @@ fn gpu_swap_blocks_with_pinned_host_memory() {
         common::gpu_of(&mut device).synchronize().unwrap();
         assert_same_bits(&kv, &kv_want, &format!("swap out {dtype}"));
 
-        // In: pinned key half -> GPU blocks.
-        let into = i64s(&[2, 2], &[1, 4, 5, 0]);
+        // In: pinned key half -> GPU blocks (blocks 2, 3, 4 -> 5, 6, 7 are one run of copies).
+        let into = i64s(&[5, 2], &[1, 4, 2, 5, 3, 6, 4, 7, 5, 0]);
         let mut gpu_want = gpu_host.to_cpu().unwrap();
         swap_blocks(&Device::Cpu, &kv_want.select(1, 0).unwrap(), &mut gpu_want, &into).unwrap();
         swap_blocks(&device, &pinned_key, &mut on_gpu, &into).unwrap();
@@ -1358,6 +1366,10 @@ fn gpu_cache_ops_bandwidth_note() {
             ms * 1e3,
             gbps(moved, ms)
         ));
+        // Decode: 256 sequences, one token each, at random slots (the first 256 rows of the keys).
+        let decode = device.upload(&i64s(&[256], &(0..256).map(|i| blocks[i] * bs as i64 + (i % bs) as i64).collect::<Vec<_>>())).unwrap();
+        let ms = time_ms(&device, 21, || reshape(&device, layout, &key, &value, &mut kc, &mut vc, &decode).unwrap());
+        common::note(&format!("{layout:?} reshape_and_cache bf16 decode, 256 scattered tokens: {:.1} us", ms * 1e3));
     }
 
     let (layers, pairs, cb_blocks) = (8, 256, 1024);
@@ -1390,7 +1402,15 @@ fn gpu_cache_ops_bandwidth_note() {
     let out = i64s(&[pairs, 2], &out);
     let ms = time_ms(&device, 11, || swap_blocks(&device, &src, &mut pinned, &out).unwrap());
     common::note(&format!(
-        "swap_blocks GPU->pinned bf16 {pairs} blocks of {block_bytes} B: {:.1} us, {:.1} GB/s",
+        "swap_blocks GPU->pinned bf16 {pairs} scattered blocks of {block_bytes} B: {:.1} us, {:.1} GB/s",
+        ms * 1e3,
+        gbps(pairs * block_bytes, ms)
+    ));
+    let run: Vec<i64> = (0..pairs as i64).flat_map(|i| [100 + i, i]).collect();
+    let run = i64s(&[pairs, 2], &run);
+    let ms = time_ms(&device, 11, || swap_blocks(&device, &src, &mut pinned, &run).unwrap());
+    common::note(&format!(
+        "swap_blocks GPU->pinned bf16 {pairs} adjacent blocks of {block_bytes} B: {:.1} us, {:.1} GB/s",
         ms * 1e3,
         gbps(pairs * block_bytes, ms)
     ));
