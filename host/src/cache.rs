@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 
-use cudarc::driver::LaunchConfig;
+use cudarc::driver::{DevicePtr, LaunchConfig};
 use pagedattn_layout::cache::{
     COPY_BLOCKS_THREADS, RESHAPE_MAX_SMEM_BYTES, RESHAPE_TILE_THREADS, reshape_threads, reshape_tile_bytes, reshape_tile_tokens,
 };
@@ -66,6 +66,11 @@ pub struct ReshapePlan {
 /// - `slot_mapping`: `[num_tokens]` i64, contiguous: token `t` goes to block `s / block_size`, offset
 ///   `s % block_size` (`s = slot_mapping[t]`); negative slots are padding and skipped.
 ///
+/// Any block size; head sizes up to 6140 (f32) or 12280 (f16/bf16), the largest whose keys and
+/// values of one token fit the kernel's shared-memory tile. The two caches may be views of one
+/// allocation, but must not overlap each other or `key`/`value` (the result would be unspecified;
+/// nothing is written outside the views either way).
+///
 /// A host `slot_mapping` is checked entry by entry (a slot `>= num_blocks * block_size`, or one that
 /// two tokens share, is [`Error::HostData`]) and copied to the device. A device `slot_mapping` is
 /// guarded by the kernel (an out-of-range slot is skipped and raises `BAD_SLOT`); when two tokens
@@ -87,7 +92,7 @@ pub fn reshape_and_cache(
 /// `[2, num_blocks, block_size, H, D]` tensor (key = `kv[0]`, value = `kv[1]`), the
 /// `[num_blocks, 2, block_size, H, D]` one and the HND layout `[num_blocks, H, block_size, D]`
 /// (viewed with permuted strides) all work. Rows are copied 16 bytes at a time where every row is
-/// 16-byte aligned.
+/// 16-byte aligned. Slots, padding and errors as in [`reshape_and_cache`] (any head size).
 pub fn reshape_and_cache_flash(
     device: &Device,
     key: &Tensor,
@@ -700,7 +705,6 @@ fn launch_copy_blocks(
     // The per-layer base addresses, uploaded like a host table (freed stream-ordered after the kernel).
     let key_ptrs = gpu.stream().clone_htod(&key_caches.iter().map(|t| ptr(t)).collect::<Vec<u64>>())?;
     let value_ptrs = gpu.stream().clone_htod(&value_caches.iter().map(|t| ptr(t)).collect::<Vec<u64>>())?;
-    use cudarc::driver::DevicePtr;
     let params = CopyBlocksParams {
         key_cache_ptrs: key_ptrs.device_ptr(gpu.stream()).0,
         value_cache_ptrs: value_ptrs.device_ptr(gpu.stream()).0,

@@ -12,13 +12,15 @@
 //! - `reshape_and_cache_flash`: `key_cache`, `value_cache` `[num_blocks, block_size, num_kv_heads,
 //!   head_size]`, block/slot/head strides per cache.
 //!
-//! Thread mapping of `reshape_and_cache` (vLLM layout): a CTA takes `tokens_per_cta` consecutive
-//! tokens of one KV head (grid `(ceil(num_tokens / tokens_per_cta), num_kv_heads)`) and transposes
-//! them through shared memory: the rows are read along the head dim (coalesced), then written with
-//! the token index fastest, so when consecutive tokens have consecutive slots (a prefill) the value
-//! cache receives whole 32-byte sectors (`[.., dim, slot]` is contiguous in the slot) and the key
-//! cache 16-token runs of 16-byte chunks. One token per CTA, as in vLLM, wrote the value cache one
-//! element per sector.
+//! Thread mapping of `reshape_and_cache` (vLLM layout): a CTA takes `tokens_per_cta` (16, fewer for
+//! heads past 256) consecutive tokens of one KV head (grid `(ceil(num_tokens / tokens_per_cta),
+//! num_kv_heads)`, `RESHAPE_TILE_THREADS` threads) and transposes them through shared memory: the
+//! rows are read along the head dim, 16 bytes per thread where aligned; then lane `l` of warp `w`
+//! writes token `l % 16`'s dims (and key chunks) `2w + l / 16`, `2w + l / 16 + 2 * num_warps`, ...
+//! So when consecutive tokens have consecutive slots (a prefill) a warp writes 64 contiguous bytes
+//! of the value cache (`[.., dim, slot]` is contiguous in the slot; bf16) and 256-byte runs of
+//! 16-byte key chunks. One token per CTA, vLLM's mapping, wrote the value cache one element per
+//! 32-byte sector (5x slower at prefill sizes).
 //!
 //! `reshape_and_cache_flash`: one CTA per token (grid `num_tokens`); its threads walk the token's
 //! `num_kv_heads * head_size` elements (16-byte chunks when `vec16` is set) with a block-stride
