@@ -56,6 +56,15 @@ pub fn paged_attention(dtype: DType, head_size: usize, block_size: usize) -> Res
     )
 }
 
+/// The symbol of the v2 reduce kernel for `dtype`.
+pub fn paged_attention_v2_reduce(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => pagedattn_layout::paged_attention_v2_reduce_symbol!("f32"),
+        DType::F16 => pagedattn_layout::paged_attention_v2_reduce_symbol!("f16"),
+        DType::BF16 => pagedattn_layout::paged_attention_v2_reduce_symbol!("bf16"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

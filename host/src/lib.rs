@@ -5,7 +5,8 @@
 //!
 //! 1. Pick a device: [`Device::auto`] (the first GPU, else the CPU reference), [`Gpu::new`].
 //! 2. Make tensors: [`Tensor::from_f32`] / [`Tensor::from_i32`] on the host, [`Device::upload`].
-//! 3. Call an op, e.g. [`paged_attention_v1`]; on the GPU it is queued on the device's stream.
+//! 3. Call an op, e.g. [`paged_attention`] (v1 or v2, chosen from bounds you fix); on the GPU it is
+//!    queued on the device's stream.
 //! 4. Read results with [`Tensor::to_cpu`]; check device-side guards with [`Gpu::check_status`].
 //!
 //! ```
@@ -48,7 +49,9 @@ pub mod util;
 
 pub use device::{Device, Gpu};
 pub use error::{Error, Result};
-pub use paged_attention::{PagedAttentionArgs, paged_attention_v1};
+pub use paged_attention::{
+    PagedAttentionArgs, PagedAttentionWorkspace, Version, choose_version, paged_attention, paged_attention_v1, paged_attention_v2,
+};
 pub use tensor::{ScalarType, Storage, Tensor};
 
 /// The types shared with the kernels (params, layouts, variant lists).

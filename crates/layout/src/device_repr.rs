@@ -1,6 +1,6 @@
 //! cudarc's `DeviceRepr` for the params structs (host only, behind the `cudarc` feature).
 
-use crate::{FillParams, PagedAttentionParams, StreamReadParams};
+use crate::{FillParams, PagedAttentionParams, PagedAttentionReduceParams, StreamReadParams};
 
 // SAFETY: `PagedAttentionParams` is `#[repr(C)]`, `Copy`, made only of `u64`/`u32`/`f32` fields with
 // explicit padding, and the kernels declare a parameter of the identical layout (same crate), so
@@ -11,3 +11,5 @@ unsafe impl cudarc::driver::DeviceRepr for PagedAttentionParams {}
 unsafe impl cudarc::driver::DeviceRepr for FillParams {}
 // SAFETY: as above.
 unsafe impl cudarc::driver::DeviceRepr for StreamReadParams {}
+// SAFETY: as above.
+unsafe impl cudarc::driver::DeviceRepr for PagedAttentionReduceParams {}
