@@ -184,16 +184,21 @@ fn check_identical_keys_in(device: &Device, mode: Mode) {
         let mut rng = Rng::new(41 + i as u64);
         let key_rows: Vec<f64> = (0..nkv * hs).map(|_| rng.uniform() as f64).collect();
         let num_blocks = host.key_cache.shape()[0];
+        let mut writes = Vec::new();
         for b in 0..num_blocks {
             for kvh in 0..nkv {
                 for d in 0..hs {
                     for slot in 0..bs {
-                        let at = host.key_cache.storage_index(&[b, kvh, d / x, slot, d % x]);
-                        host.key_cache.set_storage_f64(at, key_rows[kvh * hs + d]);
+                        writes.push((host.key_cache.storage_index(&[b, kvh, d / x, slot, d % x]), key_rows[kvh * hs + d]));
                     }
                 }
             }
         }
+        let mut bytes = host.key_cache.cpu_bytes_mut().expect("host tensor");
+        for (at, v) in writes {
+            ScalarType::from(dtype).write_f64(&mut bytes, at, v);
+        }
+        drop(bytes);
         let got = run_inputs(device, &host, mode).unwrap();
         let (max_relative, epsilon) = elem_tol(dtype);
         for (s, &len) in c.seq_lens.iter().enumerate() {
@@ -325,15 +330,19 @@ fn strided_copy(host: &Inputs) -> Strided {
     let k_strides = [block_stride, head_stride, bs * x, x, 1];
     let v_strides = [block_stride, head_stride, bs, 1];
     let with_keys = common::strided(dtype, &[nb, nkv, hx, bs, x], &k_strides, k_off, len, nan, &host.key_cache.to_f64_vec()).unwrap();
-    // Write the values into the same buffer (a view over a copy of the key-filled storage).
-    let bytes = with_keys.cpu_bytes().unwrap().to_vec();
-    let mut value_cache = Tensor::from_storage(pagedattn::Storage::Cpu(bytes), dtype, &[nb, nkv, hs, bs], &v_strides, v_off).unwrap();
-    for (i, v) in common::view_indices(&value_cache).into_iter().zip(host.value_cache.to_f64_vec()) {
-        value_cache.set_storage_f64(i, v);
+    // Write the values through a second view of the same buffer: one combined KV allocation.
+    let mut value_cache = with_keys.view(&[nb, nkv, hs, bs], &v_strides, v_off).unwrap();
+    let (indices, values) = (common::view_indices(&value_cache), host.value_cache.to_f64_vec());
+    let mut bytes = value_cache.cpu_bytes_mut().unwrap();
+    for (i, v) in indices.into_iter().zip(values) {
+        dtype.write_f64(&mut bytes, i, v);
     }
-    let combined = value_cache.cpu_bytes().unwrap().to_vec();
-    let key_cache = Tensor::from_storage(pagedattn::Storage::Cpu(combined), dtype, &[nb, nkv, hx, bs, x], &k_strides, k_off).unwrap();
-    assert_eq!(key_cache.cpu_bytes(), value_cache.cpu_bytes(), "one combined buffer");
+    drop(bytes);
+    let key_cache = with_keys;
+    assert!(key_cache.shares_storage(&value_cache), "one combined buffer");
+    // Unused blocks hold NaN: compare bit patterns.
+    let bits = |t: &Tensor| t.to_f64_vec().into_iter().map(f64::to_bits).collect::<Vec<_>>();
+    assert_eq!(bits(&key_cache), bits(&host.key_cache), "values written beside the keys, not over them");
 
     // Block table: row stride m + 3, offset 1, padding -7 (out of range, must never be read).
     let m = host.block_tables.shape()[1];
@@ -345,8 +354,9 @@ fn strided_copy(host: &Inputs) -> Strided {
 /// Storage elements of `t` outside its view.
 fn outside_view(t: &Tensor) -> Vec<f64> {
     let inside: std::collections::HashSet<usize> = common::view_indices(t).into_iter().collect();
-    let n = t.storage().len_bytes() / t.dtype().size_bytes();
-    (0..n).filter(|i| !inside.contains(i)).map(|i| t.storage_f64(i)).collect()
+    let bytes = t.cpu_bytes().expect("host tensor");
+    let n = bytes.len() / t.dtype().size_bytes();
+    (0..n).filter(|i| !inside.contains(i)).map(|i| t.dtype().read_f64(&bytes, i)).collect()
 }
 
 fn strided_cases() -> Vec<Case> {

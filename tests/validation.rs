@@ -3,7 +3,7 @@
 use pagedattn::layout::DType;
 use pagedattn::testing::{Case, Inputs, Rng};
 use pagedattn::{
-    Device, Error, PagedAttentionArgs, PagedAttentionWorkspace, ScalarType, Storage, Tensor, Version, choose_version, paged_attention,
+    Device, Error, PagedAttentionArgs, PagedAttentionWorkspace, ScalarType, Tensor, Version, choose_version, paged_attention,
     paged_attention_v1, paged_attention_v2,
 };
 
@@ -75,8 +75,7 @@ fn rand(dtype: ScalarType, shape: &[usize]) -> Tensor {
 /// A random host view: `shape`/`strides`/`offset` over a storage of `len` elements.
 fn view(dtype: ScalarType, len: usize, shape: &[usize], strides: &[usize], offset: usize) -> Tensor {
     let storage = rand(dtype, &[len]);
-    let bytes = storage.cpu_bytes().unwrap().to_vec();
-    Tensor::from_storage(Storage::Cpu(bytes), dtype, shape, strides, offset).unwrap()
+    storage.view(shape, strides, offset).unwrap()
 }
 
 /// Runs on the CPU backend into a fresh output of the query's dtype and shape.

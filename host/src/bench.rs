@@ -295,7 +295,7 @@ fn run_point(
     time_each(gpu, cfg.warmup, || Ok(()), &mut op)?;
     let cold = time_each(gpu, cfg.iters, || Ok(stream.memset_zeros(flush)?), &mut op)?;
     let hot = time_each(gpu, cfg.iters, || Ok(()), &mut op)?;
-    drop(op);
+
     let (cold_ms, cold_min) = median_min(cold);
     let (hot_ms, hot_min) = median_min(hot);
     let bytes = (batch * context * nkv * hs * 2 * es) as u64 + 2 * q_bytes;

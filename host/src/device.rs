@@ -130,8 +130,17 @@ impl Gpu {
     /// A zeroed contiguous device tensor.
     pub fn zeros(&self, dtype: ScalarType, shape: &[usize]) -> Result<Tensor> {
         let n: usize = shape.iter().product::<usize>() * dtype.size_bytes();
-        let slice = self.stream.alloc_zeros::<u8>(n.max(1))?;
+        // The driver refuses 0-byte allocations: an empty tensor gets one (unused) element.
+        let slice = self.stream.alloc_zeros::<u8>(n.max(dtype.size_bytes()))?;
         Tensor::from_storage(Storage::Gpu { slice, stream: self.stream.clone() }, dtype, shape, &contiguous_strides(shape), 0)
+    }
+
+    /// A zeroed contiguous tensor in page-locked host memory of this context: the host end of
+    /// asynchronous copies (swapping cache blocks out and in). Use [`Tensor::to_pinned`] for other
+    /// contents.
+    pub fn pinned(&self, dtype: ScalarType, shape: &[usize]) -> Result<Tensor> {
+        let n: usize = shape.iter().product::<usize>() * dtype.size_bytes();
+        Tensor::from_storage(Storage::pinned_zeroed(&self.ctx, n.max(dtype.size_bytes()))?, dtype, shape, &contiguous_strides(shape), 0)
     }
 
     /// The module of `family`, loaded on first use: the cubin built for this arch if there is one,

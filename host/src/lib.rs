@@ -5,6 +5,8 @@
 //!
 //! 1. Pick a device: [`Device::auto`] (the first GPU, else the CPU reference), [`Gpu::new`].
 //! 2. Make tensors: [`Tensor::from_f32`] / [`Tensor::from_i32`] on the host, [`Device::upload`].
+//!    [`Tensor::select`] and [`Tensor::view`] make views that share one storage (vLLM's combined KV
+//!    cache); [`Gpu::pinned`] / [`Tensor::to_pinned`] put a tensor in page-locked host memory.
 //! 3. Call an op, e.g. [`paged_attention`] (v1 or v2, chosen from bounds you fix); on the GPU it is
 //!    queued on the device's stream.
 //! 4. Read results with [`Tensor::to_cpu`]; check device-side guards with [`Gpu::check_status`].

@@ -439,15 +439,16 @@ pub fn validate(device: &Device, out: &Tensor, a: &PagedAttentionArgs) -> Result
         placed.extend([("block_tables", bt), ("seq_lens", sl)]);
     }
     for (name, t) in placed {
-        if t.is_cpu() == on_gpu {
+        let here = if on_gpu { t.is_gpu() } else { t.is_cpu() };
+        if !here {
             return Err(Error::Device { op: OP, tensor: name, got: t.storage().location(), expected: want });
         }
     }
 
     let plan = Plan { dtype, num_seqs, num_heads, num_kv_heads, head_size, block_size, num_blocks, max_num_blocks_per_seq };
-    if bt.is_cpu() && sl.is_cpu() {
+    if bt.is_host() && sl.is_host() {
         check_tables(&plan, &bt.to_i32_vec(), &sl.to_i32_vec())?;
-    } else if sl.is_cpu() {
+    } else if sl.is_host() {
         check_tables(&plan, &[], &sl.to_i32_vec())?;
     }
     Ok(plan)
@@ -486,14 +487,14 @@ fn launch_gpu(gpu: &Gpu, plan: &Plan, out: &mut Tensor, a: &PagedAttentionArgs, 
     let variant = dispatch::paged_attention(plan.dtype, plan.head_size, plan.block_size)?;
     // Host-resident tables were checked in `validate`; copy them (freed stream-ordered after the kernel).
     let bt_dev;
-    let bt = if a.block_tables.is_cpu() {
+    let bt = if a.block_tables.is_host() {
         bt_dev = a.block_tables.to_gpu(gpu.stream())?;
         &bt_dev
     } else {
         a.block_tables
     };
     let sl_dev;
-    let sl = if a.seq_lens.is_cpu() {
+    let sl = if a.seq_lens.is_host() {
         sl_dev = a.seq_lens.to_gpu(gpu.stream())?;
         &sl_dev
     } else {

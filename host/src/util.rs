@@ -24,7 +24,7 @@ pub fn fill_uniform(gpu: &Gpu, t: &mut Tensor, seed: u64, scale: f32) -> Result<
         ScalarType::BF16 => "fill_uniform_bf16",
         other => return Err(Error::DType { op: "fill_uniform", tensor: "t", got: other, expected: "f32, f16 or bf16".into() }),
     };
-    let base = t.device_ptr().ok_or(Error::Device { op: "fill_uniform", tensor: "t", got: "CPU", expected: "GPU" })?
+    let base = t.device_ptr().ok_or(Error::Device { op: "fill_uniform", tensor: "t", got: t.storage().location(), expected: "GPU" })?
         - (t.offset() * t.dtype().size_bytes()) as u64;
     let n = (t.storage().len_bytes() / t.dtype().size_bytes()) as u64;
     let params = FillParams { ptr: base, n, seed, scale, _pad: 0 };

@@ -9,7 +9,7 @@ use std::sync::mpsc;
 
 use pagedattn::layout::DType;
 use pagedattn::testing::{self, Case, Errors, Inputs};
-use pagedattn::{Device, Error, Gpu, PagedAttentionArgs, PagedAttentionWorkspace, ScalarType, Storage, Tensor, Version, paged_attention};
+use pagedattn::{Device, Error, Gpu, PagedAttentionArgs, PagedAttentionWorkspace, ScalarType, Tensor, Version, paged_attention};
 
 /// Set to `1` on a GPU machine to turn a missing GPU into a failure instead of a skip.
 pub const REQUIRE_GPU_ENV: &str = "PAGEDATTN_REQUIRE_GPU";
@@ -177,15 +177,18 @@ pub fn strided(
     values: &[f64],
 ) -> pagedattn::Result<Tensor> {
     let mut base = Tensor::nan(dtype, &[len]);
-    for i in 0..len {
-        base.set_storage_f64(i, fill);
-    }
-    let bytes = base.cpu_bytes().expect("host tensor").to_vec();
-    let mut t = Tensor::from_storage(Storage::Cpu(bytes), dtype, shape, strides, offset)?;
+    let t = base.view(shape, strides, offset)?;
     assert_eq!(values.len(), t.numel(), "one value per element of the view");
-    for (i, &v) in view_indices(&t).iter().zip(values) {
-        t.set_storage_f64(*i, v);
+    let inside = view_indices(&t);
+    // One write lock for all stores (`t` is not touched while it is held).
+    let mut b = base.cpu_bytes_mut().expect("host tensor");
+    for i in 0..len {
+        dtype.write_f64(&mut b, i, fill);
     }
+    for (&i, &v) in inside.iter().zip(values) {
+        dtype.write_f64(&mut b, i, v);
+    }
+    drop(b);
     Ok(t)
 }
 

@@ -421,10 +421,16 @@ fn load_inputs(path: &Path) -> CliResult<Inputs> {
 
 fn write_safetensors(path: &Path, tensors: &[(&str, &Tensor)], meta: HashMap<String, String>) -> CliResult {
     let io = |e: String| CliError::Io(format!("cannot write {}: {e}", path.display()));
-    let mut views = Vec::new();
+    // Read guards of the tensors' storages, held until the file is written. Two tensors could share
+    // a storage, but no other thread holds these tensors, so no writer can queue between the two
+    // read locks (the deadlock the tensor module warns about).
+    let mut guards = Vec::new();
     for &(name, t) in tensors {
         let bytes = t.cpu_bytes().filter(|b| t.is_contiguous() && t.offset() == 0 && b.len() == t.numel() * t.dtype().size_bytes());
-        let bytes = bytes.ok_or_else(|| io(format!("`{name}` is not a contiguous host tensor")))?;
+        guards.push(bytes.ok_or_else(|| io(format!("`{name}` is not a contiguous host tensor")))?);
+    }
+    let mut views = Vec::new();
+    for (&(name, t), bytes) in tensors.iter().zip(&guards) {
         let dtype = ST_DTYPES.iter().find(|(s, _)| *s == t.dtype()).map(|&(_, d)| d).ok_or_else(|| io(format!("`{name}`: no dtype")))?;
         views.push((name, TensorView::new(dtype, t.shape().to_vec(), bytes).map_err(|e| io(e.to_string()))?));
     }

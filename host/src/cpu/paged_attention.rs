@@ -14,15 +14,22 @@ pub fn reference(plan: &Plan, a: &PagedAttentionArgs) -> Vec<f64> {
     let block_tables = a.block_tables.to_i32_vec();
     let seq_lens = a.seq_lens.to_i32_vec();
     let alibi = a.alibi_slopes.map(Tensor::to_f64_vec);
+    let query = a.query.to_f64_vec();
+    // One read lock per cache for the whole gather; a combined KV cache (two views of one storage) is
+    // read through one guard, since a second lock of it on this thread could wait behind a writer.
+    let (kc, vc) = (a.key_cache, a.value_cache);
+    let key_bytes = kc.cpu_bytes().expect("validated: host tensors");
+    let value_guard = (!vc.shares_storage(kc)).then(|| vc.cpu_bytes().expect("validated: host tensors"));
+    let value_bytes: &[u8] = value_guard.as_deref().unwrap_or(&key_bytes);
     let mut out = vec![0f64; plan.num_seqs * plan.num_heads * hs];
     for s in 0..plan.num_seqs {
         let len = seq_lens[s] as usize;
         let block_of = |t: usize| block_tables[s * plan.max_num_blocks_per_seq + t / bs] as usize;
         for h in 0..plan.num_heads {
             let kvh = h / group;
-            let q: Vec<f64> = (0..hs).map(|d| a.query.get_f64(&[s, h, d])).collect();
-            let key = |t: usize, d: usize| a.key_cache.get_f64(&[block_of(t), kvh, d / x, t % bs, d % x]);
-            let value = |t: usize, d: usize| a.value_cache.get_f64(&[block_of(t), kvh, d, t % bs]);
+            let q = &query[(s * plan.num_heads + h) * hs..][..hs];
+            let key = |t: usize, d: usize| kc.dtype().read_f64(&key_bytes, kc.storage_index(&[block_of(t), kvh, d / x, t % bs, d % x]));
+            let value = |t: usize, d: usize| vc.dtype().read_f64(value_bytes, vc.storage_index(&[block_of(t), kvh, d, t % bs]));
             let scores: Vec<f64> = (0..len)
                 .map(|t| {
                     let dot: f64 = (0..hs).map(|d| q[d] * key(t, d)).sum();
@@ -51,11 +58,13 @@ pub fn reference(plan: &Plan, a: &PagedAttentionArgs) -> Vec<f64> {
 pub fn run(plan: &Plan, out: &mut Tensor, a: &PagedAttentionArgs) -> Result<()> {
     let r = reference(plan, a);
     let hs = plan.head_size;
+    let (dtype, offset, st) = (out.dtype(), out.offset(), out.strides().to_vec());
+    // One write lock for all stores, taken after every input has been read (inputs may share storage).
+    let mut b = out.cpu_bytes_mut().expect("validated: a host tensor");
     for s in 0..plan.num_seqs {
         for h in 0..plan.num_heads {
             for d in 0..hs {
-                let i = out.storage_index(&[s, h, d]);
-                out.set_storage_f64(i, r[(s * plan.num_heads + h) * hs + d]);
+                dtype.write_f64(&mut b, offset + s * st[0] + h * st[1] + d * st[2], r[(s * plan.num_heads + h) * hs + d]);
             }
         }
     }
