@@ -522,11 +522,13 @@ fn workspace_rejects_bad_partitions() {
 
 #[test]
 fn automatic_choice_follows_the_bounds() {
-    // One partition: v1. Long bound: v2. Moderate bound: v1 only with many (sequence, head) pairs.
-    assert_eq!(choose_version(512, 1, 1), Version::V1);
-    assert_eq!(choose_version(100_000, 256, 64), Version::V2);
-    assert_eq!(choose_version(4096, 1, 32), Version::V2);
-    assert_eq!(choose_version(4096, 64, 32), Version::V1);
+    // One partition: v1 whatever the grid. Longer: v1 only when its CTAs fill 1.5x the SMs.
+    assert_eq!(choose_version(512, 1, 132), Version::V1);
+    assert_eq!(choose_version(513, 1, 132), Version::V2);
+    assert_eq!(choose_version(100_000, 197, 132), Version::V2);
+    assert_eq!(choose_version(100_000, 198, 132), Version::V1);
+    assert_eq!(choose_version(4096, 128, 132), Version::V2);
+    assert_eq!(choose_version(4096, 128, 80), Version::V1);
     let inp = base();
     let mut out = Tensor::nan(inp.query.dtype(), inp.query.shape());
     let mut ws = PagedAttentionWorkspace::new(&Device::Cpu, NS, NH, HS, 20).unwrap();

@@ -65,14 +65,7 @@ pub struct Plan {
 /// On the GPU the launch is asynchronous on the device's stream; device-side problems surface
 /// through [`Gpu::check_status`].
 pub fn paged_attention_v1(device: &Device, out: &mut Tensor, args: &PagedAttentionArgs) -> Result<()> {
-    let plan = validate(device, out, args)?;
-    if plan.num_seqs == 0 || plan.num_heads == 0 {
-        return Ok(());
-    }
-    match device {
-        Device::Cpu => cpu::paged_attention::run(&plan, out, args),
-        Device::Gpu(gpu) => launch_gpu(gpu, &plan, out, args, None),
-    }
+    run(device, out, args, None, Version::V1).map(drop)
 }
 
 /// The same result as [`paged_attention_v1`], with each sequence split into partitions of
@@ -89,15 +82,44 @@ pub fn paged_attention_v2(
     args: &PagedAttentionArgs,
     workspace: &mut PagedAttentionWorkspace,
 ) -> Result<()> {
+    run(device, out, args, Some(workspace), Version::V2).map(drop)
+}
+
+/// Validates, resolves [`Version::Auto`], then runs v1 or v2 on the device. A workspace (required
+/// for v2) also bounds the lengths for v1.
+fn run(
+    device: &Device,
+    out: &mut Tensor,
+    args: &PagedAttentionArgs,
+    ws: Option<&mut PagedAttentionWorkspace>,
+    version: Version,
+) -> Result<Version> {
     let plan = validate(device, out, args)?;
-    workspace.check(device, &plan, args)?;
+    if let Some(w) = &ws {
+        w.check(device, &plan, args)?;
+    }
+    let cap = plan.max_num_blocks_per_seq * plan.block_size;
+    let max_seq_len = ws.as_ref().map_or(cap, |w| w.max_seq_len.min(cap));
+    let version = match version {
+        Version::Auto => {
+            let geo = PagedAttentionGeometry::new(plan.dtype, plan.head_size, plan.block_size);
+            let ctas = plan.num_seqs * geo.head_groups(plan.num_heads, plan.num_kv_heads);
+            let sms = match device {
+                Device::Gpu(g) => g.sm_count,
+                Device::Cpu => NOMINAL_SMS,
+            };
+            choose_version(ws.as_ref().map_or(cap, |w| w.max_seq_len), ctas, sms)
+        }
+        v => v,
+    };
     if plan.num_seqs == 0 || plan.num_heads == 0 {
-        return Ok(());
+        return Ok(version);
     }
     match device {
-        Device::Cpu => cpu::paged_attention::run(&plan, out, args),
-        Device::Gpu(gpu) => launch_gpu(gpu, &plan, out, args, Some(workspace)),
+        Device::Cpu => cpu::paged_attention::run(&plan, out, args)?,
+        Device::Gpu(gpu) => launch_gpu(gpu, &plan, out, args, max_seq_len, if version == Version::V2 { ws } else { None })?,
     }
+    Ok(version)
 }
 
 /// Which kernel [`paged_attention`] runs.
@@ -132,16 +154,28 @@ impl std::str::FromStr for Version {
     }
 }
 
+/// SMs assumed by the automatic choice on the CPU backend (an H100's), so that the version it
+/// reports does not depend on the machine.
+const NOMINAL_SMS: usize = 132;
+
 /// The automatic choice between v1 and v2, from bounds the caller fixes (never from device data,
-/// so it is stable under graph capture): v1 when sequences fit one partition, or when there are
-/// enough (sequence, head) pairs to fill the GPU and the bound on lengths is moderate (vLLM's rule:
-/// `max_seq_len <= 8192` and `num_seqs * num_heads > 512`); v2 otherwise.
-pub fn choose_version(max_seq_len: usize, num_seqs: usize, num_heads: usize) -> Version {
-    if max_seq_len <= DEFAULT_PARTITION_SIZE || (max_seq_len <= 8192 && num_seqs * num_heads > 512) { Version::V1 } else { Version::V2 }
+/// so it is stable under graph capture): `max_seq_len` (the workspace's bound), `v1_ctas` (CTAs of
+/// a v1 launch: sequences × head groups, see [`PagedAttentionGeometry::head_groups`]) and the GPU's
+/// SM count.
+///
+/// v1 when a sequence fits one partition (v2 would do the same work plus a reduce), or when v1's
+/// CTAs fill the GPU (`v1_ctas >= 1.5 × SMs`); v2 otherwise. Measured on an H100 (132 SMs, 2 CTAs
+/// of the decode kernel per SM): v1 wins from about 200 CTAs at every length up to 32k (by 10–15%
+/// at 256 CTAs), v2 below (by 25% at 128 CTAs, 3–15× for one to eight sequences). vLLM's rule
+/// (v1 iff `max_seq_len <= 8192` and `num_seqs × num_heads > 512`) picked v2 for 64 × 16k tokens,
+/// where v1 is 13% faster. Figures: RESULTS.md.
+pub fn choose_version(max_seq_len: usize, v1_ctas: usize, sm_count: usize) -> Version {
+    if max_seq_len <= DEFAULT_PARTITION_SIZE || 2 * v1_ctas >= 3 * sm_count { Version::V1 } else { Version::V2 }
 }
 
 /// v1 or v2 as `version` says ([`Version::Auto`]: [`choose_version`] with the workspace's
-/// `max_seq_len`); returns the version that ran.
+/// `max_seq_len` and this call's sizes); returns the version that ran. The workspace's length
+/// bound holds for both, so they accept the same inputs.
 pub fn paged_attention(
     device: &Device,
     out: &mut Tensor,
@@ -149,26 +183,7 @@ pub fn paged_attention(
     workspace: &mut PagedAttentionWorkspace,
     version: Version,
 ) -> Result<Version> {
-    let v = match version {
-        Version::Auto => {
-            let (num_seqs, num_heads) = match args.query.shape() {
-                &[s, h, _] => (s, h),
-                _ => (0, 0), // validation reports the bad shape
-            };
-            choose_version(workspace.max_seq_len(), num_seqs, num_heads)
-        }
-        v => v,
-    };
-    match v {
-        Version::V2 => paged_attention_v2(device, out, args, workspace)?,
-        _ => {
-            // The workspace's length bound still holds for v1 callers that sized one.
-            let plan = validate(device, out, args)?;
-            workspace.check(device, &plan, args)?;
-            paged_attention_v1(device, out, args)?
-        }
-    }
-    Ok(if v == Version::V2 { Version::V2 } else { Version::V1 })
+    run(device, out, args, Some(workspace), version)
 }
 
 /// v2's scratch buffers (f32), owned by the caller and sized from bounds: at most `max_num_seqs`
@@ -483,7 +498,14 @@ pub fn check_tables(plan: &Plan, block_tables: &[i32], seq_lens: &[i32]) -> Resu
     Ok(())
 }
 
-fn launch_gpu(gpu: &Gpu, plan: &Plan, out: &mut Tensor, a: &PagedAttentionArgs, ws: Option<&mut PagedAttentionWorkspace>) -> Result<()> {
+fn launch_gpu(
+    gpu: &Gpu,
+    plan: &Plan,
+    out: &mut Tensor,
+    a: &PagedAttentionArgs,
+    max_seq_len: usize,
+    ws: Option<&mut PagedAttentionWorkspace>,
+) -> Result<()> {
     let variant = dispatch::paged_attention(plan.dtype, plan.head_size, plan.block_size)?;
     // Host-resident tables were checked in `validate`; copy them (freed stream-ordered after the kernel).
     let bt_dev;
@@ -535,7 +557,7 @@ fn launch_gpu(gpu: &Gpu, plan: &Plan, out: &mut Tensor, a: &PagedAttentionArgs, 
         kv_block_stride: a.key_cache.strides()[0] as u32,
         kv_head_stride: a.key_cache.strides()[1] as u32,
         scale_log2: a.scale * std::f32::consts::LOG2_E,
-        _pad: 0,
+        max_seq_len: max_seq_len as u32,
     };
     let geo = PagedAttentionGeometry::new(plan.dtype, plan.head_size, plan.block_size);
     let cfg = LaunchConfig {
@@ -563,7 +585,7 @@ fn launch_gpu(gpu: &Gpu, plan: &Plan, out: &mut Tensor, a: &PagedAttentionArgs, 
         head_size: plan.head_size as u32,
         partition_size: partition_size as u32,
         max_num_partitions: parts as u32,
-        max_seq_len: (plan.max_num_blocks_per_seq * plan.block_size).min(parts * partition_size) as u32,
+        max_seq_len: max_seq_len as u32,
         out_stride_seq: params.out_stride_seq,
         out_stride_head: params.out_stride_head,
         _pad: 0,

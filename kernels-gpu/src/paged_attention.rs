@@ -28,8 +28,8 @@
 //! - the warps' states are merged through shared memory and the CTA writes the normalised output
 //!   (or, for a v2 partition, the partial output, max and sum).
 //!
-//! Device-side data is guarded: a sequence length outside `0..=max_num_blocks_per_seq * BLOCK_SIZE`
-//! (and, for v2, `0..=max_num_partitions * partition_size`) or a block id outside `0..num_blocks` is
+//! Device-side data is guarded: a sequence length outside `0..=max_seq_len` (at most
+//! `max_num_blocks_per_seq * BLOCK_SIZE`, and for v2 at most the workspace's bound) or a block id outside `0..num_blocks` is
 //! never used to address memory; the sequence's output is NaN and a flag is OR-ed into the status word.
 
 use crate::intrinsics::{
@@ -125,10 +125,9 @@ pub unsafe fn paged_attention<T: Element, const HEAD_SIZE: usize, const BLOCK_SI
     // SAFETY: `seq < num_seqs` (grid), seq_lens has num_seqs entries (host-validated).
     let seq_len_raw = unsafe { *(p.seq_lens as *const i32).add(cta.seq) };
     let psize = p.partition_size as usize;
-    let mut cap = p.max_num_blocks_per_seq as usize * BLOCK_SIZE;
-    if psize != 0 && p.max_num_partitions as usize * psize < cap {
-        cap = p.max_num_partitions as usize * psize;
-    }
+    // The host sets max_seq_len <= max_num_blocks_per_seq * BLOCK_SIZE (and, for v2, <=
+    // max_num_partitions * partition_size); the min keeps the table bound even if it did not.
+    let cap = (p.max_seq_len as usize).min(p.max_num_blocks_per_seq as usize * BLOCK_SIZE);
     if seq_len_raw < 0 || seq_len_raw as usize > cap {
         if cta.part != 0 {
             return;

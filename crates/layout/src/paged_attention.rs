@@ -68,7 +68,9 @@ pub struct PagedAttentionParams {
     pub kv_head_stride: u32,
     /// `softmax_scale * log2(e)`: the kernels work in the log2 domain (`ex2` instead of `exp`).
     pub scale_log2: f32,
-    pub _pad: u32,
+    /// Longest valid sequence: `max_num_blocks_per_seq * block_size`, or less when the caller
+    /// declared a smaller bound (v2's workspace); longer device lengths are `BAD_SEQ_LEN`.
+    pub max_seq_len: u32,
 }
 
 const _: () = assert!(core::mem::size_of::<PagedAttentionParams>() == 11 * 8 + 16 * 4);
