@@ -1289,14 +1289,17 @@ impl RoundTrip {
     }
 }
 
-/// Keys and values written on the GPU by `reshape_and_cache` and read by `paged_attention_v1` on
-/// the GPU match the CPU backend doing both (caches bit for bit, attention within tolerance).
+/// Keys and values written on the GPU by `reshape_and_cache` and read by paged attention (v1, and
+/// v2 with 512- and 32-token partitions) on the GPU match the CPU backend doing both (caches bit for
+/// bit, attention within tolerance).
 #[test]
 fn gpu_reshape_then_paged_attention_round_trip() {
     let Some(mut device) = gpu_or_skip!() else { return };
     let mut i = 0u64;
     for &dtype in DTYPES {
-        for &(heads, head_size, block_size) in &[((8, 2), 128, 16), ((4, 4), 64, 8), ((16, 1), 256, 32), ((12, 4), 80, 16)] {
+        for &(heads, head_size, block_size) in
+            &[((8, 2), 128, 16), ((4, 4), 64, 8), ((16, 1), 256, 32), ((12, 4), 80, 16), ((8, 1), 128, 64), ((4, 2), 96, 256)]
+        {
             let lens = [1, block_size - 1, 3 * block_size + 5, 200 + 17 * i as usize];
             let rt = RoundTrip::new(dtype, heads, head_size, block_size, &lens, 3000 + i);
             let what = format!("round trip {dtype} heads {heads:?} h{head_size} b{block_size}");
@@ -1307,8 +1310,10 @@ fn gpu_reshape_then_paged_attention_round_trip() {
             let want = common::reference(&rt.inputs(kc_cpu, vc_cpu));
             let host = rt.inputs(kc, vc);
             let query = device.upload(&host.query).unwrap();
-            let got = run_op(&device, &PagedAttentionArgs { query: &query, ..host.args() }).unwrap();
-            assert_matches(&got, &want, dtype, &what);
+            for mode in common::MODES {
+                let got = run_op(&device, &PagedAttentionArgs { query: &query, ..host.args() }, mode).unwrap();
+                assert_matches(&got, &want, dtype, &format!("{what} {mode}"));
+            }
             i += 1;
         }
     }

@@ -1,4 +1,4 @@
-//! `paged_attention_v1` against the float64 reference.
+//! `paged_attention_v1` and `paged_attention_v2` against the float64 reference.
 //!
 //! CPU section (runs everywhere): the reference against an independent naive formula, the CPU
 //! backend over random cases, analytic cases, strided views. GPU section (skips loudly without a
@@ -10,9 +10,12 @@ use std::collections::BTreeMap;
 use approx::assert_relative_eq;
 use pagedattn::layout::{BLOCK_SIZES, DTYPES, DType, HEAD_SIZES, status};
 use pagedattn::testing::{self, Case, Inputs, Rng};
-use pagedattn::{Device, Error, PagedAttentionArgs, ScalarType, Tensor, paged_attention_v1};
+use pagedattn::{
+    Device, Error, PagedAttentionArgs, PagedAttentionWorkspace, ScalarType, Tensor, Version, paged_attention, paged_attention_v1,
+    paged_attention_v2,
+};
 
-use crate::common::{self, assert_matches, reference, row, run_inputs, run_op};
+use crate::common::{self, MODES, Mode, assert_matches, reference, row, run_inputs, run_op};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -150,11 +153,11 @@ fn table_entry(inp: &Inputs, s: usize, b: usize) -> usize {
 // ---------------------------------------------------------------------------------------------
 
 /// seq_len 1: the softmax has one term, so the output is that token's value row.
-fn check_single_token(device: &Device) {
+fn check_single_token_in(device: &Device, mode: Mode) {
     for (i, &dtype) in DTYPES.iter().enumerate() {
         let c = case(dtype, (8, 2), 64, 16, &[1, 1, 1], i == 1, 300 + i as u64);
         let host = c.inputs().unwrap();
-        let got = run_inputs(device, &host).unwrap();
+        let got = run_inputs(device, &host, mode).unwrap();
         for s in 0..3 {
             let block = table_entry(&host, s, 0);
             for h in 0..8 {
@@ -165,8 +168,14 @@ fn check_single_token(device: &Device) {
     }
 }
 
+fn check_single_token(device: &Device) {
+    for mode in MODES {
+        check_single_token_in(device, mode);
+    }
+}
+
 /// Every key identical: uniform weights, so the output is the mean of the sequence's value rows.
-fn check_identical_keys(device: &Device) {
+fn check_identical_keys_in(device: &Device, mode: Mode) {
     for (i, &dtype) in DTYPES.iter().enumerate() {
         let (nh, nkv, hs, bs) = (6, 2, 128, [8, 16, 32][i]);
         let c = case(dtype, (nh, nkv), hs, bs, &[1, 37, 2 * bs, 100], false, 400 + i as u64);
@@ -190,7 +199,7 @@ fn check_identical_keys(device: &Device) {
             ScalarType::from(dtype).write_f64(&mut bytes, at, v);
         }
         drop(bytes);
-        let got = run_inputs(device, &host).unwrap();
+        let got = run_inputs(device, &host, mode).unwrap();
         let (max_relative, epsilon) = elem_tol(dtype);
         for (s, &len) in c.seq_lens.iter().enumerate() {
             for h in 0..nh {
@@ -207,16 +216,22 @@ fn check_identical_keys(device: &Device) {
     }
 }
 
+fn check_identical_keys(device: &Device) {
+    for mode in MODES {
+        check_identical_keys_in(device, mode);
+    }
+}
+
 /// ALiBi with a huge slope: every token but the last gets a weight of exp(-1e4 or less), so the
 /// output is the last token's value row.
-fn check_alibi_last_token(device: &Device) {
+fn check_alibi_last_token_in(device: &Device, mode: Mode) {
     for (i, &dtype) in DTYPES.iter().enumerate() {
         let (nh, nkv, hs, bs) = (4, 4, 96, 16);
         let lens = [2, 17, 95, 200];
         let c = case(dtype, (nh, nkv), hs, bs, &lens, true, 500 + i as u64);
         let mut host = c.inputs().unwrap();
         host.alibi_slopes = Some(Tensor::from_f32(DType::F32, &[nh], &[1e4, 2e4, 5e4, 1e5]).unwrap());
-        let got = run_inputs(device, &host).unwrap();
+        let got = run_inputs(device, &host, mode).unwrap();
         for (s, &len) in lens.iter().enumerate() {
             let t = len - 1;
             for h in 0..nh {
@@ -227,24 +242,36 @@ fn check_alibi_last_token(device: &Device) {
     }
 }
 
+fn check_alibi_last_token(device: &Device) {
+    for mode in MODES {
+        check_alibi_last_token_in(device, mode);
+    }
+}
+
 /// seq_len 0: exact zeros (over a NaN-poisoned output), next to non-empty sequences.
-fn check_zero_length(device: &Device) {
+fn check_zero_length_in(device: &Device, mode: Mode) {
     for (i, &dtype) in DTYPES.iter().enumerate() {
         let lens = [0, 5, 0, 40, 0];
         let c = case(dtype, (8, 8), 128, 16, &lens, i == 2, 600 + i as u64);
         let host = c.inputs().unwrap();
-        let got = run_inputs(device, &host).unwrap();
+        let got = run_inputs(device, &host, mode).unwrap();
         for (s, &len) in lens.iter().enumerate() {
             for h in 0..8 {
                 let r = row(&got, 8, 128, s, h);
                 if len == 0 {
-                    assert!(r.iter().all(|&v| v == 0.0), "{c}: seq {s} head {h} is not all zeros: {:?}", &r[..4]);
+                    assert!(r.iter().all(|&v| v == 0.0), "{c} {mode}: seq {s} head {h} is not all zeros: {:?}", &r[..4]);
                 } else {
                     assert!(r.iter().all(|v| v.is_finite()), "{c}: seq {s} head {h} not finite");
                 }
             }
         }
         assert_matches(&got, &reference(&host), dtype, &c.to_string());
+    }
+}
+
+fn check_zero_length(device: &Device) {
+    for mode in MODES {
+        check_zero_length_in(device, mode);
     }
 }
 
@@ -386,7 +413,7 @@ fn cpu_reference_matches_naive_formula() {
 fn cpu_backend_random_cases() {
     for seed in 0..30 {
         let c = random_case(seed, 4, 300);
-        common::check(&Device::Cpu, &c);
+        common::check(&Device::Cpu, &c, Version::V1);
     }
 }
 
@@ -414,7 +441,7 @@ fn cpu_zero_length_gives_zeros() {
 fn cpu_shared_and_repeated_blocks() {
     for &dtype in DTYPES {
         let (c, host) = shared_blocks_inputs(dtype);
-        let got = run_inputs(&Device::Cpu, &host).unwrap();
+        let got = run_inputs(&Device::Cpu, &host, Mode::V1).unwrap();
         assert_matches(&got, &naive(&host), dtype, &c.to_string());
     }
 }
@@ -425,7 +452,7 @@ fn cpu_shared_and_repeated_blocks() {
 fn cpu_strided_views_match_contiguous() {
     for c in strided_cases() {
         let host = c.inputs().unwrap();
-        let want = run_inputs(&Device::Cpu, &host).unwrap();
+        let want = run_inputs(&Device::Cpu, &host, Mode::V1).unwrap();
         let mut st = strided_copy(&host);
         let args = PagedAttentionArgs {
             query: &st.query,
@@ -465,6 +492,9 @@ fn check_empty_batch(device: &Device) {
         };
         paged_attention_v1(device, &mut out, &args).unwrap_or_else(|e| panic!("{ns} seqs, {nh} heads: {e}"));
         assert_eq!(out.to_cpu().unwrap().to_f64_vec(), Vec::<f64>::new());
+        let mut ws = PagedAttentionWorkspace::new(device, ns, nh, 64, 16).unwrap();
+        paged_attention_v2(device, &mut out, &args, &mut ws).unwrap_or_else(|e| panic!("v2, {ns} seqs, {nh} heads: {e}"));
+        assert_eq!(out.to_cpu().unwrap().to_f64_vec(), Vec::<f64>::new());
     }
 }
 
@@ -479,7 +509,7 @@ fn cpu_empty_batch_is_a_noop() {
 
 /// Runs `cases` on the GPU, references prepared on worker threads; returns failures and the worst
 /// rel-L2 per dtype.
-fn run_cases_gpu(device: &Device, cases: &[Case]) -> (Vec<String>, BTreeMap<DType, f64>) {
+fn run_cases_gpu(device: &Device, cases: &[Case], mode: Mode) -> (Vec<String>, BTreeMap<DType, f64>) {
     let mut failures = Vec::new();
     let mut worst: BTreeMap<DType, f64> = BTreeMap::new();
     common::pipelined(
@@ -491,14 +521,14 @@ fn run_cases_gpu(device: &Device, cases: &[Case]) -> (Vec<String>, BTreeMap<DTyp
         },
         |i, (host, want)| {
             let c = &cases[i];
-            match run_inputs(device, &host) {
+            match run_inputs(device, &host, mode) {
                 Ok(got) => {
                     let e = testing::compare(&got, &want);
                     let w = worst.entry(c.dtype).or_insert(0.0);
                     *w = w.max(e.rel_l2);
                     if !e.passes(testing::tolerance(c.dtype)) {
                         failures.push(format!(
-                            "{c}: rel-L2 {:.3e} (tolerance {:.0e}), max |err| {:.3e}, {} non-finite",
+                            "{c} {mode}: rel-L2 {:.3e} (tolerance {:.0e}), max |err| {:.3e}, {} non-finite",
                             e.rel_l2,
                             testing::tolerance(c.dtype),
                             e.max_abs,
@@ -506,7 +536,7 @@ fn run_cases_gpu(device: &Device, cases: &[Case]) -> (Vec<String>, BTreeMap<DTyp
                         ));
                     }
                 }
-                Err(err) => failures.push(format!("{c}: {err}")),
+                Err(err) => failures.push(format!("{c} {mode}: {err}")),
             }
         },
     );
@@ -517,23 +547,26 @@ fn describe_worst(worst: &BTreeMap<DType, f64>) -> String {
     worst.iter().map(|(d, w)| format!("{d} {w:.3e} (tolerance {:.0e})", testing::tolerance(*d))).collect::<Vec<_>>().join(", ")
 }
 
-/// The whole verification grid (every dtype × head size × block size, long cases included).
+/// The whole verification grid (every dtype × head size × block size, long cases included), with
+/// v1 and with v2 (vLLM's 512-token partitions).
 #[test]
 fn gpu_grid() {
     let Some(mut device) = gpu_or_skip!() else { return };
     let cases = testing::grid(true);
-    let (failures, worst) = run_cases_gpu(&device, &cases);
-    assert!(
-        failures.is_empty(),
-        "{} of {} grid cases failed; worst rel-L2 per dtype: {}\n{}",
-        failures.len(),
-        cases.len(),
-        describe_worst(&worst),
-        failures.join("\n")
-    );
-    common::note(&format!("gpu_grid: {} cases on {}; worst rel-L2: {}", cases.len(), device.name(), describe_worst(&worst)));
-    // Unused table slots hold out-of-range ids and spare blocks hold NaN: neither may raise a flag.
-    common::gpu_of(&mut device).check_status().expect("no device-side flags for valid inputs");
+    for mode in [Mode::V1, Mode::V2(512)] {
+        let (failures, worst) = run_cases_gpu(&device, &cases, mode);
+        assert!(
+            failures.is_empty(),
+            "{mode}: {} of {} grid cases failed; worst rel-L2 per dtype: {}\n{}",
+            failures.len(),
+            cases.len(),
+            describe_worst(&worst),
+            failures.join("\n")
+        );
+        common::note(&format!("gpu_grid {mode}: {} cases on {}; worst rel-L2: {}", cases.len(), device.name(), describe_worst(&worst)));
+        // Unused table slots hold out-of-range ids and spare blocks hold NaN: neither may raise a flag.
+        common::gpu_of(&mut device).check_status().expect("no device-side flags for valid inputs");
+    }
 }
 
 /// Random cases: odd GQA groups (partial head groups per CTA), many lengths, ALiBi.
@@ -541,15 +574,17 @@ fn gpu_grid() {
 fn gpu_random_cases() {
     let Some(mut device) = gpu_or_skip!() else { return };
     let cases: Vec<Case> = (0..120).map(|seed| random_case(50_000 + seed, 8, 2000)).collect();
-    let (failures, worst) = run_cases_gpu(&device, &cases);
-    assert!(
-        failures.is_empty(),
-        "{} of {} random cases failed; worst rel-L2 per dtype: {}\n{}",
-        failures.len(),
-        cases.len(),
-        describe_worst(&worst),
-        failures.join("\n")
-    );
+    for mode in MODES {
+        let (failures, worst) = run_cases_gpu(&device, &cases, mode);
+        assert!(
+            failures.is_empty(),
+            "{mode}: {} of {} random cases failed; worst rel-L2 per dtype: {}\n{}",
+            failures.len(),
+            cases.len(),
+            describe_worst(&worst),
+            failures.join("\n")
+        );
+    }
     common::gpu_of(&mut device).check_status().expect("no device-side flags for valid inputs");
 }
 
@@ -590,8 +625,10 @@ fn gpu_shared_and_repeated_blocks() {
     let Some(device) = gpu_or_skip!() else { return };
     for &dtype in DTYPES {
         let (c, host) = shared_blocks_inputs(dtype);
-        let got = run_inputs(&device, &host).unwrap();
-        assert_matches(&got, &reference(&host), dtype, &c.to_string());
+        for mode in MODES {
+            let got = run_inputs(&device, &host, mode).unwrap();
+            assert_matches(&got, &reference(&host), dtype, &format!("{c} {mode}"));
+        }
     }
 }
 
@@ -606,13 +643,15 @@ fn gpu_host_tables_are_uploaded() {
         dev.block_tables = Tensor::from_i32(host.block_tables.shape(), &host.block_tables.to_i32_vec()).unwrap();
         dev.seq_lens = Tensor::from_i32(host.seq_lens.shape(), &host.seq_lens.to_i32_vec()).unwrap();
         let want = reference(&host);
-        assert_matches(&run_op(&device, &dev.args()).unwrap(), &want, c.dtype, &format!("{c} (host tables)"));
         let dev_bt = device.upload(&host.block_tables).unwrap();
         let dev_sl = device.upload(&host.seq_lens).unwrap();
-        let mixed = PagedAttentionArgs { block_tables: &dev_bt, ..dev.args() };
-        assert_matches(&run_op(&device, &mixed).unwrap(), &want, c.dtype, &format!("{c} (host lengths, device table)"));
-        let mixed = PagedAttentionArgs { seq_lens: &dev_sl, ..dev.args() };
-        assert_matches(&run_op(&device, &mixed).unwrap(), &want, c.dtype, &format!("{c} (device lengths, host table)"));
+        for mode in MODES {
+            assert_matches(&run_op(&device, &dev.args(), mode).unwrap(), &want, c.dtype, &format!("{c} {mode} (host tables)"));
+            let mixed = PagedAttentionArgs { block_tables: &dev_bt, ..dev.args() };
+            assert_matches(&run_op(&device, &mixed, mode).unwrap(), &want, c.dtype, &format!("{c} {mode} (host lengths, device table)"));
+            let mixed = PagedAttentionArgs { seq_lens: &dev_sl, ..dev.args() };
+            assert_matches(&run_op(&device, &mixed, mode).unwrap(), &want, c.dtype, &format!("{c} {mode} (device lengths, host table)"));
+        }
     }
     common::gpu_of(&mut device).check_status().unwrap();
 }
@@ -635,13 +674,13 @@ fn gpu_bad_device_block_id_is_flagged() {
     let m = host.block_tables.shape()[1];
     // (sequence, block, bad id): a middle block, the last (one-token) block, the first block.
     let bad_entries = [(1, 2, num_blocks), (1, 2, -1), (1, 0, i32::MAX), (2, 2, i32::MIN), (2, 2, num_blocks + 7), (0, 0, -5)];
-    for (bad_seq, bad_block, id) in bad_entries {
+    for (mode, (bad_seq, bad_block, id)) in MODES.into_iter().flat_map(|m| bad_entries.map(|e| (m, e))) {
         let mut table = host.block_tables.to_i32_vec();
         table[bad_seq * m + bad_block] = id;
         let mut dev = host.upload(&device).unwrap();
         dev.block_tables = device.upload(&Tensor::from_i32(&[3, m], &table).unwrap()).unwrap();
-        let got = run_op(&device, &dev.args()).unwrap();
-        let what = format!("{c} with block_tables[{bad_seq}][{bad_block}] = {id}");
+        let got = run_op(&device, &dev.args(), mode).unwrap();
+        let what = format!("{c} {mode} with block_tables[{bad_seq}][{bad_block}] = {id}");
         assert!(seq_rows(&got, 3, bad_seq).iter().all(|v| v.is_nan()), "{what}: the bad sequence's output is not all NaN");
         for s in (0..3).filter(|&s| s != bad_seq) {
             assert_matches(seq_rows(&got, 3, s), seq_rows(&want, 3, s), c.dtype, &format!("{what}: sequence {s}"));
@@ -667,13 +706,14 @@ fn gpu_bad_device_seq_len_is_flagged() {
     let want = reference(&host);
     let m = host.block_tables.shape()[1];
     let cap = (m * 16) as i32;
-    for (bad_seq, len) in [(1, cap + 1), (0, -1), (2, i32::MAX), (2, i32::MIN)] {
+    let bad_lens = [(1, cap + 1), (0, -1), (2, i32::MAX), (2, i32::MIN)];
+    for (mode, (bad_seq, len)) in MODES.into_iter().flat_map(|m| bad_lens.map(|e| (m, e))) {
         let mut lens = host.seq_lens.to_i32_vec();
         lens[bad_seq] = len;
         let mut dev = host.upload(&device).unwrap();
         dev.seq_lens = device.upload(&Tensor::from_i32(&[3], &lens).unwrap()).unwrap();
-        let got = run_op(&device, &dev.args()).unwrap();
-        let what = format!("{c} with seq_lens[{bad_seq}] = {len}");
+        let got = run_op(&device, &dev.args(), mode).unwrap();
+        let what = format!("{c} {mode} with seq_lens[{bad_seq}] = {len}");
         assert!(seq_rows(&got, 3, bad_seq).iter().all(|v| v.is_nan()), "{what}: the bad sequence's output is not all NaN");
         for s in (0..3).filter(|&s| s != bad_seq) {
             assert_matches(seq_rows(&got, 3, s), seq_rows(&want, 3, s), c.dtype, &format!("{what}: sequence {s}"));
@@ -690,7 +730,14 @@ fn gpu_bad_device_seq_len_is_flagged() {
     lens[1] = cap;
     let mut capped = c.inputs().unwrap();
     capped.seq_lens = Tensor::from_i32(&[3], &lens).unwrap();
-    assert_matches(&run_inputs(&device, &capped).unwrap(), &reference(&capped), c.dtype, &format!("{c}, seq 1 at capacity"));
+    for mode in MODES {
+        assert_matches(
+            &run_inputs(&device, &capped, mode).unwrap(),
+            &reference(&capped),
+            c.dtype,
+            &format!("{c} {mode}, seq 1 at capacity"),
+        );
+    }
     common::gpu_of(&mut device).check_status().unwrap();
 }
 
@@ -731,9 +778,11 @@ fn gpu_strided_views_match_cpu() {
                 scale: host.scale,
                 alibi_slopes: alibi.as_ref(),
             };
-            paged_attention_v1(&device, &mut out, &args).unwrap();
+            let mut ws = PagedAttentionWorkspace::with_partition_size(&device, 3, 64, 256, 4096, 32).unwrap();
+            let version = if tables == "device table" { Version::V1 } else { Version::V2 };
+            paged_attention(&device, &mut out, &args, &mut ws, version).unwrap();
             let back = out.to_cpu().unwrap();
-            let what = format!("{c} strided, {tables}");
+            let what = format!("{c} strided, {tables}, {version}");
             assert_matches(&back.to_f64_vec(), &cpu, dtype, &format!("{what} vs CPU backend"));
             assert_matches(&back.to_f64_vec(), &reference(&host), dtype, &format!("{what} vs reference"));
             assert!(outside_view(&back).iter().all(|&x| x == SENTINEL), "{what}: output padding was written");
@@ -748,10 +797,66 @@ fn gpu_long_context() {
     let Some(mut device) = gpu_or_skip!() else { return };
     let c = case(DType::F16, (4, 2), 128, 16, &[131_072], false, 1200);
     let host = c.inputs().unwrap();
-    let got = run_inputs(&device, &host).unwrap();
     let want = reference(&host);
-    let e = testing::compare(&got, &want);
-    assert!(e.non_finite == 0 && e.rel_l2 <= 1e-3, "{c}: rel-L2 {:.3e} (limit 1e-3), {} non-finite", e.rel_l2, e.non_finite);
-    common::note(&format!("gpu_long_context: {c}: rel-L2 {:.3e}", e.rel_l2));
+    for mode in [Mode::V1, Mode::V2(512)] {
+        let got = run_inputs(&device, &host, mode).unwrap();
+        let e = testing::compare(&got, &want);
+        assert!(e.non_finite == 0 && e.rel_l2 <= 1e-3, "{c} {mode}: rel-L2 {:.3e} (limit 1e-3), {} non-finite", e.rel_l2, e.non_finite);
+        common::note(&format!("gpu_long_context {mode}: {c}: rel-L2 {:.3e}", e.rel_l2));
+    }
     common::gpu_of(&mut device).check_status().unwrap();
+}
+
+/// v1 and v2 agree at 64k+ tokens (and both match the reference): every dtype, block sizes from 8
+/// to 256, GQA, ALiBi on one case.
+#[test]
+fn gpu_v1_v2_agree_at_64k() {
+    let Some(mut device) = gpu_or_skip!() else { return };
+    let cases = [
+        case(DType::F16, (8, 2), 128, 16, &[65_536, 70_001], true, 1300),
+        case(DType::BF16, (4, 1), 256, 256, &[65_536], false, 1301),
+        case(DType::F32, (4, 4), 64, 64, &[66_000, 3], false, 1302),
+        case(DType::F16, (8, 8), 80, 8, &[65_537], false, 1303),
+    ];
+    for c in cases {
+        let host = c.inputs().unwrap();
+        let want = reference(&host);
+        let v1 = run_inputs(&device, &host, Mode::V1).unwrap();
+        let v2 = run_inputs(&device, &host, Mode::V2(512)).unwrap();
+        let e1 = assert_matches(&v1, &want, c.dtype, &format!("{c} v1"));
+        let e2 = assert_matches(&v2, &want, c.dtype, &format!("{c} v2"));
+        let between = assert_matches(&v2, &v1, c.dtype, &format!("{c} v2 vs v1"));
+        common::note(&format!(
+            "gpu_v1_v2_agree_at_64k: {c}: rel-L2 v1 {:.3e}, v2 {:.3e}, v1 vs v2 {:.3e}",
+            e1.rel_l2, e2.rel_l2, between.rel_l2
+        ));
+    }
+    common::gpu_of(&mut device).check_status().unwrap();
+}
+
+/// v2 with a device length inside the block table's capacity but beyond the workspace's
+/// `max_seq_len`: NaN for that sequence, the others right, BAD_SEQ_LEN.
+#[test]
+fn gpu_v2_length_beyond_workspace_is_flagged() {
+    let Some(mut device) = gpu_or_skip!() else { return };
+    let c = case(DType::F16, (8, 2), 64, 16, &[1000, 300, 2000], false, 1400);
+    let host = c.inputs().unwrap();
+    let want = reference(&host);
+    let dev = host.upload(&device).unwrap();
+    for (bound, partition) in [(1024, 512), (1999, 64)] {
+        let mut out = device.nan(host.query.dtype(), host.query.shape()).unwrap();
+        let mut ws = PagedAttentionWorkspace::with_partition_size(&device, 3, 8, 64, bound, partition).unwrap();
+        paged_attention_v2(&device, &mut out, &dev.args(), &mut ws).unwrap();
+        let got = out.to_cpu().unwrap().to_f64_vec();
+        // The grid covers ceil(bound / partition) partitions; seq 2 (2000 tokens) does not fit.
+        let what = format!("{c}, workspace max_seq_len {bound}, partitions of {partition}");
+        assert!(seq_rows(&got, 3, 2).iter().all(|v| v.is_nan()), "{what}: sequence 2 is not all NaN");
+        for s in 0..2 {
+            assert_matches(seq_rows(&got, 3, s), seq_rows(&want, 3, s), c.dtype, &format!("{what}: sequence {s}"));
+        }
+        match common::gpu_of(&mut device).check_status() {
+            Err(Error::DeviceData { flags }) => assert_eq!(flags, status::BAD_SEQ_LEN, "{what}: flags {flags:#x}"),
+            other => panic!("{what}: expected BAD_SEQ_LEN, got {other:?}"),
+        }
+    }
 }

@@ -2,11 +2,14 @@
 
 use pagedattn::layout::DType;
 use pagedattn::testing::{Case, Inputs, Rng};
-use pagedattn::{Device, Error, PagedAttentionArgs, ScalarType, Tensor, paged_attention_v1};
+use pagedattn::{
+    Device, Error, PagedAttentionArgs, PagedAttentionWorkspace, ScalarType, Tensor, Version, choose_version, paged_attention,
+    paged_attention_v1, paged_attention_v2,
+};
 
 use crate::common;
 
-const OP: &str = "paged_attention_v1";
+const OP: &str = "paged_attention";
 
 /// `expect_err!(result, Error::Variant { .. } => checks)`: the result is that error, then `checks`.
 macro_rules! expect_err {
@@ -155,7 +158,7 @@ fn unsupported_head_size() {
 fn unsupported_block_size() {
     let mut inp = base();
     let nb = num_blocks(&inp);
-    for bs in [12, 64, 1] {
+    for bs in [12, 48, 1, 512] {
         inp.key_cache = rand(ScalarType::F16, &[nb, NKV, HS / X, bs, X]);
         inp.value_cache = rand(ScalarType::F16, &[nb, NKV, HS, bs]);
         expect_err!(run(&inp), Error::Unsupported { op: OP, what: "block_size", got, supported } => {
@@ -450,7 +453,14 @@ fn random_bad_inputs_never_panic() {
             scale,
             alibi_slopes: alibi.as_ref(),
         };
-        match paged_attention_v1(&Device::Cpu, &mut out, &args) {
+        let v2 = rng.below(2) == 0;
+        let res = if v2 {
+            PagedAttentionWorkspace::new(&Device::Cpu, lns, nh, hs, m * bs)
+                .and_then(|mut ws| paged_attention_v2(&Device::Cpu, &mut out, &args, &mut ws))
+        } else {
+            paged_attention_v1(&Device::Cpu, &mut out, &args)
+        };
+        match res {
             Ok(()) => {
                 accepted += 1;
                 assert!(out.to_f64_vec().iter().all(|v| v.is_finite()), "accepted arguments gave a non-finite output: {d:?} {dt:?}");
@@ -464,6 +474,68 @@ fn random_bad_inputs_never_panic() {
     }
     // Both paths were exercised.
     assert!(accepted > 20 && rejected > 100, "accepted {accepted}, rejected {rejected}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// v2's workspace and the automatic choice
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn workspace_bounds_are_enforced() {
+    let inp = base();
+    let mut out = Tensor::nan(inp.query.dtype(), inp.query.shape());
+    // Lengths are 5, 20, 0: a bound of 19 rejects sequence 1 (host data), for v2 and for v1 through `paged_attention`.
+    let mut ws = PagedAttentionWorkspace::new(&Device::Cpu, NS, NH, HS, 19).unwrap();
+    expect_err!(paged_attention_v2(&Device::Cpu, &mut out, &inp.args(), &mut ws), Error::HostData { op: OP, what } => {
+        assert!(what.contains("seq_lens[1] = 20") && what.contains("max_seq_len 19"), "{what}");
+    });
+    expect_err!(paged_attention(&Device::Cpu, &mut out, &inp.args(), &mut ws, Version::V1), Error::HostData { .. });
+    // Too few sequences x heads, or a smaller head size.
+    for (seqs, heads, hs) in [(NS - 1, NH, HS), (NS, NH - 1, HS), (NS, NH, HS / 2)] {
+        let mut ws = PagedAttentionWorkspace::new(&Device::Cpu, seqs, heads, hs, 64).unwrap();
+        expect_err!(paged_attention_v2(&Device::Cpu, &mut out, &inp.args(), &mut ws), Error::Value { op: OP, what: "workspace", .. });
+    }
+    // Enough: larger bounds in every direction.
+    let mut ws = PagedAttentionWorkspace::new(&Device::Cpu, NS + 5, NH, 256, 100_000).unwrap();
+    paged_attention_v2(&Device::Cpu, &mut out, &inp.args(), &mut ws).unwrap();
+    assert!(out.to_f64_vec().iter().all(|v| v.is_finite()));
+}
+
+#[test]
+fn workspace_rejects_bad_partitions() {
+    for p in [0, 16, 48, 100] {
+        expect_err!(
+            PagedAttentionWorkspace::with_partition_size(&Device::Cpu, 1, 1, 64, 1000, p),
+            Error::Value { what: "partition_size", .. }
+        );
+    }
+    // More partitions than the reduce can weigh.
+    expect_err!(
+        PagedAttentionWorkspace::with_partition_size(&Device::Cpu, 1, 1, 64, 1 << 30, 32),
+        Error::Value { what: "max_seq_len", .. }
+    );
+    expect_err!(PagedAttentionWorkspace::new(&Device::Cpu, usize::MAX, 2, 64, 1000), Error::Value { .. });
+    let ws = PagedAttentionWorkspace::new(&Device::Cpu, 4, 8, 128, 1025).unwrap();
+    assert_eq!((ws.partition_size(), ws.max_num_partitions(), ws.max_seq_len()), (512, 3, 1025));
+    assert_eq!(PagedAttentionWorkspace::size_bytes(4, 8, 128, 1025), 4 * 4 * 8 * 3 * 130);
+}
+
+#[test]
+fn automatic_choice_follows_the_bounds() {
+    // One partition: v1 whatever the grid. Longer: v1 only when its CTAs fill 1.5x the SMs.
+    assert_eq!(choose_version(512, 1, 132), Version::V1);
+    assert_eq!(choose_version(513, 1, 132), Version::V2);
+    assert_eq!(choose_version(100_000, 197, 132), Version::V2);
+    assert_eq!(choose_version(100_000, 198, 132), Version::V1);
+    assert_eq!(choose_version(4096, 128, 132), Version::V2);
+    assert_eq!(choose_version(4096, 128, 80), Version::V1);
+    let inp = base();
+    let mut out = Tensor::nan(inp.query.dtype(), inp.query.shape());
+    let mut ws = PagedAttentionWorkspace::new(&Device::Cpu, NS, NH, HS, 20).unwrap();
+    assert_eq!(paged_attention(&Device::Cpu, &mut out, &inp.args(), &mut ws, Version::Auto).unwrap(), Version::V1);
+    let mut ws = PagedAttentionWorkspace::new(&Device::Cpu, NS, NH, HS, 20_000).unwrap();
+    assert_eq!(paged_attention(&Device::Cpu, &mut out, &inp.args(), &mut ws, Version::Auto).unwrap(), Version::V2);
+    assert_eq!(paged_attention(&Device::Cpu, &mut out, &inp.args(), &mut ws, Version::V1).unwrap(), Version::V1);
 }
 
 // ---------------------------------------------------------------------------------------------

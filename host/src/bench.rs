@@ -1,4 +1,5 @@
-//! Decode benchmark harness (used by `pagedattn bench`): `paged_attention_v1` over device-filled
+//! Decode benchmark harness (used by `pagedattn bench`): paged attention (v1, v2 or the automatic
+//! choice) over device-filled
 //! caches, timed with CUDA events with a cold (L2 flushed) and a hot L2, compared with two bandwidth
 //! ceilings measured on the same device, and spot-checked against a float64 host reference.
 //!
@@ -11,7 +12,7 @@ use serde::Serialize;
 
 use crate::device::{Device, Gpu};
 use crate::error::{Error, Result};
-use crate::paged_attention::{PagedAttentionArgs, paged_attention_v1};
+use crate::paged_attention::{PagedAttentionArgs, PagedAttentionWorkspace, Version, paged_attention};
 use crate::tensor::{ScalarType, Tensor};
 use crate::testing::{Rng, compare, tolerance};
 use crate::util::{fill_uniform, host_uniform, stream_read, stream_read_out_len};
@@ -29,6 +30,9 @@ pub struct Config {
     pub num_kv_heads: usize,
     pub head_size: usize,
     pub block_size: usize,
+    /// Each point is measured once per version (v2 and auto with a workspace bounded by the context).
+    #[serde(serialize_with = "ser_versions")]
+    pub versions: Vec<Version>,
     pub iters: usize,
     pub warmup: usize,
     /// Points whose KV cache is larger are skipped.
@@ -52,6 +56,9 @@ pub struct Ceilings {
 /// Figures of one measured point. Rates use the median time.
 #[derive(Clone, Debug, Serialize)]
 pub struct Measurement {
+    /// The kernel that ran (v1 or v2; the automatic choice resolved).
+    #[serde(serialize_with = "ser_version")]
+    pub ran: Version,
     /// K and V bytes the sequences' tokens occupy, plus query and output.
     pub bytes: u64,
     pub cold_us: f64,
@@ -79,6 +86,9 @@ pub struct Point {
     pub dtype: DType,
     pub batch: usize,
     pub context: usize,
+    /// The version asked for.
+    #[serde(serialize_with = "ser_version")]
+    pub version: Version,
     /// Bytes of the allocated K and V caches.
     pub kv_bytes: u64,
     pub skipped: Option<String>,
@@ -103,13 +113,21 @@ pub enum Progress<'a> {
     /// Ceilings known; `points` points follow.
     Ready { ceilings: &'a Ceilings, points: usize },
     /// Point `index` starts.
-    Start { index: usize, dtype: DType, batch: usize, context: usize },
+    Start { index: usize, dtype: DType, batch: usize, context: usize, version: Version },
     /// Point `index` is done (measured or skipped).
     Done { index: usize, point: &'a Point },
 }
 
 fn ser_dtype<S: serde::Serializer>(d: &DType, s: S) -> std::result::Result<S::Ok, S::Error> {
     s.serialize_str(d.name())
+}
+
+fn ser_version<S: serde::Serializer>(v: &Version, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+fn ser_versions<S: serde::Serializer>(v: &[Version], s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.collect_seq(v.iter().map(|v| v.to_string()))
 }
 
 fn ser_dtypes<S: serde::Serializer>(d: &[DType], s: S) -> std::result::Result<S::Ok, S::Error> {
@@ -132,15 +150,17 @@ pub fn run(device: &Device, cfg: &Config, progress: &mut dyn FnMut(Progress)) ->
     for &dtype in &cfg.dtypes {
         for &batch in &cfg.batches {
             for &context in &cfg.contexts {
-                grid.push((dtype, batch, context));
+                for &version in &cfg.versions {
+                    grid.push((dtype, batch, context, version));
+                }
             }
         }
     }
     progress(Progress::Ready { ceilings: &ceilings, points: grid.len() });
     let mut points = Vec::with_capacity(grid.len());
-    for (index, &(dtype, batch, context)) in grid.iter().enumerate() {
-        progress(Progress::Start { index, dtype, batch, context });
-        let point = run_point(device, gpu, cfg, &ceilings, &mut flush, dtype, batch, context)?;
+    for (index, &(dtype, batch, context, version)) in grid.iter().enumerate() {
+        progress(Progress::Start { index, dtype, batch, context, version });
+        let point = run_point(device, gpu, cfg, &ceilings, &mut flush, dtype, batch, context, version)?;
         // Buffers were freed stream-ordered; wait so the next point's free-memory check sees it.
         gpu.synchronize()?;
         progress(Progress::Done { index, point: &point });
@@ -218,13 +238,14 @@ fn run_point(
     dtype: DType,
     batch: usize,
     context: usize,
+    version: Version,
 ) -> Result<Point> {
     let (nh, nkv, hs, bs) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_size, cfg.block_size);
     let es = dtype.size_bytes();
     let blocks_per_seq = context.div_ceil(bs).max(1);
     let num_blocks = batch * blocks_per_seq;
     let kv_bytes = (2 * num_blocks * nkv * hs * bs * es) as u64;
-    let mut point = Point { dtype, batch, context, kv_bytes, skipped: None, measured: None };
+    let mut point = Point { dtype, batch, context, version, kv_bytes, skipped: None, measured: None };
     let q_bytes = (batch * nh * hs * es) as u64;
     let tables = (batch * (blocks_per_seq + 1) * 4) as u64;
     let (free, _) = gpu.context().mem_get_info()?;
@@ -265,9 +286,16 @@ fn run_point(
     };
 
     let stream = gpu.stream();
-    time_each(gpu, cfg.warmup, || Ok(()), || paged_attention_v1(device, &mut out, &args))?;
-    let cold = time_each(gpu, cfg.iters, || Ok(stream.memset_zeros(flush)?), || paged_attention_v1(device, &mut out, &args))?;
-    let hot = time_each(gpu, cfg.iters, || Ok(()), || paged_attention_v1(device, &mut out, &args))?;
+    let mut ws = PagedAttentionWorkspace::new(device, batch, nh, hs, context)?;
+    let mut ran = version;
+    let mut op = || -> Result<()> {
+        ran = paged_attention(device, &mut out, &args, &mut ws, version)?;
+        Ok(())
+    };
+    time_each(gpu, cfg.warmup, || Ok(()), &mut op)?;
+    let cold = time_each(gpu, cfg.iters, || Ok(stream.memset_zeros(flush)?), &mut op)?;
+    let hot = time_each(gpu, cfg.iters, || Ok(()), &mut op)?;
+
     let (cold_ms, cold_min) = median_min(cold);
     let (hot_ms, hot_min) = median_min(hot);
     let bytes = (batch * context * nkv * hs * 2 * es) as u64 + 2 * q_bytes;
@@ -285,6 +313,7 @@ fn run_point(
     let tol = tolerance(dtype);
     let cold_gbps = gbps(bytes, cold_ms);
     point.measured = Some(Measurement {
+        ran,
         bytes,
         cold_us: cold_ms * 1e3,
         cold_min_us: cold_min * 1e3,

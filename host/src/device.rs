@@ -59,6 +59,8 @@ pub struct Gpu {
     stream: Arc<CudaStream>,
     /// Compute capability (major, minor).
     pub arch: (i32, i32),
+    /// Streaming multiprocessors (for launch heuristics such as the v1/v2 choice).
+    pub sm_count: usize,
     modules: [OnceLock<Arc<CudaModule>>; KernelFamily::ALL.len()],
     functions: Mutex<std::collections::HashMap<&'static str, CudaFunction>>,
     /// The status word kernels OR flags into (see `pagedattn_layout::status`).
@@ -90,8 +92,9 @@ impl Gpu {
     pub fn with_stream(stream: Arc<CudaStream>) -> Result<Gpu> {
         let ctx = stream.context().clone();
         let arch = ctx.compute_capability()?;
+        let sm_count = ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(1) as usize;
         let status = stream.alloc_zeros::<u32>(1)?;
-        Ok(Gpu { ctx, stream, arch, modules: Default::default(), functions: Mutex::new(Default::default()), status })
+        Ok(Gpu { ctx, stream, arch, sm_count, modules: Default::default(), functions: Mutex::new(Default::default()), status })
     }
 
     pub fn name(&self) -> String {

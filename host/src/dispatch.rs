@@ -57,6 +57,15 @@ pub fn paged_attention(dtype: DType, head_size: usize, block_size: usize) -> Res
     )
 }
 
+/// The symbol of the v2 reduce kernel for `dtype`.
+pub fn paged_attention_v2_reduce(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => pagedattn_layout::paged_attention_v2_reduce_symbol!("f32"),
+        DType::F16 => pagedattn_layout::paged_attention_v2_reduce_symbol!("f16"),
+        DType::BF16 => pagedattn_layout::paged_attention_v2_reduce_symbol!("bf16"),
+    }
+}
+
 /// The symbol of `reshape_and_cache_<dtype>` (or `reshape_and_cache_flash_<dtype>` when `flash`).
 pub fn cache_symbol(dtype: DType, flash: bool) -> Result<&'static str> {
     macro_rules! arm {

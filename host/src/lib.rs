@@ -8,7 +8,8 @@
 //!    [`Tensor::select`] and [`Tensor::view`] make views that share one storage (vLLM's combined KV
 //!    cache); [`Gpu::pinned`] / [`Tensor::to_pinned`] put a tensor in page-locked host memory.
 //! 3. Call an op, e.g. [`reshape_and_cache`] to write keys and values into the paged cache, then
-//!    [`paged_attention_v1`]; on the GPU each is queued on the device's stream.
+//!    [`paged_attention`] (v1 or v2, chosen from bounds you fix); on the GPU each is queued on the
+//!    device's stream.
 //! 4. Read results with [`Tensor::to_cpu`]; check device-side guards with [`Gpu::check_status`].
 //!
 //! ```
@@ -53,7 +54,9 @@ pub mod util;
 pub use cache::{copy_blocks, reshape_and_cache, reshape_and_cache_flash, swap_blocks};
 pub use device::{Device, Gpu};
 pub use error::{Error, Result};
-pub use paged_attention::{PagedAttentionArgs, paged_attention_v1};
+pub use paged_attention::{
+    PagedAttentionArgs, PagedAttentionWorkspace, Version, choose_version, paged_attention, paged_attention_v1, paged_attention_v2,
+};
 pub use tensor::{ScalarType, Storage, Tensor};
 
 /// The types shared with the kernels (params, layouts, variant lists).

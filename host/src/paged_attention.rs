@@ -1,19 +1,25 @@
-//! `paged_attention_v1`: vLLM's decode attention over a paged KV cache.
+//! vLLM's decode attention over a paged KV cache: `paged_attention_v1`, `paged_attention_v2` and
+//! [`paged_attention`], which picks one of them from caller-fixed bounds.
 //!
-//! Kernel: `kernels-gpu/src/paged_attention.rs`; CPU reference: `cpu/paged_attention.rs`;
-//! tests: `tests/paged_attention.rs`. Layouts: `pagedattn_layout::paged_attention`.
+//! Kernel: `kernels-gpu/src/paged_attention.rs` (v1 and v2 share it; v2 adds a reduce); CPU
+//! reference: `cpu/paged_attention.rs`; tests: `tests/paged_attention.rs`. Layouts:
+//! `pagedattn_layout::paged_attention`.
 
 use cudarc::driver::LaunchConfig;
-use pagedattn_layout::{BLOCK_SIZES, DType, HEAD_SIZES, KernelFamily, PagedAttentionGeometry, PagedAttentionParams};
+use pagedattn_layout::paged_attention::reduce_smem_bytes;
+use pagedattn_layout::{
+    BLOCK_SIZES, DEFAULT_PARTITION_SIZE, DType, HEAD_SIZES, KernelFamily, PagedAttentionGeometry, PagedAttentionParams,
+    PagedAttentionReduceParams, REDUCE_THREADS,
+};
 
 use crate::device::{Device, Gpu};
 use crate::error::{Error, Result};
 use crate::tensor::{ScalarType, Tensor};
 use crate::{cpu, dispatch, launch};
 
-const OP: &str = "paged_attention_v1";
+const OP: &str = "paged_attention";
 
-/// Inputs of [`paged_attention_v1`] (vLLM's names).
+/// Inputs of the paged-attention ops (vLLM's names).
 pub struct PagedAttentionArgs<'a> {
     /// `[num_seqs, num_heads, head_size]`, dims contiguous.
     pub query: &'a Tensor,
@@ -52,18 +58,253 @@ pub struct Plan {
 /// head `h`, where `K_s`/`V_s` are the first `seq_lens[s]` tokens of the sequence's cache blocks (of
 /// KV head `h / (num_heads / num_kv_heads)`). A zero-length sequence gives zeros.
 ///
+/// v1: one CTA per (sequence, group of heads) walks the whole sequence. Best when there are many
+/// sequences; see [`paged_attention`] for the automatic choice.
+///
 /// `out` is `[num_seqs, num_heads, head_size]` of the query's dtype (any sequence/head strides).
 /// On the GPU the launch is asynchronous on the device's stream; device-side problems surface
 /// through [`Gpu::check_status`].
 pub fn paged_attention_v1(device: &Device, out: &mut Tensor, args: &PagedAttentionArgs) -> Result<()> {
+    run(device, out, args, None, Version::V1).map(drop)
+}
+
+/// The same result as [`paged_attention_v1`], with each sequence split into partitions of
+/// `workspace.partition_size()` tokens (vLLM: 512) that separate CTAs process in parallel, then a
+/// reduce kernel that combines their partial results. Best for few, long sequences.
+///
+/// The workspace bounds the call: `num_seqs * num_heads` and `head_size` within its sizes, and every
+/// sequence length at most its `max_seq_len` (host lengths are checked; a longer device length
+/// gives NaN and [`crate::layout::status::BAD_SEQ_LEN`]). The launch geometry depends only on the
+/// workspace and the shapes, so a captured CUDA graph stays valid as lengths grow up to the bound.
+pub fn paged_attention_v2(
+    device: &Device,
+    out: &mut Tensor,
+    args: &PagedAttentionArgs,
+    workspace: &mut PagedAttentionWorkspace,
+) -> Result<()> {
+    run(device, out, args, Some(workspace), Version::V2).map(drop)
+}
+
+/// Validates, resolves [`Version::Auto`], then runs v1 or v2 on the device. A workspace (required
+/// for v2) also bounds the lengths for v1.
+fn run(
+    device: &Device,
+    out: &mut Tensor,
+    args: &PagedAttentionArgs,
+    ws: Option<&mut PagedAttentionWorkspace>,
+    version: Version,
+) -> Result<Version> {
     let plan = validate(device, out, args)?;
+    if let Some(w) = &ws {
+        w.check(device, &plan, args)?;
+    }
+    let cap = plan.max_num_blocks_per_seq * plan.block_size;
+    let max_seq_len = ws.as_ref().map_or(cap, |w| w.max_seq_len.min(cap));
+    let version = match version {
+        Version::Auto => {
+            let geo = PagedAttentionGeometry::new(plan.dtype, plan.head_size, plan.block_size);
+            let ctas = plan.num_seqs * geo.head_groups(plan.num_heads, plan.num_kv_heads);
+            let sms = match device {
+                Device::Gpu(g) => g.sm_count,
+                Device::Cpu => NOMINAL_SMS,
+            };
+            choose_version(ws.as_ref().map_or(cap, |w| w.max_seq_len), ctas, sms)
+        }
+        v => v,
+    };
     if plan.num_seqs == 0 || plan.num_heads == 0 {
-        return Ok(());
+        return Ok(version);
     }
     match device {
-        Device::Cpu => cpu::paged_attention::run(&plan, out, args),
-        Device::Gpu(gpu) => launch_gpu(gpu, &plan, out, args),
+        Device::Cpu => cpu::paged_attention::run(&plan, out, args)?,
+        Device::Gpu(gpu) => launch_gpu(gpu, &plan, out, args, max_seq_len, if version == Version::V2 { ws } else { None })?,
     }
+    Ok(version)
+}
+
+/// Which kernel [`paged_attention`] runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Version {
+    /// [`choose_version`] from the workspace's `max_seq_len` bound, `num_seqs` and `num_heads`.
+    #[default]
+    Auto,
+    V1,
+    V2,
+}
+
+impl std::fmt::Display for Version {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Version::Auto => "auto",
+            Version::V1 => "v1",
+            Version::V2 => "v2",
+        })
+    }
+}
+
+impl std::str::FromStr for Version {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(Version::Auto),
+            "v1" => Ok(Version::V1),
+            "v2" => Ok(Version::V2),
+            _ => Err(format!("unknown version {s:?} (auto, v1 or v2)")),
+        }
+    }
+}
+
+/// SMs assumed by the automatic choice on the CPU backend (an H100's), so that the version it
+/// reports does not depend on the machine.
+const NOMINAL_SMS: usize = 132;
+
+/// The automatic choice between v1 and v2, from bounds the caller fixes (never from device data,
+/// so it is stable under graph capture): `max_seq_len` (the workspace's bound), `v1_ctas` (CTAs of
+/// a v1 launch: sequences × head groups, see [`PagedAttentionGeometry::head_groups`]) and the GPU's
+/// SM count.
+///
+/// v1 when a sequence fits one partition (v2 would do the same work plus a reduce), or when v1's
+/// CTAs fill the GPU (`v1_ctas >= 1.5 × SMs`); v2 otherwise. Measured on an H100 (132 SMs, 2 CTAs
+/// of the decode kernel per SM): v1 wins from about 200 CTAs at every length up to 32k (by 10–15%
+/// at 256 CTAs), v2 below (by 25% at 128 CTAs, 3–15× for one to eight sequences). vLLM's rule
+/// (v1 iff `max_seq_len <= 8192` and `num_seqs × num_heads > 512`) picked v2 for 64 × 16k tokens,
+/// where v1 is 13% faster. Figures: RESULTS.md.
+pub fn choose_version(max_seq_len: usize, v1_ctas: usize, sm_count: usize) -> Version {
+    if max_seq_len <= DEFAULT_PARTITION_SIZE || 2 * v1_ctas >= 3 * sm_count { Version::V1 } else { Version::V2 }
+}
+
+/// v1 or v2 as `version` says ([`Version::Auto`]: [`choose_version`] with the workspace's
+/// `max_seq_len` and this call's sizes); returns the version that ran. The workspace's length
+/// bound holds for both, so they accept the same inputs.
+pub fn paged_attention(
+    device: &Device,
+    out: &mut Tensor,
+    args: &PagedAttentionArgs,
+    workspace: &mut PagedAttentionWorkspace,
+    version: Version,
+) -> Result<Version> {
+    run(device, out, args, Some(workspace), version)
+}
+
+/// v2's scratch buffers (f32), owned by the caller and sized from bounds: at most `max_num_seqs`
+/// sequences of `num_heads` heads of `head_size`, sequences of at most `max_seq_len` tokens, split
+/// into partitions of `partition_size` tokens. Reusable across calls and layers; on the CPU backend
+/// it holds only the bounds.
+pub struct PagedAttentionWorkspace {
+    max_num_seqs: usize,
+    num_heads: usize,
+    head_size: usize,
+    max_seq_len: usize,
+    partition_size: usize,
+    /// `(tmp_out, exp_sums, max_logits)` on the GPU.
+    buffers: Option<(Tensor, Tensor, Tensor)>,
+}
+
+impl PagedAttentionWorkspace {
+    /// A workspace with vLLM's partition size (512 tokens).
+    pub fn new(device: &Device, max_num_seqs: usize, num_heads: usize, head_size: usize, max_seq_len: usize) -> Result<Self> {
+        Self::with_partition_size(device, max_num_seqs, num_heads, head_size, max_seq_len, DEFAULT_PARTITION_SIZE)
+    }
+
+    /// A workspace with `partition_size` tokens per partition (a positive multiple of 32).
+    pub fn with_partition_size(
+        device: &Device,
+        max_num_seqs: usize,
+        num_heads: usize,
+        head_size: usize,
+        max_seq_len: usize,
+        partition_size: usize,
+    ) -> Result<Self> {
+        let tile = PagedAttentionGeometry::TILE;
+        if partition_size == 0 || !partition_size.is_multiple_of(tile) || partition_size > i32::MAX as usize {
+            return Err(Error::Value {
+                op: OP,
+                what: "partition_size",
+                got: partition_size.to_string(),
+                why: format!("must be a positive multiple of {tile}"),
+            });
+        }
+        let parts = max_seq_len.div_ceil(partition_size).max(1);
+        let max_parts = max_reduce_partitions();
+        if parts > max_parts || max_seq_len > i32::MAX as usize {
+            return Err(Error::Value {
+                op: OP,
+                what: "max_seq_len",
+                got: max_seq_len.to_string(),
+                why: format!("at most {max_parts} partitions of {partition_size} tokens"),
+            });
+        }
+        let (rows, ok) = max_num_seqs.overflowing_mul(num_heads);
+        let elems = rows.checked_mul(parts).and_then(|n| n.checked_mul(head_size));
+        let Some(elems) = elems.filter(|_| !ok) else {
+            return Err(Error::Value { op: OP, what: "workspace size", got: "overflow".into(), why: "bounds too large".into() });
+        };
+        let buffers = match device {
+            Device::Cpu => None,
+            Device::Gpu(g) => Some((
+                g.zeros(ScalarType::F32, &[elems.max(1)])?,
+                g.zeros(ScalarType::F32, &[(rows * parts).max(1)])?,
+                g.zeros(ScalarType::F32, &[(rows * parts).max(1)])?,
+            )),
+        };
+        Ok(PagedAttentionWorkspace { max_num_seqs, num_heads, head_size, max_seq_len, partition_size, buffers })
+    }
+
+    /// Device bytes a workspace with these bounds takes (vLLM's partition size).
+    pub fn size_bytes(max_num_seqs: usize, num_heads: usize, head_size: usize, max_seq_len: usize) -> usize {
+        let parts = max_seq_len.div_ceil(DEFAULT_PARTITION_SIZE).max(1);
+        4 * max_num_seqs * num_heads * parts * (head_size + 2)
+    }
+
+    pub fn max_seq_len(&self) -> usize {
+        self.max_seq_len
+    }
+
+    pub fn partition_size(&self) -> usize {
+        self.partition_size
+    }
+
+    /// Partitions per (sequence, head): the v2 grid's z extent.
+    pub fn max_num_partitions(&self) -> usize {
+        self.max_seq_len.div_ceil(self.partition_size).max(1)
+    }
+
+    /// The call fits the bounds, lives on the workspace's device, and host lengths respect
+    /// `max_seq_len`.
+    fn check(&self, device: &Device, plan: &Plan, args: &PagedAttentionArgs) -> Result<()> {
+        if self.buffers.is_some() != matches!(device, Device::Gpu(_)) {
+            let got = if self.buffers.is_some() { "GPU" } else { "CPU" };
+            return Err(Error::Device { op: OP, tensor: "workspace", got, expected: if got == "GPU" { "CPU" } else { "GPU" } });
+        }
+        if plan.num_seqs * plan.num_heads > self.max_num_seqs * self.num_heads || plan.head_size > self.head_size {
+            return Err(Error::Value {
+                op: OP,
+                what: "workspace",
+                got: format!("sized for {} seqs x {} heads x head_size {}", self.max_num_seqs, self.num_heads, self.head_size),
+                why: format!("the call has {} seqs x {} heads x head_size {}", plan.num_seqs, plan.num_heads, plan.head_size),
+            });
+        }
+        if args.seq_lens.is_cpu() {
+            for (s, len) in args.seq_lens.to_i32_vec().into_iter().enumerate() {
+                if len as usize > self.max_seq_len {
+                    return Err(Error::HostData {
+                        op: OP,
+                        what: format!("seq_lens[{s}] = {len} exceeds the workspace's max_seq_len {}", self.max_seq_len),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Partitions the reduce's shared memory (48 KiB without opt-in) can weigh.
+fn max_reduce_partitions() -> usize {
+    let mut n = 48 * 1024 / 4;
+    while reduce_smem_bytes(n) > 48 * 1024 {
+        n -= 1;
+    }
+    n.min(65535)
 }
 
 fn shape_err(tensor: &'static str, t: &Tensor, expected: String) -> Error {
@@ -193,7 +434,7 @@ pub fn validate(device: &Device, out: &Tensor, a: &PagedAttentionArgs) -> Result
         });
     }
     let geo = PagedAttentionGeometry::new(dtype, head_size, block_size);
-    if geo.head_groups(num_heads, num_kv_heads) > 65535 {
+    if num_heads > 65535 || geo.head_groups(num_heads, num_kv_heads) > 65535 {
         return Err(Error::Value {
             op: OP,
             what: "num_heads",
@@ -257,7 +498,14 @@ pub fn check_tables(plan: &Plan, block_tables: &[i32], seq_lens: &[i32]) -> Resu
     Ok(())
 }
 
-fn launch_gpu(gpu: &Gpu, plan: &Plan, out: &mut Tensor, a: &PagedAttentionArgs) -> Result<()> {
+fn launch_gpu(
+    gpu: &Gpu,
+    plan: &Plan,
+    out: &mut Tensor,
+    a: &PagedAttentionArgs,
+    max_seq_len: usize,
+    ws: Option<&mut PagedAttentionWorkspace>,
+) -> Result<()> {
     let variant = dispatch::paged_attention(plan.dtype, plan.head_size, plan.block_size)?;
     // Host-resident tables were checked in `validate`; copy them (freed stream-ordered after the kernel).
     let bt_dev;
@@ -275,6 +523,13 @@ fn launch_gpu(gpu: &Gpu, plan: &Plan, out: &mut Tensor, a: &PagedAttentionArgs) 
         a.seq_lens
     };
     let ptr = |t: &Tensor| t.device_ptr().expect("validated: on the GPU");
+    let (tmp_out, exp_sums, max_logits, partition_size, parts) = match &ws {
+        Some(w) => {
+            let (t, e, m) = w.buffers.as_ref().expect("checked: a GPU workspace");
+            (ptr(t), ptr(e), ptr(m), w.partition_size, w.max_num_partitions())
+        }
+        None => (0, 0, 0, 0, 1),
+    };
     let params = PagedAttentionParams {
         out: ptr(out),
         query: ptr(a.query),
@@ -284,6 +539,11 @@ fn launch_gpu(gpu: &Gpu, plan: &Plan, out: &mut Tensor, a: &PagedAttentionArgs) 
         seq_lens: ptr(sl),
         maybe_alibi_slopes: a.alibi_slopes.map(ptr).unwrap_or(0),
         maybe_status: gpu.status_ptr(),
+        tmp_out,
+        exp_sums,
+        max_logits,
+        partition_size: partition_size as u32,
+        max_num_partitions: parts as u32,
         num_seqs: plan.num_seqs as u32,
         num_heads: plan.num_heads as u32,
         num_kv_heads: plan.num_kv_heads as u32,
@@ -297,18 +557,46 @@ fn launch_gpu(gpu: &Gpu, plan: &Plan, out: &mut Tensor, a: &PagedAttentionArgs) 
         kv_block_stride: a.key_cache.strides()[0] as u32,
         kv_head_stride: a.key_cache.strides()[1] as u32,
         scale_log2: a.scale * std::f32::consts::LOG2_E,
-        _pad: 0,
+        max_seq_len: max_seq_len as u32,
     };
     let geo = PagedAttentionGeometry::new(plan.dtype, plan.head_size, plan.block_size);
     let cfg = LaunchConfig {
-        grid_dim: (plan.num_seqs as u32, geo.head_groups(plan.num_heads, plan.num_kv_heads) as u32, 1),
+        grid_dim: (plan.num_seqs as u32, geo.head_groups(plan.num_heads, plan.num_kv_heads) as u32, parts as u32),
         block_dim: (PagedAttentionGeometry::NUM_THREADS as u32, 1, 1),
         shared_mem_bytes: geo.smem_bytes() as u32,
     };
     log::debug!("{}: grid {:?}, {} threads, {} B shared", variant.symbol, cfg.grid_dim, cfg.block_dim.0, cfg.shared_mem_bytes);
     let func = gpu.function(KernelFamily::PagedAttention, variant.symbol)?;
     // SAFETY: `PagedAttentionParams` is the kernel's parameter type; `validate` checked every shape,
-    // stride, dtype and size the kernel addresses with, and the tables' device copies live until the
-    // stream-ordered free after the kernel; device-side indices are guarded in the kernel.
-    unsafe { launch::launch(gpu.stream(), &func, cfg, &params) }
+    // stride, dtype and size the kernel addresses with, the workspace check sized the v2 buffers for
+    // `num_seqs x num_heads x max_num_partitions x head_size`, and the tables' device copies live
+    // until the stream-ordered free after the kernel; device-side indices are guarded in the kernel.
+    unsafe { launch::launch(gpu.stream(), &func, cfg, &params) }?;
+    if partition_size == 0 {
+        return Ok(());
+    }
+    let reduce = PagedAttentionReduceParams {
+        out: params.out,
+        tmp_out,
+        exp_sums,
+        max_logits,
+        seq_lens: params.seq_lens,
+        num_heads: params.num_heads,
+        head_size: plan.head_size as u32,
+        partition_size: partition_size as u32,
+        max_num_partitions: parts as u32,
+        max_seq_len: max_seq_len as u32,
+        out_stride_seq: params.out_stride_seq,
+        out_stride_head: params.out_stride_head,
+        _pad: 0,
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (plan.num_seqs as u32, plan.num_heads as u32, 1),
+        block_dim: (REDUCE_THREADS as u32, 1, 1),
+        shared_mem_bytes: reduce_smem_bytes(parts) as u32,
+    };
+    let func = gpu.function(KernelFamily::PagedAttention, dispatch::paged_attention_v2_reduce(plan.dtype))?;
+    // SAFETY: the reduce's params type; it reads the workspace rows the partition kernel wrote (same
+    // bounds), lengths as checked above, and writes the validated output.
+    unsafe { launch::launch(gpu.stream(), &func, cfg, &reduce) }
 }

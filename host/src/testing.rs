@@ -5,7 +5,7 @@ use pagedattn_layout::DType;
 
 use crate::device::Device;
 use crate::error::Result;
-use crate::paged_attention::{PagedAttentionArgs, paged_attention_v1, validate};
+use crate::paged_attention::{PagedAttentionArgs, PagedAttentionWorkspace, Version, paged_attention, validate};
 use crate::tensor::Tensor;
 
 /// A small deterministic RNG (xorshift64*), so cases are reproducible from their seed.
@@ -51,7 +51,7 @@ pub fn tolerance(dtype: DType) -> f64 {
     }
 }
 
-/// One `paged_attention_v1` test case.
+/// One paged-attention test case.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Case {
     pub dtype: DType,
@@ -207,12 +207,15 @@ pub fn compare(got: &[f64], want: &[f64]) -> Errors {
     Errors { rel_l2, max_abs, non_finite }
 }
 
-/// Runs `case` on `device` (output NaN-poisoned first) and compares with the f64 reference.
-pub fn check_case(device: &Device, case: &Case) -> Result<Errors> {
+/// Runs `case` on `device` with `version` (output NaN-poisoned first; v2 with a workspace bounded
+/// by the case's longest sequence) and compares with the f64 reference.
+pub fn check_case(device: &Device, case: &Case, version: Version) -> Result<Errors> {
     let host = case.inputs()?;
     let dev = host.upload(device)?;
     let mut out = device.nan(host.query.dtype(), host.query.shape())?;
-    paged_attention_v1(device, &mut out, &dev.args())?;
+    let max_len = case.seq_lens.iter().copied().max().unwrap_or(0);
+    let mut ws = PagedAttentionWorkspace::new(device, case.seq_lens.len(), case.num_heads, case.head_size, max_len)?;
+    paged_attention(device, &mut out, &dev.args(), &mut ws, version)?;
     if let Device::Gpu(g) = device {
         g.synchronize()?;
     }

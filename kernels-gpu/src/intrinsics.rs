@@ -45,6 +45,13 @@ pub fn block_idx_y() -> usize {
     unsafe { nvptx::_block_idx_y() as usize }
 }
 
+/// `blockIdx.z`.
+#[inline(always)]
+pub fn block_idx_z() -> usize {
+    // SAFETY: reads a special register.
+    unsafe { nvptx::_block_idx_z() as usize }
+}
+
 /// `blockDim.x`.
 #[inline(always)]
 pub fn block_dim_x() -> usize {

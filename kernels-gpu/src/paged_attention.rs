@@ -1,15 +1,21 @@
-//! vLLM's `paged_attention_v1`: single-query (decode) attention over a paged KV cache.
+//! vLLM's `paged_attention_v1` and `paged_attention_v2`: single-query (decode) attention over a paged
+//! KV cache. v1 and v2 share one kernel (`paged_attention`); v2 adds `paged_attention_v2_reduce`.
 //!
 //! Buffers (shapes in elements; see `pagedattn_layout::paged_attention` for strides):
 //! - `out`, `query`: `[num_seqs, num_heads, HEAD_SIZE]`;
 //! - `key_cache`: `[num_blocks, num_kv_heads, HEAD_SIZE / x, BLOCK_SIZE, x]`, `x = 16 B / element`;
 //! - `value_cache`: `[num_blocks, num_kv_heads, HEAD_SIZE, BLOCK_SIZE]`;
 //! - `block_tables`: `[num_seqs, max_num_blocks_per_seq]` i32; `seq_lens`: `[num_seqs]` i32;
-//! - `maybe_alibi_slopes`: `[num_heads]` f32 or null; `maybe_status`: `*mut u32` or null.
+//! - `maybe_alibi_slopes`: `[num_heads]` f32 or null; `maybe_status`: `*mut u32` or null;
+//! - v2 workspace: `tmp_out` f32 `[num_seqs, num_heads, max_num_partitions, HEAD_SIZE]`,
+//!   `exp_sums`, `max_logits` f32 `[num_seqs, num_heads, max_num_partitions]`.
 //!
-//! Grid `(num_seqs, head_groups)`, `NUM_THREADS` threads, `smem_bytes()` of dynamic shared memory
-//! (all from `PagedAttentionGeometry`). A CTA serves one sequence and up to `heads_per_cta` query
-//! heads that share one KV head, so each K/V element is read once for all of them, with 16-byte loads.
+//! Grid `(num_seqs, head_groups, 1)` for v1, `(num_seqs, head_groups, max_num_partitions)` for v2;
+//! `NUM_THREADS` threads, `smem_bytes()` of dynamic shared memory (all from `PagedAttentionGeometry`).
+//! A CTA serves one sequence (v1) or one partition of `partition_size` tokens of it (v2), for up to
+//! `heads_per_cta` query heads that share one KV head, so each K/V element is read once for all of
+//! them, with 16-byte loads. A sequence that fits one partition is finished by partition 0 as in v1;
+//! longer ones leave per-partition results for the reduce.
 //!
 //! Thread mapping: each warp walks tiles of 32 tokens (tile `w`, `w + NUM_WARPS`, ...), keeping an
 //! online softmax (running max `m`, sum `l`, output `acc`) per head, in the log2 domain:
@@ -19,17 +25,18 @@
 //!   `j = i % CT` (`x` consecutive tokens, `CT = 32 / x` chunks per dim) of dims `i / CT + k * 32 / CT`,
 //!   so a warp's loads again cover contiguous spans, and the `CT` partial sums of a dim are combined
 //!   with shuffles once at the end;
-//! - the warps' states are merged through shared memory and the CTA writes the normalised output.
+//! - the warps' states are merged through shared memory and the CTA writes the normalised output
+//!   (or, for a v2 partition, the partial output, max and sum).
 //!
-//! Device-side data is guarded: a sequence length outside `0..=max_num_blocks_per_seq * BLOCK_SIZE`
-//! or a block id outside `0..num_blocks` is never used to address memory; the sequence's output is
-//! NaN and a flag is OR-ed into the status word.
+//! Device-side data is guarded: a sequence length outside `0..=max_seq_len` (at most
+//! `max_num_blocks_per_seq * BLOCK_SIZE`, and for v2 at most the workspace's bound) or a block id outside `0..num_blocks` is
+//! never used to address memory; the sequence's output is NaN and a flag is OR-ed into the status word.
 
 use crate::intrinsics::{
-    Chunk, Element, atomic_or, block_idx_x, block_idx_y, dynamic_smem, exp2, fma, fmax, load_chunk, shfl_xor, sync_threads, sync_warp,
-    thread_idx_x, warp_max, warp_sum,
+    Chunk, Element, atomic_or, block_idx_x, block_idx_y, block_idx_z, dynamic_smem, exp2, fma, fmax, load_chunk, shfl_xor, sync_threads,
+    sync_warp, thread_idx_x, warp_max, warp_sum,
 };
-use pagedattn_layout::{PagedAttentionGeometry as Geometry, PagedAttentionParams, status};
+use pagedattn_layout::{PagedAttentionGeometry as Geometry, PagedAttentionParams, PagedAttentionReduceParams, REDUCE_THREADS, status};
 
 const NUM_WARPS: usize = Geometry::NUM_WARPS;
 const NUM_THREADS: usize = Geometry::NUM_THREADS;
@@ -46,6 +53,8 @@ struct F32x4([f32; 4]);
 /// Per-CTA facts, computed once at kernel start (FlashAttention's `BlockInfo`).
 struct Cta {
     seq: usize,
+    /// Partition (v2; 0 for v1).
+    part: usize,
     kv_head: usize,
     /// First query head of this CTA, and how many it serves (`<= heads_per_cta`).
     head0: usize,
@@ -62,7 +71,7 @@ impl Cta {
         let head0 = kv_head * group + (hg % groups_per_kv) * heads_per_cta;
         let end = kv_head * group + group;
         let num_heads_here = if end - head0 < heads_per_cta { end - head0 } else { heads_per_cta };
-        Cta { seq: block_idx_x(), kv_head, head0, num_heads_here }
+        Cta { seq: block_idx_x(), part: block_idx_z(), kv_head, head0, num_heads_here }
     }
 
     /// `out[seq][head0 + g][d] = v` for every `(g, d)` of the CTA, `v(g, d)` from the closure.
@@ -101,7 +110,8 @@ pub unsafe fn paged_attention<T: Element, const HEAD_SIZE: usize, const BLOCK_SI
     let dims_per_pass = 32 / ct;
     let passes = HEAD_SIZE / dims_per_pass;
     const {
-        assert!(BLOCK_SIZE <= TILE && TILE.is_multiple_of(BLOCK_SIZE) && BLOCK_SIZE.is_multiple_of(T::X));
+        // A tile holds whole blocks, or lies inside one; value chunks never straddle blocks.
+        assert!((TILE.is_multiple_of(BLOCK_SIZE) || BLOCK_SIZE.is_multiple_of(TILE)) && BLOCK_SIZE.is_multiple_of(T::X));
         assert!(HEAD_SIZE.is_multiple_of(T::X) && HEAD_SIZE.is_multiple_of(32 / (TILE / T::X)));
         let g = Geometry::new(T::DTYPE, HEAD_SIZE, BLOCK_SIZE);
         assert!(g.heads_per_cta() <= MAX_HEADS);
@@ -114,7 +124,14 @@ pub unsafe fn paged_attention<T: Element, const HEAD_SIZE: usize, const BLOCK_SI
 
     // SAFETY: `seq < num_seqs` (grid), seq_lens has num_seqs entries (host-validated).
     let seq_len_raw = unsafe { *(p.seq_lens as *const i32).add(cta.seq) };
-    if seq_len_raw < 0 || seq_len_raw as usize > p.max_num_blocks_per_seq as usize * BLOCK_SIZE {
+    let psize = p.partition_size as usize;
+    // The host sets max_seq_len <= max_num_blocks_per_seq * BLOCK_SIZE (and, for v2, <=
+    // max_num_partitions * partition_size); the min keeps the table bound even if it did not.
+    let cap = (p.max_seq_len as usize).min(p.max_num_blocks_per_seq as usize * BLOCK_SIZE);
+    if seq_len_raw < 0 || seq_len_raw as usize > cap {
+        if cta.part != 0 {
+            return;
+        }
         if tid == 0 && p.maybe_status != 0 {
             // SAFETY: a non-null status pointer is a device u32 (host-provided).
             unsafe { atomic_or(p.maybe_status as *mut u32, status::BAD_SEQ_LEN) };
@@ -124,6 +141,12 @@ pub unsafe fn paged_attention<T: Element, const HEAD_SIZE: usize, const BLOCK_SI
         return;
     }
     let seq_len = seq_len_raw as usize;
+    // Tokens of this CTA: the whole sequence (v1, or v2 when it fits one partition), else one partition.
+    let whole = psize == 0 || seq_len <= psize;
+    let (t_begin, t_end) = if whole { (0, seq_len) } else { (cta.part * psize, seq_len.min(cta.part * psize + psize)) };
+    if (whole && cta.part != 0) || (!whole && t_begin >= t_end) {
+        return;
+    }
 
     let smem = dynamic_smem();
     // SAFETY: offsets inside the launch-sized carve-up of this variant's geometry (all shared-memory pointers below).
@@ -170,19 +193,20 @@ pub unsafe fn paged_attention<T: Element, const HEAD_SIZE: usize, const BLOCK_SI
     let mut l = [0f32; MAX_HEADS];
     let mut acc = [0f32; MAX_ACC];
     let mut bad = false;
-    let num_tiles = seq_len.div_ceil(TILE);
+    let tile_end = t_end.div_ceil(TILE);
     // SAFETY: this warp's slice of the p region `[NUM_WARPS, gh, TILE]`.
     let p_w = unsafe { p_s.add(warp * gh * TILE) };
 
-    let mut tile = warp;
-    while tile < num_tiles {
+    // Partitions are whole tiles (the host checks `partition_size % TILE == 0`).
+    let mut tile = t_begin / TILE + warp;
+    while tile < tile_end {
         let t0 = tile * TILE;
 
         // ---- q·k: lane owns token t0 + lane.
         let tok = t0 + lane;
         let mut s = [0f32; MAX_HEADS];
         let mut ok = false;
-        if tok < seq_len {
+        if tok < t_end {
             // SAFETY: tok < seq_len, so the block index is inside the sequence's table row.
             if let Some(phys) = unsafe { physical_block(p, cta.seq, tok / BLOCK_SIZE) } {
                 ok = true;
@@ -225,10 +249,10 @@ pub unsafe fn paged_attention<T: Element, const HEAD_SIZE: usize, const BLOCK_SI
         // ---- p·v: lane owns value chunk j of the tile (tokens t0 + j*x ..), dims lane / ct + k * dims_per_pass.
         let j = lane % ct;
         let ctok = t0 + j * x;
-        if ctok < seq_len {
-            // SAFETY: ctok < seq_len, inside the table row.
+        if ctok < t_end {
+            // SAFETY: ctok < t_end <= seq_len, inside the table row.
             if let Some(phys) = unsafe { physical_block(p, cta.seq, ctok / BLOCK_SIZE) } {
-                let nvalid = if seq_len - ctok < x { seq_len - ctok } else { x };
+                let nvalid = if t_end - ctok < x { t_end - ctok } else { x };
                 let mut pv = [[0f32; 8]; MAX_HEADS];
                 for g in 0..gh {
                     for e4 in 0..x / 4 {
@@ -299,28 +323,153 @@ pub unsafe fn paged_attention<T: Element, const HEAD_SIZE: usize, const BLOCK_SI
         // SAFETY: a non-null status pointer is a device u32.
         unsafe { atomic_or(p.maybe_status as *mut u32, status::BAD_BLOCK_ID) };
     }
-    // SAFETY: validated output; shared reads inside the carve-up.
-    unsafe {
-        cta.write_out::<T, HEAD_SIZE>(p, |g, d| {
-            if bad {
-                return f32::NAN;
-            }
+    // Merge the warps' states of head g: (max, sum) and, per dim, the output numerator.
+    let merged_ml = |g: usize| {
+        // SAFETY: reads inside the m and l regions of the carve-up, written before the barrier.
+        unsafe {
             let mut mx = f32::NEG_INFINITY;
             for w in 0..NUM_WARPS {
                 mx = fmax(mx, *m_s.add(w * gh + g));
             }
-            let (mut num, mut den) = (0f32, 0f32);
+            let mut den = 0f32;
             for w in 0..NUM_WARPS {
                 let mw = *m_s.add(w * gh + g);
                 if mw != f32::NEG_INFINITY {
-                    let f = exp2(mw - mx);
-                    den = fma(*l_s.add(w * gh + g), f, den);
-                    num = fma(*o_s.add((w * gh + g) * HEAD_SIZE + d), f, num);
+                    den = fma(*l_s.add(w * gh + g), exp2(mw - mx), den);
                 }
             }
-            if den > 0.0 { num / den } else { 0.0 }
-        })
+            (mx, den)
+        }
     };
+    let merged = |g: usize, d: usize| {
+        if bad {
+            return f32::NAN;
+        }
+        let (mx, den) = merged_ml(g);
+        let mut num = 0f32;
+        for w in 0..NUM_WARPS {
+            // SAFETY: the m region, written before the barrier.
+            let mw = unsafe { *m_s.add(w * gh + g) };
+            if mw != f32::NEG_INFINITY {
+                // SAFETY: the o region, written before the barrier.
+                num = fma(unsafe { *o_s.add((w * gh + g) * HEAD_SIZE + d) }, exp2(mw - mx), num);
+            }
+        }
+        if den > 0.0 { num / den } else { 0.0 }
+    };
+    if whole {
+        // SAFETY: validated output.
+        unsafe { cta.write_out::<T, HEAD_SIZE>(p, merged) };
+        return;
+    }
+    // v2 partition: normalised partial output, max and sum per head, for the reduce.
+    let parts = p.max_num_partitions as usize;
+    let row = |g: usize| (cta.seq * p.num_heads as usize + cta.head0 + g) * parts + cta.part;
+    let mut i = tid;
+    while i < cta.num_heads_here * HEAD_SIZE {
+        let (g, d) = (i / HEAD_SIZE, i % HEAD_SIZE);
+        // SAFETY: the host sized tmp_out for num_seqs x num_heads x max_num_partitions x HEAD_SIZE,
+        // and part < max_num_partitions (grid z).
+        unsafe { *(p.tmp_out as *mut f32).add(row(g) * HEAD_SIZE + d) = merged(g, d) };
+        i += NUM_THREADS;
+    }
+    if tid < cta.num_heads_here {
+        let (mx, den) = merged_ml(tid);
+        // SAFETY: as above, `[num_seqs, num_heads, max_num_partitions]`.
+        unsafe {
+            *(p.max_logits as *mut f32).add(row(tid)) = mx;
+            *(p.exp_sums as *mut f32).add(row(tid)) = if bad { f32::NAN } else { den };
+        }
+    }
+}
+
+/// v2's reduce: `out[seq][head] = sum_p w_p tmp_out[seq][head][p] / sum_p w_p` with
+/// `w_p = 2^(max_logits_p - max) * exp_sums_p` over the sequence's partitions. Grid
+/// `(num_seqs, num_heads)`, `REDUCE_THREADS` threads, `reduce_smem_bytes(max_num_partitions)`.
+/// A NaN sum (a partition that met a bad block id) makes the output NaN.
+///
+/// # Safety
+/// Launched after the partition kernel on the same workspace, with the geometry above.
+#[inline(always)]
+pub unsafe fn paged_attention_v2_reduce<T: Element>(r: &PagedAttentionReduceParams) {
+    const WARPS: usize = REDUCE_THREADS / 32;
+    let (seq, head, tid) = (block_idx_x(), block_idx_y(), thread_idx_x());
+    let (warp, lane) = (tid / 32, tid % 32);
+    // SAFETY: seq < num_seqs (grid); seq_lens has num_seqs entries.
+    let seq_len_raw = unsafe { *(r.seq_lens as *const i32).add(seq) };
+    if seq_len_raw < 0 || seq_len_raw as u32 > r.max_seq_len {
+        return; // flagged, and written as NaN, by partition 0
+    }
+    let psize = r.partition_size as usize;
+    let n = (seq_len_raw as usize).div_ceil(psize);
+    if n <= 1 {
+        return; // finished by the partition kernel
+    }
+    let head_size = r.head_size as usize;
+    let base = (seq * r.num_heads as usize + head) * r.max_num_partitions as usize;
+    let smem = dynamic_smem();
+    // SAFETY: weights `[max_num_partitions]`, then two `[WARPS]` reduction areas (reduce_smem_bytes).
+    let (w_s, red_max, red_sum) =
+        unsafe { (smem, smem.add(r.max_num_partitions as usize), smem.add(r.max_num_partitions as usize + WARPS)) };
+    let (max_logits, exp_sums) = (r.max_logits as *const f32, r.exp_sums as *const f32);
+
+    let mut mx = f32::NEG_INFINITY;
+    let mut i = tid;
+    while i < n {
+        // SAFETY: n <= max_num_partitions (the length was checked against it).
+        mx = fmax(mx, unsafe { *max_logits.add(base + i) });
+        i += REDUCE_THREADS;
+    }
+    mx = warp_max(mx);
+    if lane == 0 {
+        // SAFETY: red_max has WARPS words.
+        unsafe { *red_max.add(warp) = mx };
+    }
+    sync_threads();
+    let mut mx = f32::NEG_INFINITY;
+    for w in 0..WARPS {
+        // SAFETY: as above.
+        mx = fmax(mx, unsafe { *red_max.add(w) });
+    }
+
+    let mut sum = 0f32;
+    let mut i = tid;
+    while i < n {
+        // SAFETY: as above.
+        let (m, l) = unsafe { (*max_logits.add(base + i), *exp_sums.add(base + i)) };
+        let w = if m == f32::NEG_INFINITY { 0.0 * l } else { exp2(m - mx) * l };
+        // SAFETY: i < n <= max_num_partitions, the weights area.
+        unsafe { *w_s.add(i) = w };
+        sum += w;
+        i += REDUCE_THREADS;
+    }
+    sum = warp_sum(sum);
+    if lane == 0 {
+        // SAFETY: red_sum has WARPS words.
+        unsafe { *red_sum.add(warp) = sum };
+    }
+    sync_threads();
+    let mut sum = 0f32;
+    for w in 0..WARPS {
+        // SAFETY: as above.
+        sum += unsafe { *red_sum.add(w) };
+    }
+    let inv = 1.0 / sum;
+
+    let tmp = r.tmp_out as *const f32;
+    let out = r.out as *mut T;
+    let mut d = tid;
+    while d < head_size {
+        let mut acc = 0f32;
+        for i in 0..n {
+            // SAFETY: weights area; tmp_out row `base + i` < num_seqs * num_heads * max_num_partitions.
+            acc = fma(unsafe { *w_s.add(i) }, unsafe { *tmp.add((base + i) * head_size + d) }, acc);
+        }
+        let off = seq * r.out_stride_seq as usize + head * r.out_stride_head as usize + d;
+        // SAFETY: host-validated output shape and strides.
+        unsafe { *out.add(off) = T::from_f32(acc * inv) };
+        d += REDUCE_THREADS;
+    }
 }
 
 /// Element type of a `DType` variant name (as the variant list spells it).
@@ -353,5 +502,25 @@ macro_rules! export_paged_attention {
 }
 
 pagedattn_layout::for_each_paged_attention_variant!(export_paged_attention);
+
+macro_rules! export_reduce {
+    ($dt:ident, $dtn:literal) => {
+        const _: () = {
+            /// The v2 reduce for one dtype; see [`paged_attention_v2_reduce`].
+            ///
+            /// # Safety
+            /// Launched by the host after the partition kernel, on its workspace.
+            #[unsafe(export_name = pagedattn_layout::paged_attention_v2_reduce_symbol!($dtn))]
+            pub unsafe extern "ptx-kernel" fn kernel(r: PagedAttentionReduceParams) {
+                // SAFETY: forwarded from the entry point's contract.
+                unsafe { paged_attention_v2_reduce::<elem!($dt)>(&r) }
+            }
+        };
+    };
+}
+
+export_reduce!(F32, "f32");
+export_reduce!(F16, "f16");
+export_reduce!(BF16, "bf16");
 
 const _: () = assert!(core::mem::size_of::<Chunk>() == 16);

@@ -9,7 +9,7 @@ use std::sync::mpsc;
 
 use pagedattn::layout::DType;
 use pagedattn::testing::{self, Case, Errors, Inputs};
-use pagedattn::{Device, Error, Gpu, PagedAttentionArgs, ScalarType, Tensor, paged_attention_v1};
+use pagedattn::{Device, Error, Gpu, PagedAttentionArgs, PagedAttentionWorkspace, ScalarType, Tensor, Version, paged_attention};
 
 /// Set to `1` on a GPU machine to turn a missing GPU into a failure instead of a skip.
 pub const REQUIRE_GPU_ENV: &str = "PAGEDATTN_REQUIRE_GPU";
@@ -61,21 +61,58 @@ pub fn gpu_of(device: &mut Device) -> &mut Gpu {
     }
 }
 
-/// Runs the op on `device` into a NaN-poisoned contiguous output (inputs already on the device, or
-/// host tables) and returns the output as f64, row-major.
-pub fn run_op(device: &Device, args: &PagedAttentionArgs) -> pagedattn::Result<Vec<f64>> {
+/// How a test runs the op: v1, or v2 with a partition size (small ones make many partitions out of
+/// short sequences, so the reduce is exercised cheaply).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    V1,
+    V2(usize),
+}
+
+/// v1, v2 with vLLM's 512-token partitions, v2 with 32-token partitions (the smallest).
+pub const MODES: [Mode; 3] = [Mode::V1, Mode::V2(512), Mode::V2(32)];
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Mode::V1 => f.write_str("v1"),
+            Mode::V2(p) => write!(f, "v2/{p}"),
+        }
+    }
+}
+
+/// The longest host-known sequence length of `args` (0 when lengths are on the device).
+fn max_len_bound(args: &PagedAttentionArgs) -> usize {
+    if args.seq_lens.is_cpu() {
+        args.seq_lens.to_i32_vec().into_iter().max().unwrap_or(0).max(0) as usize
+    } else {
+        let bt = args.block_tables.shape();
+        bt[1] * args.key_cache.shape()[3]
+    }
+}
+
+/// Runs the op in `mode` on `device` into a NaN-poisoned contiguous output (inputs already on the
+/// device, or host tables) and returns the output as f64, row-major. v2's workspace is bounded by
+/// the longest host length (or the block table's capacity when lengths are device data).
+pub fn run_op(device: &Device, args: &PagedAttentionArgs, mode: Mode) -> pagedattn::Result<Vec<f64>> {
     let mut out = device.nan(args.query.dtype(), args.query.shape())?;
-    paged_attention_v1(device, &mut out, args)?;
+    let &[ns, nh, hs] = args.query.shape() else { panic!("query rank") };
+    let (version, psize) = match mode {
+        Mode::V1 => (Version::V1, 512),
+        Mode::V2(p) => (Version::V2, p),
+    };
+    let mut ws = PagedAttentionWorkspace::with_partition_size(device, ns, nh, hs, max_len_bound(args), psize)?;
+    paged_attention(device, &mut out, args, &mut ws, version)?;
     if let Device::Gpu(g) = device {
         g.synchronize()?;
     }
     Ok(out.to_cpu()?.to_f64_vec())
 }
 
-/// Copies host inputs to `device` and runs the op there (output NaN-poisoned).
-pub fn run_inputs(device: &Device, host: &Inputs) -> pagedattn::Result<Vec<f64>> {
+/// Copies host inputs to `device` and runs the op there in `mode` (output NaN-poisoned).
+pub fn run_inputs(device: &Device, host: &Inputs, mode: Mode) -> pagedattn::Result<Vec<f64>> {
     let dev = host.upload(device)?;
-    run_op(device, &dev.args())
+    run_op(device, &dev.args(), mode)
 }
 
 /// The float64 reference of host inputs, `[num_seqs, num_heads, head_size]` row-major.
@@ -106,13 +143,13 @@ pub fn assert_matches(got: &[f64], want: &[f64], dtype: DType, what: &str) -> Er
     e
 }
 
-/// Runs `case` on `device` and checks it against the reference (`testing::check_case`), panicking
-/// with the case on failure.
-pub fn check(device: &Device, case: &Case) -> Errors {
-    let e = testing::check_case(device, case).unwrap_or_else(|err| panic!("{case}: {err}"));
+/// Runs `case` on `device` with `version` and checks it against the reference
+/// (`testing::check_case`), panicking with the case on failure.
+pub fn check(device: &Device, case: &Case, version: Version) -> Errors {
+    let e = testing::check_case(device, case, version).unwrap_or_else(|err| panic!("{case} {version}: {err}"));
     assert!(
         e.passes(testing::tolerance(case.dtype)),
-        "{case} on {}: rel-L2 {:.3e} (tolerance {:.0e}), max |err| {:.3e}, {} non-finite",
+        "{case} {version} on {}: rel-L2 {:.3e} (tolerance {:.0e}), max |err| {:.3e}, {} non-finite",
         device.name(),
         e.rel_l2,
         testing::tolerance(case.dtype),

@@ -18,13 +18,15 @@ mod variants;
 
 pub use cache::{CopyBlocksParams, ReshapeAndCacheFlashParams, ReshapeAndCacheParams};
 pub use dtype::DType;
-pub use paged_attention::{PagedAttentionGeometry, PagedAttentionParams};
+pub use paged_attention::{
+    DEFAULT_PARTITION_SIZE, PagedAttentionGeometry, PagedAttentionParams, PagedAttentionReduceParams, REDUCE_THREADS,
+};
 pub use util::{FillParams, StreamReadParams};
 
 /// Head sizes with a compiled variant (vLLM's list).
 pub const HEAD_SIZES: &[usize] = &[32, 64, 80, 96, 112, 120, 128, 192, 256];
 /// Cache block sizes (tokens per block) with a compiled variant.
-pub const BLOCK_SIZES: &[usize] = &[8, 16, 32];
+pub const BLOCK_SIZES: &[usize] = &[8, 16, 32, 64, 128, 256];
 /// Element types with a compiled variant.
 pub const DTYPES: &[DType] = &[DType::F32, DType::F16, DType::BF16];
 /// GPU architectures the builder compiles for, lowest first. Cubins for `sm_80` also run on sm_86/sm_89.

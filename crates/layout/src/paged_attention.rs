@@ -10,10 +10,18 @@
 //!
 //! Token `t` of sequence `s` lives in physical block `block_tables[s][t / block_size]` at slot
 //! `t % block_size`.
+//!
+//! v1 and v2 run one kernel. With `partition_size == 0` (v1) a CTA covers a whole sequence and
+//! writes the normalised output. With `partition_size > 0` (v2) the grid's z axis splits each
+//! sequence into partitions of that many tokens: a sequence that fits one partition is still
+//! written directly by partition 0; a longer one leaves, per partition `p`, the partial output
+//! `tmp_out[s][h][p]` (normalised by its own sum), the running max `max_logits[s][h][p]` (log2
+//! domain) and the sum `exp_sums[s][h][p]`, which `paged_attention_v2_reduce` combines:
+//! `out = sum_p w_p tmp_out_p / sum_p w_p`, `w_p = 2^(m_p - max_q m_q) * l_p`.
 
 use crate::DType;
 
-/// Kernel parameters of `paged_attention_v1`, passed by value. Pointers are device addresses (`u64`),
+/// Kernel parameters of `paged_attention` (v1 and v2's partition kernel), passed by value. Pointers are device addresses (`u64`),
 /// strides are in elements.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -34,6 +42,17 @@ pub struct PagedAttentionParams {
     pub maybe_alibi_slopes: u64,
     /// `*mut u32` device status word (see [`crate::status`]), or 0 to report nothing.
     pub maybe_status: u64,
+    /// v2 only (0 for v1): f32 `[num_seqs, num_heads, max_num_partitions, head_size]` partial outputs.
+    pub tmp_out: u64,
+    /// v2 only: f32 `[num_seqs, num_heads, max_num_partitions]` partial sums of `2^(s - m)`.
+    pub exp_sums: u64,
+    /// v2 only: f32 `[num_seqs, num_heads, max_num_partitions]` partial maxima (log2 domain).
+    pub max_logits: u64,
+    /// Tokens per partition (a multiple of [`PagedAttentionGeometry::TILE`]), or 0 for v1.
+    pub partition_size: u32,
+    /// Partitions the workspace holds per (sequence, head) = the grid's z extent (v2); longer
+    /// sequences are a device-data error (`BAD_SEQ_LEN`).
+    pub max_num_partitions: u32,
     pub num_seqs: u32,
     pub num_heads: u32,
     pub num_kv_heads: u32,
@@ -49,10 +68,12 @@ pub struct PagedAttentionParams {
     pub kv_head_stride: u32,
     /// `softmax_scale * log2(e)`: the kernels work in the log2 domain (`ex2` instead of `exp`).
     pub scale_log2: f32,
-    pub _pad: u32,
+    /// Longest valid sequence: `max_num_blocks_per_seq * block_size`, or less when the caller
+    /// declared a smaller bound (v2's workspace); longer device lengths are `BAD_SEQ_LEN`.
+    pub max_seq_len: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<PagedAttentionParams>() == 8 * 8 + 14 * 4);
+const _: () = assert!(core::mem::size_of::<PagedAttentionParams>() == 11 * 8 + 16 * 4);
 const _: () = assert!(core::mem::align_of::<PagedAttentionParams>() == 8);
 
 impl PagedAttentionParams {
@@ -70,7 +91,46 @@ impl PagedAttentionParams {
     }
 }
 
-/// Launch geometry of `paged_attention_v1`, shared by the kernel (tile constants, shared-memory
+/// Parameters of `paged_attention_v2_reduce_<dtype>`: grid `(num_seqs, num_heads)`,
+/// [`REDUCE_THREADS`] threads, [`reduce_smem_bytes`] of dynamic shared memory. Sequences that fit
+/// one partition (or have a bad length) were finished by the partition kernel and are skipped.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PagedAttentionReduceParams {
+    /// `[num_seqs, num_heads, head_size]`, strides `out_stride_seq`, `out_stride_head`.
+    pub out: u64,
+    /// As in [`PagedAttentionParams`].
+    pub tmp_out: u64,
+    pub exp_sums: u64,
+    pub max_logits: u64,
+    /// `[num_seqs]` int32.
+    pub seq_lens: u64,
+    pub num_heads: u32,
+    pub head_size: u32,
+    pub partition_size: u32,
+    pub max_num_partitions: u32,
+    /// `min(max_num_blocks_per_seq * block_size, max_num_partitions * partition_size)`: longer or
+    /// negative lengths were flagged by the partition kernel, which also wrote the NaN output.
+    pub max_seq_len: u32,
+    pub out_stride_seq: u32,
+    pub out_stride_head: u32,
+    pub _pad: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<PagedAttentionReduceParams>() == 5 * 8 + 8 * 4);
+
+/// Threads per CTA of the v2 reduce.
+pub const REDUCE_THREADS: usize = 128;
+/// vLLM's partition size (tokens), the default of v2.
+pub const DEFAULT_PARTITION_SIZE: usize = 512;
+
+/// Dynamic shared memory of the v2 reduce: per-partition weights, then a word per warp for each
+/// of the two CTA-wide reductions (max, sum).
+pub const fn reduce_smem_bytes(max_num_partitions: usize) -> usize {
+    (max_num_partitions + 2 * (REDUCE_THREADS / 32)) * 4
+}
+
+/// Launch geometry of `paged_attention` (v1 and v2's partition kernel), shared by the kernel (tile constants, shared-memory
 /// carve-up) and the host (grid, block, dynamic shared memory).
 ///
 /// One CTA serves one sequence and `heads_per_cta` query heads of one KV head's group, so each K/V
@@ -162,6 +222,10 @@ mod tests {
             for &head_size in HEAD_SIZES {
                 for &block_size in BLOCK_SIZES {
                     let g = PagedAttentionGeometry::new(dtype, head_size, block_size);
+                    // A tile never straddles two blocks unevenly.
+                    let t = PagedAttentionGeometry::TILE;
+                    assert!(t.is_multiple_of(block_size) || block_size.is_multiple_of(t));
+                    assert_eq!(DEFAULT_PARTITION_SIZE % t, 0);
                     let h = g.heads_per_cta();
                     assert!((1..=PagedAttentionGeometry::MAX_HEADS_PER_CTA).contains(&h));
                     // p·v: lanes sharing a dim must tile the head exactly.

@@ -7,7 +7,7 @@
 //! The lists must match [`crate::HEAD_SIZES`], [`crate::BLOCK_SIZES`] and [`crate::DTYPES`]
 //! (checked by a test in the host crate).
 
-/// Symbol of one `paged_attention_v1` variant, e.g. `paged_attention_f16_h128_b16`.
+/// Symbol of one `paged_attention` variant, e.g. `paged_attention_f16_h128_b16`.
 #[macro_export]
 macro_rules! paged_attention_symbol {
     ($dtn:literal, $h:literal, $b:literal) => {
@@ -20,7 +20,7 @@ macro_rules! paged_attention_symbol {
 macro_rules! for_each_paged_attention_variant {
     ($cb:ident) => {
         $crate::__for_each_dtype!($cb; [(F32, "f32") (F16, "f16") (BF16, "bf16")];
-            [32 64 80 96 112 120 128 192 256]; [8 16 32]);
+            [32 64 80 96 112 120 128 192 256]; [8 16 32 64 128 256]);
     };
 }
 
@@ -45,6 +45,14 @@ macro_rules! __for_each_head {
 macro_rules! __for_each_block {
     ($cb:ident; $dt:ident, $dtn:literal, $h:literal; [$($b:literal)*]) => {
         $( $cb!($dt, $dtn, $h, $b); )*
+    };
+}
+
+/// Symbol of the v2 reduce for one dtype, e.g. `paged_attention_v2_reduce_f16`.
+#[macro_export]
+macro_rules! paged_attention_v2_reduce_symbol {
+    ($dtn:literal) => {
+        concat!("paged_attention_v2_reduce_", $dtn)
     };
 }
 

@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use pagedattn::layout::{BLOCK_SIZES, DType, HEAD_SIZES, KernelFamily, status};
 use pagedattn::paged_attention::validate;
 use pagedattn::testing::{self, Case, Inputs};
-use pagedattn::{Device, Error, Gpu, ScalarType, Tensor, bench, dispatch, paged_attention_v1, ptx};
+use pagedattn::{Device, Error, Gpu, ScalarType, Tensor, Version, bench, dispatch, paged_attention_v1, ptx};
 use safetensors::{Dtype, SafeTensorError, SafeTensors, tensor::TensorView};
 use serde::Serialize;
 use serde_json::json;
@@ -111,6 +111,9 @@ struct BenchArgs {
     head_size: usize,
     #[arg(long, default_value_t = 16)]
     block_size: usize,
+    /// Kernels to time at each point: v1, v2 (512-token partitions) and/or auto (the library's choice).
+    #[arg(long, value_delimiter = ',', default_value = "v1,v2,auto")]
+    version: Vec<pagedattn::Version>,
     /// Timed runs per point (cold and hot each).
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
     iters: u32,
@@ -654,7 +657,12 @@ fn failed(name: String, group: String, tolerance: f64, note: String) -> CaseResu
 fn verify(a: VerifyArgs) -> CliResult {
     let mut device = Device::Gpu(open_gpu("verify")?);
     let keep = |name: &str| a.filter.as_deref().is_none_or(|f| name.contains(f));
-    let cases: Vec<Case> = testing::grid(a.long).into_iter().filter(|c| keep(&c.to_string())).collect();
+    // The grid with v1 and with v2 (vLLM's 512-token partitions); `--filter v2` keeps one version.
+    let cases: Vec<(Case, Version)> = [Version::V1, Version::V2]
+        .into_iter()
+        .flat_map(|v| testing::grid(a.long).into_iter().map(move |c| (c, v)))
+        .filter(|(c, v)| keep(&format!("{v} {c}")))
+        .collect();
     let guards: Vec<Guard> = Guard::ALL.into_iter().filter(|g| keep(g.name())).collect();
     let total = cases.len() + guards.len();
     if total == 0 {
@@ -668,13 +676,15 @@ fn verify(a: VerifyArgs) -> CliResult {
         pb.inc(1);
         results.push(r);
     };
-    for case in &cases {
-        pb.set_message(case.to_string());
+    for (case, version) in &cases {
+        let name = format!("{version} {case}");
+        pb.set_message(name.clone());
         let tol = testing::tolerance(case.dtype);
-        let r = match testing::check_case(&device, case) {
+        let group = format!("{version} {}", case.dtype);
+        let r = match testing::check_case(&device, case, *version) {
             Ok(e) => CaseResult {
-                name: case.to_string(),
-                group: case.dtype.to_string(),
+                name,
+                group,
                 rel_l2: e.rel_l2,
                 max_abs: e.max_abs,
                 non_finite: e.non_finite,
@@ -682,7 +692,7 @@ fn verify(a: VerifyArgs) -> CliResult {
                 pass: e.passes(tol),
                 note: (e.non_finite > 0).then(|| format!("{} non-finite outputs", e.non_finite)),
             },
-            Err(e) => failed(case.to_string(), case.dtype.to_string(), tol, e.to_string()),
+            Err(e) => failed(name, group, tol, e.to_string()),
         };
         record(r, &pb);
     }
@@ -756,13 +766,14 @@ fn bench_cmd(a: BenchArgs) -> CliResult {
         num_kv_heads: a.num_kv_heads,
         head_size: a.head_size,
         block_size: a.block_size,
+        versions: a.version.clone(),
         iters: a.iters as usize,
         warmup: a.warmup as usize,
         max_kv_bytes: (a.max_kv_gib * (1u64 << 30) as f64) as u64,
         seed: a.seed,
     };
     println!(
-        "paged_attention_v1 decode on {}: {} heads / {} KV heads, head size {}, block size {}, {} timed runs after {} warm-up",
+        "paged attention decode on {}: {} heads / {} KV heads, head size {}, block size {}, {} timed runs after {} warm-up",
         device.name(),
         a.num_heads,
         a.num_kv_heads,
@@ -787,12 +798,14 @@ fn bench_cmd(a: BenchArgs) -> CliResult {
                     c.read_ms
                 );
                 println!(
-                    "{:<5} {:>6} {:>8} {:>10} {:>10} {:>10} {:>10} {:>7} {:>7} {:>9}",
-                    "dtype", "batch", "context", "KV MB", "cold µs", "hot µs", "cold GB/s", "% copy", "% read", "rel-L2"
+                    "{:<5} {:>6} {:>8} {:>7} {:>10} {:>10} {:>10} {:>10} {:>7} {:>7} {:>9}",
+                    "dtype", "batch", "context", "kernel", "KV MB", "cold µs", "hot µs", "cold GB/s", "% copy", "% read", "rel-L2"
                 );
             });
         }
-        bench::Progress::Start { dtype, batch, context, .. } => pb.set_message(format!("{dtype} batch {batch} context {context}")),
+        bench::Progress::Start { dtype, batch, context, version, .. } => {
+            pb.set_message(format!("{dtype} batch {batch} context {context} {version}"))
+        }
         bench::Progress::Done { point, .. } => {
             pb.suspend(|| println!("{}", bench_row(point)));
             pb.inc(1);
@@ -809,7 +822,7 @@ fn bench_cmd(a: BenchArgs) -> CliResult {
         .points
         .iter()
         .filter(|p| p.measured.as_ref().is_some_and(|m| !m.correct))
-        .map(|p| format!("{} batch {} context {}", p.dtype, p.batch, p.context))
+        .map(|p| format!("{} batch {} context {} {}", p.dtype, p.batch, p.context, p.version))
         .collect();
     if !bad.is_empty() {
         return Err(CliError::Failed(format!("spot check above tolerance: {}", bad.join("; "))));
@@ -818,7 +831,11 @@ fn bench_cmd(a: BenchArgs) -> CliResult {
 }
 
 fn bench_row(p: &bench::Point) -> String {
-    let head = format!("{:<5} {:>6} {:>8} {:>10.1}", p.dtype, p.batch, p.context, p.kv_bytes as f64 / 1e6);
+    let kernel = match (&p.measured, p.version) {
+        (Some(m), pagedattn::Version::Auto) => format!("auto={}", m.ran),
+        _ => p.version.to_string(),
+    };
+    let head = format!("{:<5} {:>6} {:>8} {:>7} {:>10.1}", p.dtype, p.batch, p.context, kernel, p.kv_bytes as f64 / 1e6);
     match (&p.measured, &p.skipped) {
         (Some(m), _) => format!(
             "{head} {:>10.1} {:>10.1} {:>10.0} {:>6.1}% {:>6.1}% {:>8.1e}{}",
