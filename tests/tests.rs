@@ -3,5 +3,6 @@
 //! `PAGEDATTN_REQUIRE_GPU=1` to make that a failure).
 #[macro_use]
 mod common;
+mod cache;
 mod paged_attention;
 mod validation;

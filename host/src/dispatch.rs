@@ -1,5 +1,6 @@
 //! The one place where runtime (dtype, head size, block size) becomes a compiled kernel: a table
-//! expanded from the same variant list as the kernels' entry points (`pagedattn-layout`).
+//! expanded from the same variant list as the kernels' entry points (`pagedattn-layout`), and the
+//! per-dtype cache kernels' symbols.
 
 use std::sync::OnceLock;
 
@@ -65,6 +66,28 @@ pub fn paged_attention_v2_reduce(dtype: DType) -> &'static str {
     }
 }
 
+/// The symbol of `reshape_and_cache_<dtype>` (or `reshape_and_cache_flash_<dtype>` when `flash`).
+pub fn cache_symbol(dtype: DType, flash: bool) -> Result<&'static str> {
+    macro_rules! arm {
+        ($dt:ident, $dtn:literal) => {
+            if dtype == DType::$dt {
+                return Ok(if flash {
+                    pagedattn_layout::cache_symbol!("reshape_and_cache_flash", $dtn)
+                } else {
+                    pagedattn_layout::cache_symbol!("reshape_and_cache", $dtn)
+                });
+            }
+        };
+    }
+    pagedattn_layout::for_each_cache_dtype!(arm);
+    Err(Error::Unsupported {
+        op: if flash { "reshape_and_cache_flash" } else { "reshape_and_cache" },
+        what: "dtype",
+        got: dtype.to_string(),
+        supported: "f32, f16, bf16".into(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -83,5 +106,13 @@ mod tests {
         }
         assert!(matches!(paged_attention(DType::F16, 48, 16), Err(Error::Unsupported { what: "head_size", .. })));
         assert!(matches!(paged_attention(DType::F16, 128, 12), Err(Error::Unsupported { what: "block_size", .. })));
+    }
+
+    #[test]
+    fn every_dtype_has_cache_kernels() {
+        for &d in DTYPES {
+            assert_eq!(cache_symbol(d, false).unwrap(), format!("reshape_and_cache_{d}"));
+            assert_eq!(cache_symbol(d, true).unwrap(), format!("reshape_and_cache_flash_{d}"));
+        }
     }
 }

@@ -7,8 +7,9 @@
 //! 2. Make tensors: [`Tensor::from_f32`] / [`Tensor::from_i32`] on the host, [`Device::upload`].
 //!    [`Tensor::select`] and [`Tensor::view`] make views that share one storage (vLLM's combined KV
 //!    cache); [`Gpu::pinned`] / [`Tensor::to_pinned`] put a tensor in page-locked host memory.
-//! 3. Call an op, e.g. [`paged_attention`] (v1 or v2, chosen from bounds you fix); on the GPU it is
-//!    queued on the device's stream.
+//! 3. Call an op, e.g. [`reshape_and_cache`] to write keys and values into the paged cache, then
+//!    [`paged_attention`] (v1 or v2, chosen from bounds you fix); on the GPU each is queued on the
+//!    device's stream.
 //! 4. Read results with [`Tensor::to_cpu`]; check device-side guards with [`Gpu::check_status`].
 //!
 //! ```
@@ -38,6 +39,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod bench;
+pub mod cache;
 pub mod cpu;
 pub mod device;
 pub mod dispatch;
@@ -49,6 +51,7 @@ pub mod tensor;
 pub mod testing;
 pub mod util;
 
+pub use cache::{copy_blocks, reshape_and_cache, reshape_and_cache_flash, swap_blocks};
 pub use device::{Device, Gpu};
 pub use error::{Error, Result};
 pub use paged_attention::{

@@ -1,5 +1,5 @@
 //! Device intrinsics (the role of rust-cuda's `cuda_std`): thread indices, barriers, warp shuffles and
-//! votes, dynamic shared memory, fast exp2, FMA, element conversions and 16-byte loads.
+//! votes, dynamic shared memory, fast exp2, FMA, element conversions and 16-byte loads and stores.
 //!
 //! Warp-collective operations go through NVVM intrinsics (`link_llvm_intrinsics`), which LLVM knows are
 //! convergent, so it never moves them into a branch that only some lanes take (an inline-`asm!` shuffle
@@ -170,6 +170,24 @@ pub struct Chunk(pub [u32; 4]);
 pub unsafe fn load_chunk<T>(p: *const T) -> Chunk {
     // SAFETY: the caller guarantees validity and alignment.
     unsafe { *(p as *const Chunk) }
+}
+
+/// Stores 16 bytes (`st.global.v4.u32`). Word by word into the aligned place: a whole-struct store
+/// became a `memcpy` that went through local memory in 8-byte halves; four aligned word stores are
+/// merged into one vector store.
+///
+/// # Safety
+/// `p` is valid for writes of 16 bytes and 16-byte aligned.
+#[inline(always)]
+pub unsafe fn store_chunk<T>(p: *mut T, c: Chunk) {
+    let q = p as *mut Chunk;
+    // SAFETY: the caller guarantees validity and alignment.
+    unsafe {
+        (*q).0[0] = c.0[0];
+        (*q).0[1] = c.0[1];
+        (*q).0[2] = c.0[2];
+        (*q).0[3] = c.0[3];
+    }
 }
 
 /// An element type of queries, caches and outputs: how to widen it to f32 and narrow back.

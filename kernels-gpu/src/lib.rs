@@ -12,6 +12,8 @@
 // registers; iterator adapters (`iter_mut().enumerate().take(n)`) left arrays in local memory.
 #![allow(clippy::needless_range_loop)]
 
+#[cfg(feature = "cache")]
+pub mod cache;
 pub mod intrinsics;
 #[cfg(feature = "paged_attention")]
 pub mod paged_attention;

@@ -1,6 +1,9 @@
 //! cudarc's `DeviceRepr` for the params structs (host only, behind the `cudarc` feature).
 
-use crate::{FillParams, PagedAttentionParams, PagedAttentionReduceParams, StreamReadParams};
+use crate::{
+    CopyBlocksParams, FillParams, PagedAttentionParams, PagedAttentionReduceParams, ReshapeAndCacheFlashParams, ReshapeAndCacheParams,
+    StreamReadParams,
+};
 
 // SAFETY: `PagedAttentionParams` is `#[repr(C)]`, `Copy`, made only of `u64`/`u32`/`f32` fields with
 // explicit padding, and the kernels declare a parameter of the identical layout (same crate), so
@@ -13,3 +16,11 @@ unsafe impl cudarc::driver::DeviceRepr for FillParams {}
 unsafe impl cudarc::driver::DeviceRepr for StreamReadParams {}
 // SAFETY: as above.
 unsafe impl cudarc::driver::DeviceRepr for PagedAttentionReduceParams {}
+
+// SAFETY: as above: `#[repr(C)]`, `Copy`, `u64`/`u32` fields with explicit padding, mirrored by the
+// cache kernels (`kernels-gpu/src/cache.rs`), which take them by value.
+unsafe impl cudarc::driver::DeviceRepr for ReshapeAndCacheParams {}
+// SAFETY: as above.
+unsafe impl cudarc::driver::DeviceRepr for ReshapeAndCacheFlashParams {}
+// SAFETY: as above.
+unsafe impl cudarc::driver::DeviceRepr for CopyBlocksParams {}

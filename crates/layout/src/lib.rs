@@ -3,10 +3,11 @@
 //! Everything that both sides must agree on is defined here once: the `#[repr(C)]` params structs
 //! passed by value to the kernels, the KV-cache layouts with their index math, the status flags the
 //! kernels raise, the launch geometry of each kernel, and the lists of compiled variants
-//! ([`for_each_paged_attention_variant!`]), which expand into the kernels' entry points on one side
+//! ([`for_each_paged_attention_variant!`], [`for_each_cache_dtype!`]), which expand into the kernels' entry points on one side
 //! and into the host's dispatch table on the other.
 #![no_std]
 
+pub mod cache;
 #[cfg(feature = "cudarc")]
 mod device_repr;
 mod dtype;
@@ -15,6 +16,7 @@ pub mod status;
 pub mod util;
 mod variants;
 
+pub use cache::{CopyBlocksParams, ReshapeAndCacheFlashParams, ReshapeAndCacheParams};
 pub use dtype::DType;
 pub use paged_attention::{
     DEFAULT_PARTITION_SIZE, PagedAttentionGeometry, PagedAttentionParams, PagedAttentionReduceParams, REDUCE_THREADS,
@@ -36,19 +38,22 @@ pub enum KernelFamily {
     /// vLLM's `paged_attention_v1`/`v2` (one kernel, optionally split into partitions) and the v2
     /// reduce, every (dtype, head size, block size).
     PagedAttention,
+    /// vLLM's KV-cache ops: `reshape_and_cache`, `reshape_and_cache_flash` (every dtype) and `copy_blocks`.
+    Cache,
     /// Device-side helpers: random fill, streaming-read probe (benchmarks and tests).
     Util,
 }
 
 impl KernelFamily {
     /// Every family, in the order of the host's module table.
-    pub const ALL: [KernelFamily; 2] = [KernelFamily::PagedAttention, KernelFamily::Util];
+    pub const ALL: [KernelFamily; 3] = [KernelFamily::PagedAttention, KernelFamily::Cache, KernelFamily::Util];
 
     /// The family's name: the cargo feature of `pagedattn-kernels` that compiles it, and the stem of
     /// its PTX/cubin files.
     pub const fn name(self) -> &'static str {
         match self {
             KernelFamily::PagedAttention => "paged_attention",
+            KernelFamily::Cache => "cache",
             KernelFamily::Util => "util",
         }
     }

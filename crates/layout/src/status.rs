@@ -4,10 +4,13 @@
 //! output and raises a flag. The host reads the word later (after a sync, an event, or a graph
 //! replay) and turns it into a typed error.
 
-/// A block table entry was negative or `>= num_blocks`.
+/// A block table entry (or a `copy_blocks` block id) was negative or `>= num_blocks`.
 pub const BAD_BLOCK_ID: u32 = 1 << 0;
 /// A sequence length was negative or longer than `max_num_blocks_per_seq * block_size`.
 pub const BAD_SEQ_LEN: u32 = 1 << 1;
+/// A `slot_mapping` entry was `>= num_blocks * block_size` (negative entries are padding, not errors).
+pub const BAD_SLOT: u32 = 1 << 2;
 
 /// Every flag with its name, for messages.
-pub const FLAGS: &[(u32, &str)] = &[(BAD_BLOCK_ID, "block id out of range"), (BAD_SEQ_LEN, "sequence length out of range")];
+pub const FLAGS: &[(u32, &str)] =
+    &[(BAD_BLOCK_ID, "block id out of range"), (BAD_SEQ_LEN, "sequence length out of range"), (BAD_SLOT, "slot out of range")];

@@ -1,4 +1,6 @@
-//! The single list of compiled variants. `for_each_paged_attention_variant!(cb)` calls
+//! The single list of compiled variants. `for_each_cache_dtype!(cb)` calls `cb!(DTYPE_VARIANT,
+//! "dtype_name")` for the per-dtype cache kernels (symbols from [`cache_symbol!`]).
+//! `for_each_paged_attention_variant!(cb)` calls
 //! `cb!(DTYPE_VARIANT, "dtype_name", HEAD_SIZE, BLOCK_SIZE)` once per variant: the kernels crate
 //! expands it into `#[export_name]` entry points, the host into its dispatch table, and both build
 //! the symbol name with [`paged_attention_symbol!`], so names are never typed by hand.
@@ -51,5 +53,24 @@ macro_rules! __for_each_block {
 macro_rules! paged_attention_v2_reduce_symbol {
     ($dtn:literal) => {
         concat!("paged_attention_v2_reduce_", $dtn)
+    };
+}
+
+/// Symbol of one cache kernel of a dtype, e.g. `reshape_and_cache_flash_bf16`.
+#[macro_export]
+macro_rules! cache_symbol {
+    ($op:literal, $dtn:literal) => {
+        concat!($op, "_", $dtn)
+    };
+}
+
+/// Calls `$cb!(DTYPE, "dtype")` for every dtype of the per-dtype cache kernels
+/// (`reshape_and_cache`, `reshape_and_cache_flash`; `copy_blocks` moves bytes and has one variant).
+#[macro_export]
+macro_rules! for_each_cache_dtype {
+    ($cb:ident) => {
+        $cb!(F32, "f32");
+        $cb!(F16, "f16");
+        $cb!(BF16, "bf16");
     };
 }

@@ -1,0 +1,834 @@
+//! vLLM's KV-cache ops: [`reshape_and_cache`], [`reshape_and_cache_flash`], [`copy_blocks`] and
+//! [`swap_blocks`].
+//!
+//! Kernels: `kernels-gpu/src/cache.rs` (`swap_blocks` is a series of `cuMemcpyAsync` calls and has no
+//! kernel); CPU reference: `cpu/cache.rs`; tests: `tests/cache.rs`. Layouts and params:
+//! `pagedattn_layout::cache`.
+//!
+//! Every op validates what the host can see (shapes, dtypes, strides, alignment, sizes, device
+//! placement, and the contents of tables handed over as host tensors) and then launches
+//! asynchronously on the device's stream. Tables in device memory are guarded by the kernels: a bad
+//! entry is skipped, never used as an address, and raises a flag that [`Gpu::check_status`] turns into
+//! [`Error::DeviceData`].
+
+use std::collections::HashMap;
+
+use cudarc::driver::LaunchConfig;
+use pagedattn_layout::cache::{
+    COPY_BLOCKS_THREADS, RESHAPE_MAX_SMEM_BYTES, RESHAPE_TILE_THREADS, reshape_threads, reshape_tile_tokens, reshape_tile_words,
+};
+use pagedattn_layout::{CopyBlocksParams, DType, KernelFamily, ReshapeAndCacheFlashParams, ReshapeAndCacheParams};
+
+use crate::device::{Device, Gpu};
+use crate::error::{Error, Result};
+use crate::tensor::{ScalarType, Tensor, contiguous_strides};
+use crate::{cpu, dispatch, launch};
+
+const RESHAPE: &str = "reshape_and_cache";
+const FLASH: &str = "reshape_and_cache_flash";
+const COPY: &str = "copy_blocks";
+const SWAP: &str = "swap_blocks";
+
+/// The cache layout of a reshape op.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheLayout {
+    /// vLLM's paged-attention layout: key `[num_blocks, H, D / x, block_size, x]`, value
+    /// `[num_blocks, H, D, block_size]`.
+    Vllm,
+    /// The flash layout: key and value `[num_blocks, block_size, H, D]` (any block/slot/head strides).
+    Flash,
+}
+
+/// Sizes of a reshape op, once validated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReshapePlan {
+    pub layout: CacheLayout,
+    pub dtype: DType,
+    /// Tokens written: `slot_mapping.len()`. `key` and `value` may have more rows (vLLM pads them
+    /// for CUDA graphs); those are not read.
+    pub num_tokens: usize,
+    pub num_kv_heads: usize,
+    pub head_size: usize,
+    pub block_size: usize,
+    pub num_blocks: usize,
+    /// Flash layout: every row of the four tensors starts on a 16-byte boundary and a row is a whole
+    /// number of 16-byte chunks, so the kernel copies 16 bytes at a time.
+    pub vec16: bool,
+}
+
+/// Writes each token's key and value into its cache slot, vLLM's `reshape_and_cache`.
+///
+/// - `key`, `value`: `[num_tokens', num_kv_heads, head_size]` float (`num_tokens' >= num_tokens`), the
+///   head dim contiguous, any token/head strides;
+/// - `key_cache`: `[num_blocks, num_kv_heads, head_size / x, block_size, x]`, `x = 16 / element
+///   size`, the three inner axes contiguous; `value_cache`: `[num_blocks, num_kv_heads, head_size,
+///   block_size]`, the two inner axes contiguous (block and head strides free, per cache);
+/// - `slot_mapping`: `[num_tokens]` i64, contiguous: token `t` goes to block `s / block_size`, offset
+///   `s % block_size` (`s = slot_mapping[t]`); negative slots are padding and skipped.
+///
+/// A host `slot_mapping` is checked entry by entry (a slot `>= num_blocks * block_size`, or one that
+/// two tokens share, is [`Error::HostData`]) and copied to the device. A device `slot_mapping` is
+/// guarded by the kernel (an out-of-range slot is skipped and raises `BAD_SLOT`); when two tokens
+/// share a slot there, one of the writes wins.
+pub fn reshape_and_cache(
+    device: &Device,
+    key: &Tensor,
+    value: &Tensor,
+    key_cache: &mut Tensor,
+    value_cache: &mut Tensor,
+    slot_mapping: &Tensor,
+) -> Result<()> {
+    reshape(device, CacheLayout::Vllm, key, value, key_cache, value_cache, slot_mapping)
+}
+
+/// [`reshape_and_cache`] into caches of the flash layout, vLLM's `reshape_and_cache_flash`:
+/// `key_cache` and `value_cache` are `[num_blocks, block_size, num_kv_heads, head_size]` with the
+/// head dim contiguous and any block, slot and head strides (per cache). So vLLM's combined
+/// `[2, num_blocks, block_size, H, D]` tensor (key = `kv[0]`, value = `kv[1]`), the
+/// `[num_blocks, 2, block_size, H, D]` one and the HND layout `[num_blocks, H, block_size, D]`
+/// (viewed with permuted strides) all work. Rows are copied 16 bytes at a time where every row is
+/// 16-byte aligned.
+pub fn reshape_and_cache_flash(
+    device: &Device,
+    key: &Tensor,
+    value: &Tensor,
+    key_cache: &mut Tensor,
+    value_cache: &mut Tensor,
+    slot_mapping: &Tensor,
+) -> Result<()> {
+    reshape(device, CacheLayout::Flash, key, value, key_cache, value_cache, slot_mapping)
+}
+
+fn reshape(
+    device: &Device,
+    layout: CacheLayout,
+    key: &Tensor,
+    value: &Tensor,
+    key_cache: &mut Tensor,
+    value_cache: &mut Tensor,
+    slot_mapping: &Tensor,
+) -> Result<()> {
+    let plan = validate_reshape(device, layout, key, value, key_cache, value_cache, slot_mapping)?;
+    if plan.num_tokens == 0 || plan.num_kv_heads == 0 {
+        return Ok(());
+    }
+    match device {
+        Device::Cpu => {
+            let slots = slot_mapping.to_i64_vec();
+            cpu::cache::reshape_and_cache(&plan, key, value, key_cache, value_cache, &slots)
+        }
+        Device::Gpu(gpu) => launch_reshape(gpu, &plan, key, value, key_cache, value_cache, slot_mapping),
+    }
+}
+
+fn op_name(layout: CacheLayout) -> &'static str {
+    match layout {
+        CacheLayout::Vllm => RESHAPE,
+        CacheLayout::Flash => FLASH,
+    }
+}
+
+fn shape_err(op: &'static str, tensor: &'static str, t: &Tensor, expected: String) -> Error {
+    Error::Shape { op, tensor, got: t.shape().to_vec(), expected }
+}
+
+fn layout_err(op: &'static str, tensor: &'static str, t: &Tensor, why: String) -> Error {
+    Error::Layout { op, tensor, strides: t.strides().to_vec(), offset: t.offset(), why }
+}
+
+fn too_big(op: &'static str, what: &'static str, got: usize, limit: &str) -> Error {
+    Error::Value { op, what, got: got.to_string(), why: format!("does not fit the kernel's index fields (at most {limit})") }
+}
+
+/// Whether two different indices of the view can address the same element (a broadcast or
+/// overlapping view): sorted by stride, each axis must step past everything the smaller ones reach.
+/// Written caches must not overlap, or two slots would race.
+fn self_overlapping(t: &Tensor) -> bool {
+    if t.shape().contains(&0) {
+        return false;
+    }
+    let mut axes: Vec<(usize, usize)> = t.shape().iter().zip(t.strides()).filter(|(n, _)| **n > 1).map(|(&n, &s)| (s, n)).collect();
+    axes.sort_unstable();
+    let mut reach = 0usize;
+    for (s, n) in axes {
+        if s <= reach {
+            return true;
+        }
+        reach = reach.saturating_add(s.saturating_mul(n - 1));
+    }
+    false
+}
+
+/// Whether axes `from..` of the view are contiguous among themselves (size-1 axes ignored), so that
+/// an index of the axes before `from` selects one contiguous span.
+fn inner_contiguous(t: &Tensor, from: usize) -> bool {
+    let want = contiguous_strides(&t.shape()[from..]);
+    t.shape()[from..].iter().zip(&t.strides()[from..]).zip(&want).all(|((&n, &s), &w)| n <= 1 || s == w)
+}
+
+/// Checks that every tensor is on the op's device: device memory for the GPU, pageable host memory
+/// for the CPU backend. `tables` may be host data on the GPU (pageable or pinned: checked, then
+/// uploaded), so they are only checked for the CPU backend.
+fn check_placement(
+    op: &'static str,
+    device: &Device,
+    tensors: &[(&'static str, &Tensor)],
+    tables: &[(&'static str, &Tensor)],
+) -> Result<()> {
+    let on_gpu = matches!(device, Device::Gpu(_));
+    let want = if on_gpu { "GPU" } else { "CPU" };
+    let extra: &[(&'static str, &Tensor)] = if on_gpu { &[] } else { tables };
+    for &(name, t) in tensors.iter().chain(extra) {
+        let here = if on_gpu { t.is_gpu() } else { t.is_cpu() };
+        if !here {
+            return Err(Error::Device { op, tensor: name, got: t.storage().location(), expected: want });
+        }
+    }
+    Ok(())
+}
+
+/// Everything the host can check for a reshape op without reading device memory, and the contents
+/// of a host `slot_mapping`.
+#[allow(clippy::too_many_arguments)]
+pub fn validate_reshape(
+    device: &Device,
+    layout: CacheLayout,
+    key: &Tensor,
+    value: &Tensor,
+    key_cache: &Tensor,
+    value_cache: &Tensor,
+    slot_mapping: &Tensor,
+) -> Result<ReshapePlan> {
+    let op = op_name(layout);
+    let dtype =
+        key.dtype().float().ok_or_else(|| Error::DType { op, tensor: "key", got: key.dtype(), expected: "f32, f16 or bf16".into() })?;
+    let &[key_rows, num_kv_heads, head_size] = key.shape() else {
+        return Err(shape_err(op, "key", key, "[num_tokens, num_kv_heads, head_size]".into()));
+    };
+    for (name, t) in [("value", value), ("key_cache", key_cache), ("value_cache", value_cache)] {
+        if t.dtype() != key.dtype() {
+            return Err(Error::DType { op, tensor: name, got: t.dtype(), expected: format!("{} (the key's)", key.dtype()) });
+        }
+    }
+    if value.shape() != key.shape() {
+        return Err(shape_err(op, "value", value, format!("{:?} (the key's)", key.shape())));
+    }
+    let x = dtype.x();
+    let (num_blocks, block_size) = match layout {
+        CacheLayout::Vllm => {
+            let expected = || {
+                if head_size.is_multiple_of(x) {
+                    format!("[num_blocks, {num_kv_heads}, {}, block_size, {x}] (head_size {head_size}, {dtype})", head_size / x)
+                } else {
+                    format!(
+                        "[num_blocks, {num_kv_heads}, head_size / x, block_size, {x}]: head_size {head_size} is not a multiple of x = {x}"
+                    )
+                }
+            };
+            let &[nb, kh, hx, bs, kx] = key_cache.shape() else { return Err(shape_err(op, "key_cache", key_cache, expected())) };
+            if kh != num_kv_heads || kx != x || hx * kx != head_size {
+                return Err(shape_err(op, "key_cache", key_cache, expected()));
+            }
+            if value_cache.shape() != [nb, num_kv_heads, head_size, bs] {
+                return Err(shape_err(op, "value_cache", value_cache, format!("[{nb}, {num_kv_heads}, {head_size}, {bs}]")));
+            }
+            if key_cache.strides()[2..] != [bs * x, x, 1] {
+                return Err(layout_err(op, "key_cache", key_cache, "the three inner axes must be contiguous".into()));
+            }
+            if value_cache.strides()[2..] != [bs, 1] {
+                return Err(layout_err(op, "value_cache", value_cache, "the two inner axes must be contiguous".into()));
+            }
+            (nb, bs)
+        }
+        CacheLayout::Flash => {
+            let &[nb, bs, kh, kd] = key_cache.shape() else {
+                return Err(shape_err(op, "key_cache", key_cache, format!("[num_blocks, block_size, {num_kv_heads}, {head_size}]")));
+            };
+            if kh != num_kv_heads || kd != head_size {
+                return Err(shape_err(op, "key_cache", key_cache, format!("[num_blocks, block_size, {num_kv_heads}, {head_size}]")));
+            }
+            if value_cache.shape() != key_cache.shape() {
+                return Err(shape_err(op, "value_cache", value_cache, format!("{:?} (the key cache's)", key_cache.shape())));
+            }
+            for (name, t) in [("key_cache", key_cache), ("value_cache", value_cache)] {
+                if t.strides()[3] != 1 && head_size > 1 {
+                    return Err(layout_err(op, name, t, "the head dim must be contiguous".into()));
+                }
+            }
+            (nb, bs)
+        }
+    };
+    if block_size == 0 {
+        return Err(Error::Value { op, what: "block_size", got: "0".into(), why: "a block holds at least one token".into() });
+    }
+    for (name, t) in [("key", key), ("value", value)] {
+        if t.strides()[2] != 1 && head_size > 1 {
+            return Err(layout_err(op, name, t, "the head dim must be contiguous".into()));
+        }
+    }
+    for (name, t) in [("key_cache", key_cache), ("value_cache", value_cache)] {
+        if self_overlapping(t) {
+            return Err(layout_err(op, name, t, "the view overlaps itself: two cache slots would share memory".into()));
+        }
+    }
+
+    if slot_mapping.dtype() != ScalarType::I64 {
+        return Err(Error::DType { op, tensor: "slot_mapping", got: slot_mapping.dtype(), expected: "i64".into() });
+    }
+    let &[num_tokens] = slot_mapping.shape() else {
+        return Err(shape_err(op, "slot_mapping", slot_mapping, "[num_tokens]".into()));
+    };
+    if num_tokens > key_rows {
+        return Err(shape_err(op, "slot_mapping", slot_mapping, format!("[num_tokens] with num_tokens <= {key_rows} (the key's rows)")));
+    }
+    if num_tokens > 1 && slot_mapping.strides()[0] != 1 {
+        return Err(layout_err(op, "slot_mapping", slot_mapping, "must be contiguous".into()));
+    }
+
+    // Sizes and strides travel as u32 (slots as u64); grid.x is at most 2^31 - 1.
+    let u32_max = u32::MAX as usize;
+    let mut strides = vec![key.strides()[0], key.strides()[1], value.strides()[0], value.strides()[1]];
+    strides.extend_from_slice(&key_cache.strides()[..key_cache.strides().len() - 1]);
+    strides.extend_from_slice(&value_cache.strides()[..value_cache.strides().len() - 1]);
+    if let Some(&s) = strides.iter().find(|&&s| s > u32_max) {
+        return Err(too_big(op, "stride", s, "u32::MAX"));
+    }
+    if num_tokens > i32::MAX as usize {
+        return Err(too_big(op, "num_tokens", num_tokens, "2^31 - 1"));
+    }
+    if num_kv_heads.saturating_mul(head_size) > u32_max || block_size > u32_max {
+        return Err(too_big(op, "num_kv_heads * head_size", num_kv_heads.saturating_mul(head_size), "u32::MAX"));
+    }
+    let num_slots = num_blocks.checked_mul(block_size).ok_or_else(|| too_big(op, "num_blocks * block_size", num_blocks, "u64::MAX"))?;
+    if layout == CacheLayout::Vllm {
+        // The kernel tiles (tokens, one KV head) in shared memory: heads on grid.y, block ids as u32.
+        if reshape_tile_tokens(head_size, x) == 0 {
+            return Err(Error::Unsupported {
+                op,
+                what: "head_size",
+                got: head_size.to_string(),
+                supported: format!("up to {} (one token's keys and values in shared memory)", max_tile_head_size(x)),
+            });
+        }
+        if num_kv_heads > 65535 {
+            return Err(too_big(op, "num_kv_heads", num_kv_heads, "65535"));
+        }
+        if num_blocks >= u32::MAX as usize {
+            return Err(too_big(op, "num_blocks", num_blocks, "u32::MAX - 1"));
+        }
+    }
+
+    check_placement(
+        op,
+        device,
+        &[("key", key), ("value", value), ("key_cache", key_cache), ("value_cache", value_cache)],
+        &[("slot_mapping", slot_mapping)],
+    )?;
+
+    // 16-byte copies in the flash kernel: the device base of every storage is 256-byte aligned, so a
+    // row is 16-byte aligned exactly when its element offset is a multiple of x.
+    let es = dtype.size_bytes();
+    let rows_aligned = |t: &Tensor| {
+        (t.offset() * es).is_multiple_of(16) && t.strides()[..t.strides().len() - 1].iter().all(|s| (s * es).is_multiple_of(16))
+    };
+    let vec16 =
+        layout == CacheLayout::Flash && (head_size * es) % 16 == 0 && [key, value, key_cache, value_cache].into_iter().all(rows_aligned);
+
+    let plan = ReshapePlan { layout, dtype, num_tokens, num_kv_heads, head_size, block_size, num_blocks, vec16 };
+    if slot_mapping.is_host() {
+        check_slots(op, &slot_mapping.to_i64_vec(), num_slots, &plan)?;
+    }
+    Ok(plan)
+}
+
+/// The largest head size with a `reshape_and_cache` tile of at least one token.
+fn max_tile_head_size(x: usize) -> usize {
+    // `reshape_tile_words(1, d, x) = 2d + x + 3` words must fit, and d is a multiple of x.
+    (RESHAPE_MAX_SMEM_BYTES / 4 - x - 3) / 2 / x * x
+}
+
+/// Checks a host `slot_mapping`: every non-negative slot below `num_slots`, no slot named twice.
+fn check_slots(op: &'static str, slots: &[i64], num_slots: usize, plan: &ReshapePlan) -> Result<()> {
+    let mut first = HashMap::with_capacity(slots.len());
+    for (t, &s) in slots.iter().enumerate() {
+        if s < 0 {
+            continue;
+        }
+        if s as u64 >= num_slots as u64 {
+            return Err(Error::HostData {
+                op,
+                what: format!(
+                    "slot_mapping[{t}] = {s} is outside 0..{num_slots} (num_blocks {} × block_size {})",
+                    plan.num_blocks, plan.block_size
+                ),
+            });
+        }
+        if let Some(t0) = first.insert(s, t) {
+            return Err(Error::HostData {
+                op,
+                what: format!("slot_mapping[{t}] = {s} repeats slot_mapping[{t0}]: two tokens would write one slot"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The device copy of a host table (`None` when it already is on the device).
+fn upload_if_host(gpu: &Gpu, t: &Tensor) -> Result<Option<Tensor>> {
+    if t.is_host() { Ok(Some(t.to_gpu(gpu.stream())?)) } else { Ok(None) }
+}
+
+fn ptr(t: &Tensor) -> u64 {
+    t.device_ptr().expect("validated: on the GPU")
+}
+
+fn launch_reshape(
+    gpu: &Gpu,
+    plan: &ReshapePlan,
+    key: &Tensor,
+    value: &Tensor,
+    key_cache: &mut Tensor,
+    value_cache: &mut Tensor,
+    slot_mapping: &Tensor,
+) -> Result<()> {
+    // Host-resident slots were checked in `validate_reshape`; the copy is freed stream-ordered after the kernel.
+    let slots_dev = upload_if_host(gpu, slot_mapping)?;
+    let slots = slots_dev.as_ref().unwrap_or(slot_mapping);
+    let num_slots = (plan.num_blocks * plan.block_size) as u64;
+    let (ks, vs, kcs, vcs) = (key.strides(), value.strides(), key_cache.strides(), value_cache.strides());
+    let symbol = dispatch::cache_symbol(plan.dtype, plan.layout == CacheLayout::Flash)?;
+    let func = gpu.function(KernelFamily::Cache, symbol)?;
+    match plan.layout {
+        CacheLayout::Vllm => {
+            let x = plan.dtype.x();
+            let tokens_per_cta = reshape_tile_tokens(plan.head_size, x);
+            let cfg = LaunchConfig {
+                grid_dim: (plan.num_tokens.div_ceil(tokens_per_cta) as u32, plan.num_kv_heads as u32, 1),
+                block_dim: (RESHAPE_TILE_THREADS as u32, 1, 1),
+                shared_mem_bytes: (4 * reshape_tile_words(tokens_per_cta, plan.head_size, x)) as u32,
+            };
+            log::debug!("{symbol}: grid {:?}, {} threads, {} B shared", cfg.grid_dim, cfg.block_dim.0, cfg.shared_mem_bytes);
+            let params = ReshapeAndCacheParams {
+                key: ptr(key),
+                value: ptr(value),
+                key_cache: ptr(key_cache),
+                value_cache: ptr(value_cache),
+                slot_mapping: ptr(slots),
+                maybe_status: gpu.status_ptr(),
+                num_slots,
+                num_tokens: plan.num_tokens as u32,
+                num_kv_heads: plan.num_kv_heads as u32,
+                head_size: plan.head_size as u32,
+                block_size: plan.block_size as u32,
+                key_stride_token: ks[0] as u32,
+                key_stride_head: ks[1] as u32,
+                value_stride_token: vs[0] as u32,
+                value_stride_head: vs[1] as u32,
+                key_cache_stride_block: kcs[0] as u32,
+                key_cache_stride_head: kcs[1] as u32,
+                value_cache_stride_block: vcs[0] as u32,
+                value_cache_stride_head: vcs[1] as u32,
+                tokens_per_cta: tokens_per_cta as u32,
+                _pad: 0,
+            };
+            // SAFETY: `ReshapeAndCacheParams` is the kernel's parameter type; `validate_reshape`
+            // checked every shape, stride, dtype and size it addresses with (the kernel reads slot
+            // entries and rows only below `num_tokens`; grid.y is `num_kv_heads`; the dynamic shared
+            // memory is the tile the kernel carves up for `tokens_per_cta`); the slot copy lives until
+            // its stream-ordered free after the kernel; device-side slots are bounds-checked in the kernel.
+            unsafe { launch::launch(gpu.stream(), &func, cfg, &params) }
+        }
+        CacheLayout::Flash => {
+            let units = plan.num_kv_heads * plan.head_size / if plan.vec16 { plan.dtype.x() } else { 1 };
+            let cfg = LaunchConfig {
+                grid_dim: (plan.num_tokens as u32, 1, 1),
+                block_dim: (reshape_threads(units) as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            log::debug!("{symbol}: grid {:?}, {} threads, vec16 {}", cfg.grid_dim, cfg.block_dim.0, plan.vec16);
+            let params = ReshapeAndCacheFlashParams {
+                key: ptr(key),
+                value: ptr(value),
+                key_cache: ptr(key_cache),
+                value_cache: ptr(value_cache),
+                slot_mapping: ptr(slots),
+                maybe_status: gpu.status_ptr(),
+                num_slots,
+                num_tokens: plan.num_tokens as u32,
+                num_kv_heads: plan.num_kv_heads as u32,
+                head_size: plan.head_size as u32,
+                block_size: plan.block_size as u32,
+                key_stride_token: ks[0] as u32,
+                key_stride_head: ks[1] as u32,
+                value_stride_token: vs[0] as u32,
+                value_stride_head: vs[1] as u32,
+                key_cache_stride_block: kcs[0] as u32,
+                key_cache_stride_slot: kcs[1] as u32,
+                key_cache_stride_head: kcs[2] as u32,
+                value_cache_stride_block: vcs[0] as u32,
+                value_cache_stride_slot: vcs[1] as u32,
+                value_cache_stride_head: vcs[2] as u32,
+                vec16: plan.vec16 as u32,
+                _pad: 0,
+            };
+            // SAFETY: as above, for `ReshapeAndCacheFlashParams`; `vec16` is set only when every row
+            // of the four tensors is 16-byte aligned and a whole number of chunks (`validate_reshape`).
+            unsafe { launch::launch(gpu.stream(), &func, cfg, &params) }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// copy_blocks
+// ---------------------------------------------------------------------------------------------
+
+/// Sizes of a [`copy_blocks`] call, once validated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CopyBlocksPlan {
+    pub num_layers: usize,
+    pub num_pairs: usize,
+    pub num_blocks: usize,
+    /// Bytes of one block (axes 1.. of a cache, contiguous) and the distance between blocks.
+    pub key_block_bytes: usize,
+    pub key_block_stride_bytes: usize,
+    pub value_block_bytes: usize,
+    pub value_block_stride_bytes: usize,
+}
+
+/// vLLM's `copy_blocks`: for every layer `l` and every pair `(src, dst)` of `block_mapping`, copies
+/// block `src` to block `dst` (axis 0) in `key_caches[l]` and in `value_caches[l]`. One launch for
+/// all layers.
+///
+/// - `key_caches`, `value_caches`: one per layer (same count); all key caches share dtype, shape and
+///   strides, and so do all value caches; any cache layout whose axes after the first are
+///   contiguous (the vLLM or flash layouts, or views such as `kv[:, 0]` of a combined
+///   `[num_blocks, 2, ...]` tensor), with blocks and block strides a multiple of 16 bytes and
+///   16-byte aligned; key and value caches have the same `num_blocks`;
+/// - `block_mapping`: `[num_pairs, 2]` i64, contiguous.
+///
+/// A host `block_mapping` is checked (ids in `0..num_blocks`; a destination named twice, or a block
+/// written by one pair and read by another, is [`Error::HostData`]) and copied to the device. A
+/// device `block_mapping` is guarded by the kernel: a pair with an id out of range is skipped and
+/// raises `BAD_BLOCK_ID`; with repeated destinations one of the copies wins, and chains (a block
+/// both written and read) give either content.
+pub fn copy_blocks(
+    device: &Device,
+    key_caches: &mut [&mut Tensor],
+    value_caches: &mut [&mut Tensor],
+    block_mapping: &Tensor,
+) -> Result<()> {
+    let plan = validate_copy_blocks(device, key_caches, value_caches, block_mapping)?;
+    if plan.num_layers == 0 || plan.num_pairs == 0 {
+        return Ok(());
+    }
+    match device {
+        Device::Cpu => cpu::cache::copy_blocks(&plan, key_caches, value_caches, &block_mapping.to_i64_vec()),
+        Device::Gpu(gpu) => launch_copy_blocks(gpu, &plan, key_caches, value_caches, block_mapping),
+    }
+}
+
+/// Checks one cache list: same dtype, shape and strides as its first entry; blocks contiguous,
+/// 16-byte multiples and aligned. Returns `(block_bytes, block_stride_bytes)`.
+fn check_cache_list(op: &'static str, name: &'static str, caches: &[&mut Tensor]) -> Result<(usize, usize)> {
+    let first = &*caches[0];
+    if first.shape().is_empty() {
+        return Err(shape_err(op, name, first, "[num_blocks, ...]".into()));
+    }
+    for (l, t) in caches.iter().enumerate().skip(1) {
+        if t.dtype() != first.dtype() {
+            return Err(Error::DType {
+                op,
+                tensor: name,
+                got: t.dtype(),
+                expected: format!("{} (layer {l} differs from layer 0)", first.dtype()),
+            });
+        }
+        if t.shape() != first.shape() {
+            return Err(shape_err(op, name, t, format!("{:?} (layer {l} differs from layer 0)", first.shape())));
+        }
+        if t.strides() != first.strides() {
+            return Err(layout_err(op, name, t, format!("layer {l}'s strides differ from layer 0's {:?}", first.strides())));
+        }
+    }
+    let es = first.dtype().size_bytes();
+    if !inner_contiguous(first, 1) {
+        return Err(layout_err(op, name, first, "the axes after the block axis must be contiguous (a block is one span)".into()));
+    }
+    let block_bytes = first.shape()[1..].iter().product::<usize>() * es;
+    let stride_bytes = first.strides()[0] * es;
+    for t in caches {
+        if !(t.offset() * es).is_multiple_of(16) || !block_bytes.is_multiple_of(16) || !stride_bytes.is_multiple_of(16) {
+            return Err(layout_err(
+                op,
+                name,
+                t,
+                format!("blocks ({block_bytes} bytes, {stride_bytes} apart) must be 16-byte multiples at 16-byte aligned offsets"),
+            ));
+        }
+    }
+    if first.shape()[0] > 1 && stride_bytes < block_bytes {
+        return Err(layout_err(op, name, first, format!("blocks of {block_bytes} bytes overlap ({stride_bytes} bytes apart)")));
+    }
+    Ok((block_bytes, stride_bytes))
+}
+
+/// Checks a `[num_pairs, 2]` i64 block mapping's type, shape and strides; returns `num_pairs`.
+fn check_mapping_shape(op: &'static str, m: &Tensor) -> Result<usize> {
+    if m.dtype() != ScalarType::I64 {
+        return Err(Error::DType { op, tensor: "block_mapping", got: m.dtype(), expected: "i64".into() });
+    }
+    let &[num_pairs, 2] = m.shape() else { return Err(shape_err(op, "block_mapping", m, "[num_pairs, 2]".into())) };
+    if num_pairs > 0 && !inner_contiguous(m, 0) {
+        return Err(layout_err(op, "block_mapping", m, "must be contiguous".into()));
+    }
+    Ok(num_pairs)
+}
+
+/// Everything the host can check for [`copy_blocks`], and the contents of a host `block_mapping`.
+pub fn validate_copy_blocks(
+    device: &Device,
+    key_caches: &[&mut Tensor],
+    value_caches: &[&mut Tensor],
+    block_mapping: &Tensor,
+) -> Result<CopyBlocksPlan> {
+    let op = COPY;
+    let num_pairs = check_mapping_shape(op, block_mapping)?;
+    let num_layers = key_caches.len();
+    if value_caches.len() != num_layers {
+        return Err(Error::Value {
+            op,
+            what: "value_caches.len()",
+            got: value_caches.len().to_string(),
+            why: format!("one value cache per key cache ({num_layers})"),
+        });
+    }
+    if num_layers > 65535 {
+        return Err(too_big(op, "num_layers", num_layers, "65535"));
+    }
+    if num_pairs > i32::MAX as usize {
+        return Err(too_big(op, "num_pairs", num_pairs, "2^31 - 1"));
+    }
+    let mut tensors: Vec<(&'static str, &Tensor)> = key_caches.iter().map(|t| ("key_caches", &**t)).collect();
+    tensors.extend(value_caches.iter().map(|t| ("value_caches", &**t)));
+    check_placement(op, device, &tensors, &[("block_mapping", block_mapping)])?;
+    if num_layers == 0 {
+        return Ok(CopyBlocksPlan {
+            num_layers,
+            num_pairs,
+            num_blocks: 0,
+            key_block_bytes: 0,
+            key_block_stride_bytes: 0,
+            value_block_bytes: 0,
+            value_block_stride_bytes: 0,
+        });
+    }
+    let (key_block_bytes, key_block_stride_bytes) = check_cache_list(op, "key_caches", key_caches)?;
+    let (value_block_bytes, value_block_stride_bytes) = check_cache_list(op, "value_caches", value_caches)?;
+    let num_blocks = key_caches[0].shape()[0];
+    if value_caches[0].shape()[0] != num_blocks {
+        return Err(shape_err(op, "value_caches", value_caches[0], format!("[{num_blocks}, ...] (the key caches' num_blocks)")));
+    }
+    if num_blocks > u32::MAX as usize {
+        return Err(too_big(op, "num_blocks", num_blocks, "u32::MAX"));
+    }
+    let plan = CopyBlocksPlan {
+        num_layers,
+        num_pairs,
+        num_blocks,
+        key_block_bytes,
+        key_block_stride_bytes,
+        value_block_bytes,
+        value_block_stride_bytes,
+    };
+    if block_mapping.is_host() {
+        check_pairs(op, &block_mapping.to_i64_vec(), num_blocks, num_blocks, true)?;
+    }
+    Ok(plan)
+}
+
+/// Checks host `(src, dst)` pairs: ids in range, no destination twice, and (`no_chains`) no block
+/// written by one pair and read by another (the outcome would depend on the order of the copies).
+fn check_pairs(op: &'static str, pairs: &[i64], src_blocks: usize, dst_blocks: usize, no_chains: bool) -> Result<()> {
+    let mut dst_of = HashMap::with_capacity(pairs.len() / 2);
+    for (i, p) in pairs.chunks_exact(2).enumerate() {
+        for (j, (&id, n, what)) in [(&p[0], src_blocks, "source"), (&p[1], dst_blocks, "destination")].into_iter().enumerate() {
+            if id < 0 || id as u64 >= n as u64 {
+                return Err(Error::HostData { op, what: format!("block_mapping[{i}][{j}] = {id} is outside 0..{n} ({what} blocks)") });
+            }
+        }
+        if let Some(i0) = dst_of.insert(p[1], i) {
+            return Err(Error::HostData {
+                op,
+                what: format!("block_mapping[{i}][1] = {} repeats block_mapping[{i0}][1]: two copies would write one block", p[1]),
+            });
+        }
+    }
+    if no_chains {
+        for (i, p) in pairs.chunks_exact(2).enumerate() {
+            if let Some(&i0) = dst_of.get(&p[0])
+                && i0 != i
+            {
+                return Err(Error::HostData {
+                    op,
+                    what: format!("block_mapping[{i}][0] = {} is written by block_mapping[{i0}]: the copies would race", p[0]),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn launch_copy_blocks(
+    gpu: &Gpu,
+    plan: &CopyBlocksPlan,
+    key_caches: &[&mut Tensor],
+    value_caches: &[&mut Tensor],
+    block_mapping: &Tensor,
+) -> Result<()> {
+    let map_dev = upload_if_host(gpu, block_mapping)?;
+    let map = map_dev.as_ref().unwrap_or(block_mapping);
+    // The per-layer base addresses, uploaded like a host table (freed stream-ordered after the kernel).
+    let key_ptrs = gpu.stream().clone_htod(&key_caches.iter().map(|t| ptr(t)).collect::<Vec<u64>>())?;
+    let value_ptrs = gpu.stream().clone_htod(&value_caches.iter().map(|t| ptr(t)).collect::<Vec<u64>>())?;
+    use cudarc::driver::DevicePtr;
+    let params = CopyBlocksParams {
+        key_cache_ptrs: key_ptrs.device_ptr(gpu.stream()).0,
+        value_cache_ptrs: value_ptrs.device_ptr(gpu.stream()).0,
+        block_mapping: ptr(map),
+        maybe_status: gpu.status_ptr(),
+        key_block_stride_bytes: plan.key_block_stride_bytes as u64,
+        value_block_stride_bytes: plan.value_block_stride_bytes as u64,
+        key_block_bytes: plan.key_block_bytes as u64,
+        value_block_bytes: plan.value_block_bytes as u64,
+        num_layers: plan.num_layers as u32,
+        num_pairs: plan.num_pairs as u32,
+        num_blocks: plan.num_blocks as u32,
+        _pad: 0,
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (plan.num_pairs as u32, plan.num_layers as u32, 1),
+        block_dim: (COPY_BLOCKS_THREADS as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    log::debug!("copy_blocks: grid {:?}, {} + {} bytes per block", cfg.grid_dim, plan.key_block_bytes, plan.value_block_bytes);
+    let func = gpu.function(KernelFamily::Cache, "copy_blocks")?;
+    // SAFETY: `CopyBlocksParams` is the kernel's parameter type; the pointer tables hold
+    // `num_layers` addresses of caches `validate_copy_blocks` checked (every block of
+    // `*_block_bytes` at `*_block_stride_bytes` spacing inside each cache, 16-byte multiples and
+    // aligned, blocks disjoint); the grid covers `num_pairs` mapping rows; the uploaded tables live
+    // until their stream-ordered free after the kernel; block ids are bounds-checked in the kernel.
+    unsafe { launch::launch(gpu.stream(), &func, cfg, &params) }
+}
+
+// ---------------------------------------------------------------------------------------------
+// swap_blocks
+// ---------------------------------------------------------------------------------------------
+
+/// Sizes of a [`swap_blocks`] call, once validated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SwapBlocksPlan {
+    pub num_pairs: usize,
+    /// Bytes of one block (axes 1.., contiguous).
+    pub block_bytes: usize,
+    pub src_block_stride_bytes: usize,
+    pub dst_block_stride_bytes: usize,
+}
+
+/// vLLM's `swap_blocks`: copies block `src_id` of `src` to block `dst_id` of `dst` (axis 0) for
+/// every row `(src_id, dst_id)` of `block_mapping`, a host `[num_pairs, 2]` i64 tensor.
+///
+/// `src` and `dst` have the same dtype and the same shape after axis 0, which must be contiguous
+/// (a block is one span of bytes). On the GPU each block is one `cuMemcpyAsync` on the device's
+/// stream, queued without waiting: device to device, or between the device and pinned host memory
+/// ([`Tensor::to_pinned`], [`Gpu::pinned`]; pageable memory cannot be copied asynchronously and is
+/// an [`Error::Device`], as is a pair of pinned tensors). These copies are not tracked: synchronize
+/// the stream before touching a pinned `dst` (or changing a pinned `src`) on the host, and keep
+/// both alive until then. On the CPU backend both are pageable host tensors. `block_mapping` is
+/// host data (pageable or pinned); ids must be in range and no destination may repeat
+/// ([`Error::HostData`]).
+pub fn swap_blocks(device: &Device, src: &Tensor, dst: &mut Tensor, block_mapping: &Tensor) -> Result<()> {
+    let plan = validate_swap_blocks(device, src, dst, block_mapping)?;
+    if plan.num_pairs == 0 || plan.block_bytes == 0 {
+        return Ok(());
+    }
+    let pairs = block_mapping.to_i64_vec();
+    match device {
+        Device::Cpu => cpu::cache::swap_blocks(&plan, src, dst, &pairs),
+        Device::Gpu(gpu) => copy_swap_gpu(gpu, &plan, src, dst, &pairs),
+    }
+}
+
+/// Everything [`swap_blocks`] checks before copying.
+pub fn validate_swap_blocks(device: &Device, src: &Tensor, dst: &Tensor, block_mapping: &Tensor) -> Result<SwapBlocksPlan> {
+    let op = SWAP;
+    let num_pairs = check_mapping_shape(op, block_mapping)?;
+    if !block_mapping.is_host() {
+        return Err(Error::Device { op, tensor: "block_mapping", got: block_mapping.storage().location(), expected: "CPU" });
+    }
+    if dst.dtype() != src.dtype() {
+        return Err(Error::DType { op, tensor: "dst", got: dst.dtype(), expected: format!("{} (the source's)", src.dtype()) });
+    }
+    if src.shape().is_empty() {
+        return Err(shape_err(op, "src", src, "[num_blocks, ...]".into()));
+    }
+    if dst.shape().len() != src.shape().len() || dst.shape()[1..] != src.shape()[1..] {
+        return Err(shape_err(op, "dst", dst, format!("[num_blocks, {:?}] (the source's block shape)", &src.shape()[1..])));
+    }
+    if src.shares_storage(dst) {
+        // Overlapping spans would make the driver's copy undefined; blocks move within one cache with `copy_blocks`.
+        return Err(layout_err(op, "dst", dst, "shares its storage with src (copy within one cache with copy_blocks)".into()));
+    }
+    let es = src.dtype().size_bytes();
+    for (name, t) in [("src", src), ("dst", dst)] {
+        if !inner_contiguous(t, 1) {
+            return Err(layout_err(op, name, t, "the axes after the block axis must be contiguous (a block is one span)".into()));
+        }
+    }
+    let block_bytes = src.shape()[1..].iter().product::<usize>() * es;
+    let (src_stride, dst_stride) = (src.strides()[0] * es, dst.strides()[0] * es);
+    if dst.shape()[0] > 1 && dst_stride < block_bytes {
+        return Err(layout_err(op, "dst", dst, format!("blocks of {block_bytes} bytes overlap ({dst_stride} bytes apart)")));
+    }
+    match device {
+        Device::Cpu => check_placement(op, device, &[("src", src), ("dst", dst)], &[])?,
+        Device::Gpu(_) => {
+            for (name, t) in [("src", src), ("dst", dst)] {
+                if t.is_cpu() {
+                    return Err(Error::Device { op, tensor: name, got: "CPU", expected: "GPU or pinned host" });
+                }
+            }
+            if !src.is_gpu() && !dst.is_gpu() {
+                return Err(Error::Device {
+                    op,
+                    tensor: "dst",
+                    got: dst.storage().location(),
+                    expected: "GPU (src is pinned host memory)",
+                });
+            }
+        }
+    }
+    check_pairs(op, &block_mapping.to_i64_vec(), src.shape()[0], dst.shape()[0], false)?;
+    Ok(SwapBlocksPlan { num_pairs, block_bytes, src_block_stride_bytes: src_stride, dst_block_stride_bytes: dst_stride })
+}
+
+fn copy_swap_gpu(gpu: &Gpu, plan: &SwapBlocksPlan, src: &Tensor, dst: &mut Tensor, pairs: &[i64]) -> Result<()> {
+    // Unified addressing: device and pinned host addresses are both `cuMemcpyAsync` endpoints. `None`
+    // only when the driver could not map pinned memory (the error is recorded in the context).
+    let base = |name: &'static str, t: &Tensor| {
+        t.raw_ptr().ok_or_else(|| Error::Device { op: SWAP, tensor: name, got: t.storage().location(), expected: "a mapped address" })
+    };
+    let (s0, d0) = (base("src", src)?, base("dst", dst)?);
+    let stream = gpu.stream().cu_stream();
+    log::debug!("swap_blocks: {} copies of {} bytes", plan.num_pairs, plan.block_bytes);
+    for p in pairs.chunks_exact(2) {
+        let s = s0 + p[0] as u64 * plan.src_block_stride_bytes as u64;
+        let d = d0 + p[1] as u64 * plan.dst_block_stride_bytes as u64;
+        // SAFETY: `validate_swap_blocks` checked both ids against their tensors' num_blocks and that a
+        // block is `block_bytes` contiguous bytes of its view, so both spans lie inside the views'
+        // allocations. Device memory is freed stream-ordered after the copy; pinned memory must stay
+        // alive until the caller synchronizes (the documented contract of `swap_blocks` and of
+        // `Tensor::raw_ptr`).
+        unsafe { cudarc::driver::sys::cuMemcpyAsync(d, s, plan.block_bytes, stream) }.result()?;
+    }
+    Ok(())
+}
