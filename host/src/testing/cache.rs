@@ -6,7 +6,7 @@
 use pagedattn_layout::{BLOCK_SIZES, DTYPES, DType, HEAD_SIZES};
 
 use crate::cache::CacheLayout;
-use crate::device::Device;
+use crate::device::{Device, Gpu};
 use crate::error::{Error, Result};
 use crate::tensor::{ScalarType, Tensor, contiguous_strides};
 use crate::testing::Rng;
@@ -163,9 +163,19 @@ impl KvCaches {
     /// allocations with padded block and head (or slot) strides, 16 bytes in, keeping 16-byte rows.
     pub fn new(layout: KvLayout, shape: &CacheShape, padded: bool, fill: Fill, rng: &mut Rng) -> Result<KvCaches> {
         let st = ScalarType::from(shape.dtype);
+        KvCaches::build(layout, shape, padded, &mut |len| Ok(filled(st, len, fill, rng)))
+    }
+
+    /// New zeroed caches of `layout` in device memory (unpadded).
+    pub fn zeros(gpu: &Gpu, layout: KvLayout, shape: &CacheShape) -> Result<KvCaches> {
+        let st = ScalarType::from(shape.dtype);
+        KvCaches::build(layout, shape, false, &mut |len| gpu.zeros(st, &[len]))
+    }
+
+    /// Views of `layout` over flat allocations made by `alloc(elements)`.
+    fn build(layout: KvLayout, shape: &CacheShape, padded: bool, alloc: &mut dyn FnMut(usize) -> Result<Tensor>) -> Result<KvCaches> {
         let (nb, bs, h, d, x) = (shape.num_blocks, shape.block_size, shape.num_kv_heads, shape.head_size, shape.dtype.x());
-        let mut make =
-            |shape: &[usize], strides: &[usize], offset: usize, len: usize| filled(st, len, fill, rng).view(shape, strides, offset);
+        let mut make = |shape: &[usize], strides: &[usize], offset: usize, len: usize| alloc(len)?.view(shape, strides, offset);
         let contiguous = |shape: &[usize]| (contiguous_strides(shape), shape.iter().product::<usize>());
         let (key, value) = match layout {
             KvLayout::Vllm => {
@@ -204,6 +214,11 @@ impl KvCaches {
             }
         };
         Ok(KvCaches { layout, key, value })
+    }
+
+    /// The distinct storages of the pair (one for a combined allocation).
+    pub fn storages(&self) -> Vec<&Tensor> {
+        if self.key.shares_storage(&self.value) { vec![&self.key] } else { vec![&self.key, &self.value] }
     }
 
     /// Applies `f` (a copy to some memory) to both caches, keeping a combined pair one allocation.
@@ -590,7 +605,7 @@ impl std::fmt::Display for CopyBlocksCase {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "copy_blocks {} {} h{} b{} kv-heads {} {} layers {} pairs of {} blocks{} seed {}",
+            "copy_blocks {} {} h{} b{} kv-heads {} layers {} pairs {} blocks {}{} seed {}",
             self.layout,
             self.dtype,
             self.head_size,
@@ -778,7 +793,7 @@ impl std::fmt::Display for SwapCase {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "swap_blocks {} {} {} h{} b{} kv-heads {} {} of {} blocks into {} seed {}",
+            "swap_blocks {} {} {} h{} b{} kv-heads {} pairs {} blocks {}->{} seed {}",
             self.direction,
             self.layout,
             self.dtype,
