@@ -735,9 +735,11 @@ impl ReshapeCase {
         let (key_cache, value_cache) = match self.layout {
             CacheLayout::Vllm => {
                 let x = self.dtype.x();
-                // Padded head and block strides (whole 16-byte chunks), caches 16 bytes into their storage.
+                // Padded head and block strides (whole 16-byte chunks), the key cache 16 bytes into
+                // its storage (one element more, not 16-byte aligned, when the key rows are not either).
                 let (hs_k, bs_k) = (d * bs + x, h * (d * bs + x) + 2 * x);
-                let k = cache_view(st, &[nb, h, d / x, bs, x], &[bs_k, hs_k, bs * x, x, 1], x, x + nb * bs_k, nan, &mut rng);
+                let k_off = x + (self.kv_offset == 1) as usize;
+                let k = cache_view(st, &[nb, h, d / x, bs, x], &[bs_k, hs_k, bs * x, x, 1], k_off, k_off + nb * bs_k, nan, &mut rng);
                 let (hs_v, bs_v) = (d * bs + 1, h * (d * bs + 1) + 3);
                 let v = cache_view(st, &[nb, h, d, bs], &[bs_v, hs_v, bs, 1], 2, 2 + nb * bs_v, nan, &mut rng);
                 (k, v)
@@ -865,7 +867,8 @@ fn gpu_reshape_block_sizes() {
     common::gpu_of(&mut device).check_status().unwrap();
 }
 
-/// Head sizes past paged attention's: the vLLM-layout kernel's tile shrinks (11, 5, 2 tokens per CTA).
+/// Head sizes past paged attention's: the vLLM-layout kernel's tile shrinks (f32: 11, 5, 2 tokens
+/// per CTA).
 #[test]
 fn gpu_reshape_large_heads() {
     let Some(mut device) = gpu_or_skip!() else { return };
@@ -1061,6 +1064,14 @@ fn gpu_swap_blocks_device_to_device() {
         let mut got = device.upload(&dst).unwrap();
         swap_blocks(&device, &src_dev, &mut got, &mapping).unwrap();
         assert_same_bits(&got, &want, &format!("swap_blocks {dtype}"));
+        // A contiguous destination: blocks 0, 1, 2 -> 1, 2, 3 are adjacent on both sides (one copy).
+        let dst = random(st, &[5, bs, h, d], &mut rng);
+        let mapping = i64s(&[4, 2], &[0, 1, 1, 2, 2, 3, 6, 0]);
+        let mut want = dst.to_cpu().unwrap();
+        swap_blocks(&Device::Cpu, &src, &mut want, &mapping).unwrap();
+        let mut got = device.upload(&dst).unwrap();
+        swap_blocks(&device, &src_dev, &mut got, &mapping).unwrap();
+        assert_same_bits(&got, &want, &format!("swap_blocks {dtype}, a run of adjacent blocks"));
     }
     common::gpu_of(&mut device).check_status().unwrap();
 }
@@ -1153,8 +1164,8 @@ fn gpu_swap_blocks_with_pinned_host_memory() {
         common::gpu_of(&mut device).synchronize().unwrap();
         assert_same_bits(&kv, &kv_want, &format!("swap out {dtype}"));
 
-        // In: pinned key half -> GPU blocks.
-        let into = i64s(&[2, 2], &[1, 4, 5, 0]);
+        // In: pinned key half -> GPU blocks (blocks 2, 3, 4 -> 5, 6, 7 are one run of copies).
+        let into = i64s(&[5, 2], &[1, 4, 2, 5, 3, 6, 4, 7, 5, 0]);
         let mut gpu_want = gpu_host.to_cpu().unwrap();
         swap_blocks(&Device::Cpu, &kv_want.select(1, 0).unwrap(), &mut gpu_want, &into).unwrap();
         swap_blocks(&device, &pinned_key, &mut on_gpu, &into).unwrap();
@@ -1278,14 +1289,17 @@ impl RoundTrip {
     }
 }
 
-/// Keys and values written on the GPU by `reshape_and_cache` and read by `paged_attention_v1` on
-/// the GPU match the CPU backend doing both (caches bit for bit, attention within tolerance).
+/// Keys and values written on the GPU by `reshape_and_cache` and read by paged attention (v1, and
+/// v2 with 512- and 32-token partitions) on the GPU match the CPU backend doing both (caches bit for
+/// bit, attention within tolerance).
 #[test]
 fn gpu_reshape_then_paged_attention_round_trip() {
     let Some(mut device) = gpu_or_skip!() else { return };
     let mut i = 0u64;
     for &dtype in DTYPES {
-        for &(heads, head_size, block_size) in &[((8, 2), 128, 16), ((4, 4), 64, 8), ((16, 1), 256, 32), ((12, 4), 80, 16)] {
+        for &(heads, head_size, block_size) in
+            &[((8, 2), 128, 16), ((4, 4), 64, 8), ((16, 1), 256, 32), ((12, 4), 80, 16), ((8, 1), 128, 64), ((4, 2), 96, 256)]
+        {
             let lens = [1, block_size - 1, 3 * block_size + 5, 200 + 17 * i as usize];
             let rt = RoundTrip::new(dtype, heads, head_size, block_size, &lens, 3000 + i);
             let what = format!("round trip {dtype} heads {heads:?} h{head_size} b{block_size}");
@@ -1296,7 +1310,7 @@ fn gpu_reshape_then_paged_attention_round_trip() {
             let want = common::reference(&rt.inputs(kc_cpu, vc_cpu));
             let host = rt.inputs(kc, vc);
             let query = device.upload(&host.query).unwrap();
-            for mode in [common::Mode::V1, common::Mode::V2(64)] {
+            for mode in common::MODES {
                 let got = run_op(&device, &PagedAttentionArgs { query: &query, ..host.args() }, mode).unwrap();
                 assert_matches(&got, &want, dtype, &format!("{what} {mode}"));
             }
@@ -1357,6 +1371,10 @@ fn gpu_cache_ops_bandwidth_note() {
             ms * 1e3,
             gbps(moved, ms)
         ));
+        // Decode: 256 sequences, one token each, at random slots (the first 256 rows of the keys).
+        let decode = device.upload(&i64s(&[256], &(0..256).map(|i| blocks[i] * bs as i64 + (i % bs) as i64).collect::<Vec<_>>())).unwrap();
+        let ms = time_ms(&device, 21, || reshape(&device, layout, &key, &value, &mut kc, &mut vc, &decode).unwrap());
+        common::note(&format!("{layout:?} reshape_and_cache bf16 decode, 256 scattered tokens: {:.1} us", ms * 1e3));
     }
 
     let (layers, pairs, cb_blocks) = (8, 256, 1024);
@@ -1389,7 +1407,15 @@ fn gpu_cache_ops_bandwidth_note() {
     let out = i64s(&[pairs, 2], &out);
     let ms = time_ms(&device, 11, || swap_blocks(&device, &src, &mut pinned, &out).unwrap());
     common::note(&format!(
-        "swap_blocks GPU->pinned bf16 {pairs} blocks of {block_bytes} B: {:.1} us, {:.1} GB/s",
+        "swap_blocks GPU->pinned bf16 {pairs} scattered blocks of {block_bytes} B: {:.1} us, {:.1} GB/s",
+        ms * 1e3,
+        gbps(pairs * block_bytes, ms)
+    ));
+    let run: Vec<i64> = (0..pairs as i64).flat_map(|i| [100 + i, i]).collect();
+    let run = i64s(&[pairs, 2], &run);
+    let ms = time_ms(&device, 11, || swap_blocks(&device, &src, &mut pinned, &run).unwrap());
+    common::note(&format!(
+        "swap_blocks GPU->pinned bf16 {pairs} adjacent blocks of {block_bytes} B: {:.1} us, {:.1} GB/s",
         ms * 1e3,
         gbps(pairs * block_bytes, ms)
     ));

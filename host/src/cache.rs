@@ -13,9 +13,9 @@
 
 use std::collections::HashMap;
 
-use cudarc::driver::LaunchConfig;
+use cudarc::driver::{DevicePtr, LaunchConfig};
 use pagedattn_layout::cache::{
-    COPY_BLOCKS_THREADS, RESHAPE_MAX_SMEM_BYTES, RESHAPE_TILE_THREADS, reshape_threads, reshape_tile_tokens, reshape_tile_words,
+    COPY_BLOCKS_THREADS, RESHAPE_MAX_SMEM_BYTES, RESHAPE_TILE_THREADS, reshape_threads, reshape_tile_bytes, reshape_tile_tokens,
 };
 use pagedattn_layout::{CopyBlocksParams, DType, KernelFamily, ReshapeAndCacheFlashParams, ReshapeAndCacheParams};
 
@@ -66,6 +66,11 @@ pub struct ReshapePlan {
 /// - `slot_mapping`: `[num_tokens]` i64, contiguous: token `t` goes to block `s / block_size`, offset
 ///   `s % block_size` (`s = slot_mapping[t]`); negative slots are padding and skipped.
 ///
+/// Any block size; head sizes up to 6140 (f32) or 12280 (f16/bf16), the largest whose keys and
+/// values of one token fit the kernel's shared-memory tile. The two caches may be views of one
+/// allocation, but must not overlap each other or `key`/`value` (the result would be unspecified;
+/// nothing is written outside the views either way).
+///
 /// A host `slot_mapping` is checked entry by entry (a slot `>= num_blocks * block_size`, or one that
 /// two tokens share, is [`Error::HostData`]) and copied to the device. A device `slot_mapping` is
 /// guarded by the kernel (an out-of-range slot is skipped and raises `BAD_SLOT`); when two tokens
@@ -87,7 +92,7 @@ pub fn reshape_and_cache(
 /// `[2, num_blocks, block_size, H, D]` tensor (key = `kv[0]`, value = `kv[1]`), the
 /// `[num_blocks, 2, block_size, H, D]` one and the HND layout `[num_blocks, H, block_size, D]`
 /// (viewed with permuted strides) all work. Rows are copied 16 bytes at a time where every row is
-/// 16-byte aligned.
+/// 16-byte aligned. Slots, padding and errors as in [`reshape_and_cache`] (any head size).
 pub fn reshape_and_cache_flash(
     device: &Device,
     key: &Tensor,
@@ -302,7 +307,7 @@ pub fn validate_reshape(
     let num_slots = num_blocks.checked_mul(block_size).ok_or_else(|| too_big(op, "num_blocks * block_size", num_blocks, "u64::MAX"))?;
     if layout == CacheLayout::Vllm {
         // The kernel tiles (tokens, one KV head) in shared memory: heads on grid.y, block ids as u32.
-        if reshape_tile_tokens(head_size, x) == 0 {
+        if reshape_tile_tokens(head_size, dtype.size_bytes()) == 0 {
             return Err(Error::Unsupported {
                 op,
                 what: "head_size",
@@ -343,8 +348,9 @@ pub fn validate_reshape(
 
 /// The largest head size with a `reshape_and_cache` tile of at least one token.
 fn max_tile_head_size(x: usize) -> usize {
-    // `reshape_tile_words(1, d, x) = 2d + x + 3` words must fit, and d is a multiple of x.
-    (RESHAPE_MAX_SMEM_BYTES / 4 - x - 3) / 2 / x * x
+    // `reshape_tile_bytes(1, d, es) = (2d + x + 2) * es + 8` must fit, and d is a multiple of x.
+    let es = 16 / x;
+    ((RESHAPE_MAX_SMEM_BYTES - 8) / es - x - 2) / 2 / x * x
 }
 
 /// Checks a host `slot_mapping`: every non-negative slot below `num_slots`, no slot named twice.
@@ -400,13 +406,19 @@ fn launch_reshape(
     let func = gpu.function(KernelFamily::Cache, symbol)?;
     match plan.layout {
         CacheLayout::Vllm => {
-            let x = plan.dtype.x();
-            let tokens_per_cta = reshape_tile_tokens(plan.head_size, x);
+            let es = plan.dtype.size_bytes();
+            let tokens_per_cta = reshape_tile_tokens(plan.head_size, es);
             let cfg = LaunchConfig {
                 grid_dim: (plan.num_tokens.div_ceil(tokens_per_cta) as u32, plan.num_kv_heads as u32, 1),
                 block_dim: (RESHAPE_TILE_THREADS as u32, 1, 1),
-                shared_mem_bytes: (4 * reshape_tile_words(tokens_per_cta, plan.head_size, x)) as u32,
+                shared_mem_bytes: reshape_tile_bytes(tokens_per_cta, plan.head_size, es) as u32,
             };
+            // 16-byte accesses: the device base of every storage is 256-byte aligned, so a row or
+            // chunk is 16-byte aligned exactly when its element offset is a multiple of x.
+            let aligned = |t: &Tensor, axes: usize| {
+                (t.offset() * es).is_multiple_of(16) && t.strides()[..axes].iter().all(|s| (s * es).is_multiple_of(16))
+            };
+            let (kv_vec16, key_cache_vec16) = (aligned(key, 2) && aligned(value, 2), aligned(key_cache, 2));
             log::debug!("{symbol}: grid {:?}, {} threads, {} B shared", cfg.grid_dim, cfg.block_dim.0, cfg.shared_mem_bytes);
             let params = ReshapeAndCacheParams {
                 key: ptr(key),
@@ -429,12 +441,15 @@ fn launch_reshape(
                 value_cache_stride_block: vcs[0] as u32,
                 value_cache_stride_head: vcs[1] as u32,
                 tokens_per_cta: tokens_per_cta as u32,
+                kv_vec16: kv_vec16 as u32,
+                key_cache_vec16: key_cache_vec16 as u32,
                 _pad: 0,
             };
             // SAFETY: `ReshapeAndCacheParams` is the kernel's parameter type; `validate_reshape`
             // checked every shape, stride, dtype and size it addresses with (the kernel reads slot
             // entries and rows only below `num_tokens`; grid.y is `num_kv_heads`; the dynamic shared
-            // memory is the tile the kernel carves up for `tokens_per_cta`); the slot copy lives until
+            // memory is the tile the kernel carves up for `tokens_per_cta`; the vec16 flags are set only
+            // for 16-byte aligned rows and chunks); the slot copy lives until
             // its stream-ordered free after the kernel; device-side slots are bounds-checked in the kernel.
             unsafe { launch::launch(gpu.stream(), &func, cfg, &params) }
         }
@@ -690,7 +705,6 @@ fn launch_copy_blocks(
     // The per-layer base addresses, uploaded like a host table (freed stream-ordered after the kernel).
     let key_ptrs = gpu.stream().clone_htod(&key_caches.iter().map(|t| ptr(t)).collect::<Vec<u64>>())?;
     let value_ptrs = gpu.stream().clone_htod(&value_caches.iter().map(|t| ptr(t)).collect::<Vec<u64>>())?;
-    use cudarc::driver::DevicePtr;
     let params = CopyBlocksParams {
         key_cache_ptrs: key_ptrs.device_ptr(gpu.stream()).0,
         value_cache_ptrs: value_ptrs.device_ptr(gpu.stream()).0,
@@ -818,17 +832,26 @@ fn copy_swap_gpu(gpu: &Gpu, plan: &SwapBlocksPlan, src: &Tensor, dst: &mut Tenso
         t.raw_ptr().ok_or_else(|| Error::Device { op: SWAP, tensor: name, got: t.storage().location(), expected: "a mapped address" })
     };
     let (s0, d0) = (base("src", src)?, base("dst", dst)?);
-    let stream = gpu.stream().cu_stream();
-    log::debug!("swap_blocks: {} copies of {} bytes", plan.num_pairs, plan.block_bytes);
+    // Pairs whose blocks follow the previous pair's in both tensors extend its copy: one driver call
+    // per run of adjacent blocks (each call costs microseconds, about a 32 KiB block over PCIe).
+    let mut runs: Vec<(u64, u64, usize)> = Vec::new();
     for p in pairs.chunks_exact(2) {
         let s = s0 + p[0] as u64 * plan.src_block_stride_bytes as u64;
         let d = d0 + p[1] as u64 * plan.dst_block_stride_bytes as u64;
-        // SAFETY: `validate_swap_blocks` checked both ids against their tensors' num_blocks and that a
-        // block is `block_bytes` contiguous bytes of its view, so both spans lie inside the views'
-        // allocations. Device memory is freed stream-ordered after the copy; pinned memory must stay
-        // alive until the caller synchronizes (the documented contract of `swap_blocks` and of
-        // `Tensor::raw_ptr`).
-        unsafe { cudarc::driver::sys::cuMemcpyAsync(d, s, plan.block_bytes, stream) }.result()?;
+        match runs.last_mut() {
+            Some((rs, rd, n)) if *rs + *n as u64 == s && *rd + *n as u64 == d => *n += plan.block_bytes,
+            _ => runs.push((s, d, plan.block_bytes)),
+        }
+    }
+    let stream = gpu.stream().cu_stream();
+    log::debug!("swap_blocks: {} blocks of {} bytes in {} copies", plan.num_pairs, plan.block_bytes, runs.len());
+    for (s, d, n) in runs {
+        // SAFETY: `validate_swap_blocks` checked both ids of every pair against their tensors'
+        // num_blocks and that a block is `block_bytes` contiguous bytes of its view, so each span (a
+        // block, or a run of blocks adjacent in memory) lies inside the views' allocations. Device
+        // memory is freed stream-ordered after the copy; pinned memory must stay alive until the
+        // caller synchronizes (the documented contract of `swap_blocks` and of `Tensor::raw_ptr`).
+        unsafe { cudarc::driver::sys::cuMemcpyAsync(d, s, n, stream) }.result()?;
     }
     Ok(())
 }

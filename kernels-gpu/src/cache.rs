@@ -12,13 +12,15 @@
 //! - `reshape_and_cache_flash`: `key_cache`, `value_cache` `[num_blocks, block_size, num_kv_heads,
 //!   head_size]`, block/slot/head strides per cache.
 //!
-//! Thread mapping of `reshape_and_cache` (vLLM layout): a CTA takes `tokens_per_cta` consecutive
-//! tokens of one KV head (grid `(ceil(num_tokens / tokens_per_cta), num_kv_heads)`) and transposes
-//! them through shared memory: the rows are read along the head dim (coalesced), then written with
-//! the token index fastest, so when consecutive tokens have consecutive slots (a prefill) the value
-//! cache receives whole 32-byte sectors (`[.., dim, slot]` is contiguous in the slot) and the key
-//! cache 16-token runs of 16-byte chunks. One token per CTA, as in vLLM, wrote the value cache one
-//! element per sector.
+//! Thread mapping of `reshape_and_cache` (vLLM layout): a CTA takes `tokens_per_cta` (16, fewer for
+//! heads past 256) consecutive tokens of one KV head (grid `(ceil(num_tokens / tokens_per_cta),
+//! num_kv_heads)`, `RESHAPE_TILE_THREADS` threads) and transposes them through shared memory: the
+//! rows are read along the head dim, 16 bytes per thread where aligned; then lane `l` of warp `w`
+//! writes token `l % 16`'s dims (and key chunks) `2w + l / 16`, `2w + l / 16 + 2 * num_warps`, ...
+//! So when consecutive tokens have consecutive slots (a prefill) a warp writes 64 contiguous bytes
+//! of the value cache (`[.., dim, slot]` is contiguous in the slot; bf16) and 256-byte runs of
+//! 16-byte key chunks. One token per CTA, vLLM's mapping, wrote the value cache one element per
+//! 32-byte sector (5x slower at prefill sizes).
 //!
 //! `reshape_and_cache_flash`: one CTA per token (grid `num_tokens`); its threads walk the token's
 //! `num_kv_heads * head_size` elements (16-byte chunks when `vec16` is set) with a block-stride
@@ -32,8 +34,9 @@
 //! used as an address; that token or pair is skipped and a flag is OR-ed into the status word.
 
 use crate::intrinsics::{
-    Chunk, atomic_or, block_dim_x, block_idx_x, block_idx_y, dynamic_smem, load_chunk, store_chunk, sync_threads, thread_idx_x,
+    Chunk, atomic_or, block_dim_x, block_idx_x, block_idx_y, dynamic_smem_chunks, load_chunk, store_chunk, sync_threads, thread_idx_x,
 };
+use pagedattn_layout::cache::RESHAPE_TILE_TOKENS;
 use pagedattn_layout::{CopyBlocksParams, ReshapeAndCacheFlashParams, ReshapeAndCacheParams, status};
 
 /// ORs `flag` into the status word, if there is one.
@@ -75,31 +78,23 @@ unsafe fn token_slot(
     Some(((slot / bs) as usize, (slot % bs) as usize))
 }
 
-/// The bits of a cache element (`u16` or `u32`), widened to a shared-memory word and back.
+/// The bits of a cache element (`u16` or `u32`).
 pub trait Bits: Copy {
-    fn to_word(self) -> u32;
-    fn from_word(w: u32) -> Self;
+    /// Element `j` (`< 16 / size`) of a 16-byte chunk.
+    fn from_chunk(c: &Chunk, j: usize) -> Self;
 }
 
 impl Bits for u16 {
     #[inline(always)]
-    fn to_word(self) -> u32 {
-        self as u32
-    }
-    #[inline(always)]
-    fn from_word(w: u32) -> Self {
-        w as u16
+    fn from_chunk(c: &Chunk, j: usize) -> Self {
+        (c.0[j / 2] >> (16 * (j % 2))) as u16
     }
 }
 
 impl Bits for u32 {
     #[inline(always)]
-    fn to_word(self) -> u32 {
-        self
-    }
-    #[inline(always)]
-    fn from_word(w: u32) -> Self {
-        w
+    fn from_chunk(c: &Chunk, j: usize) -> Self {
+        c.0[j]
     }
 }
 
@@ -107,22 +102,30 @@ impl Bits for u32 {
 const NO_BLOCK: u32 = u32::MAX;
 
 /// # Safety
-/// Launched with grid `(ceil(num_tokens / tokens_per_cta), num_kv_heads)` and
-/// `4 * reshape_tile_words(tokens_per_cta, head_size, x)` bytes of dynamic shared memory on buffers
-/// the host validated for `p`; `T` has the caches' element size.
+/// Launched with grid `(ceil(num_tokens / tokens_per_cta), num_kv_heads)`, a multiple of 32
+/// threads and `reshape_tile_bytes(tokens_per_cta, head_size, size_of::<T>())` bytes of dynamic
+/// shared memory, on buffers the host validated for `p` (`kv_vec16`, `key_cache_vec16`: the
+/// host's alignment promises); `T` has the caches' element size.
 #[inline(always)]
 pub unsafe fn reshape_and_cache<T: Bits>(p: &ReshapeAndCacheParams) {
     let x = const { 16 / core::mem::size_of::<T>() };
     let (tile, head) = (block_idx_x(), block_idx_y());
     let (tid, nthreads) = (thread_idx_x(), block_dim_x());
+    let (warp, lane, nwarps) = (tid / 32, tid % 32, nthreads / 32);
     let (tok_n, d) = (p.tokens_per_cta as usize, p.head_size as usize);
+    let chunks = d / x;
     let t0 = tile * tok_n;
     let num_tokens = p.num_tokens as usize;
-    // Shared memory (u32 words): keys [tok_n][d + x], values [tok_n][d + 1], blocks and offsets [tok_n].
-    let smem = dynamic_smem() as *mut u32;
-    let (kw, vw) = (d + x, d + 1);
-    // SAFETY: offsets inside the launch-sized carve-up (`reshape_tile_words`).
-    let (k_s, v_s, blk_s, off_s) = unsafe { (smem, smem.add(tok_n * kw), smem.add(tok_n * (kw + vw)), smem.add(tok_n * (kw + vw + 1))) };
+    // Shared memory: keys [tok_n][d + x] and values [tok_n][d + 2] (elements), then blocks and
+    // offsets [tok_n] (u32); see `reshape_tile_bytes`.
+    let (kw, vw) = (d + x, d + 2);
+    let smem = dynamic_smem_chunks() as *mut T;
+    // SAFETY: offsets inside the launch-sized carve-up; the key rows are whole chunks, so the key
+    // tile is 16-byte aligned like the base, and the u32 regions start on an even element count
+    // (d is a multiple of x, x is even) of at least 2-byte elements: 4-byte aligned.
+    let (k_s, v_s, blk_s) = unsafe { (smem, smem.add(tok_n * kw), smem.add(tok_n * (kw + vw)) as *mut u32) };
+    // SAFETY: the offsets follow the blocks in the carve-up.
+    let off_s = unsafe { blk_s.add(tok_n) };
 
     // Each token's destination (one thread per token, which also reports a bad slot).
     if tid < tok_n {
@@ -143,51 +146,81 @@ pub unsafe fn reshape_and_cache<T: Bits>(p: &ReshapeAndCacheParams) {
             *off_s.add(tid) = o;
         }
     }
-    // The tile's rows, along the head dim (coalesced reads).
+
+    // The tile's rows, along the head dim: 16 bytes at a time when the rows are aligned.
     let (key, value) = (p.key as *const T, p.value as *const T);
-    let mut i = tid;
-    while i < tok_n * d {
-        let (tok, e) = (i / d, i % d);
-        let t = t0 + tok;
-        if t < num_tokens {
-            // SAFETY: t < num_tokens, head < num_kv_heads, e < head_size: inside the validated key and
-            // value; tok < tok_n and e < d inside the key and value regions of the tile.
+    let rows = if num_tokens - t0 < tok_n { num_tokens - t0 } else { tok_n };
+    if p.kv_vec16 != 0 {
+        let mut i = tid;
+        while i < rows * chunks {
+            let (tok, c) = (i / chunks, i % chunks);
+            // SAFETY: t0 + tok < num_tokens, head < num_kv_heads, chunk c < head_size / x: inside the
+            // validated key and value, 16-byte aligned (`kv_vec16`); the tile rows hold d elements.
             unsafe {
-                *k_s.add(tok * kw + e) = (*key.add(p.key_offset(t, head, e))).to_word();
-                *v_s.add(tok * vw + e) = (*value.add(p.value_offset(t, head, e))).to_word();
+                let kc = load_chunk(key.add(p.key_offset(t0 + tok, head, c * x)));
+                let vc = load_chunk(value.add(p.value_offset(t0 + tok, head, c * x)));
+                store_chunk(k_s.add(tok * kw + c * x), kc);
+                for j in 0..x {
+                    *v_s.add(tok * vw + c * x + j) = T::from_chunk(&vc, j);
+                }
             }
+            i += nthreads;
         }
-        i += nthreads;
+    } else {
+        let mut i = tid;
+        while i < rows * d {
+            let (tok, e) = (i / d, i % d);
+            // SAFETY: as above, one element at a time.
+            unsafe {
+                *k_s.add(tok * kw + e) = *key.add(p.key_offset(t0 + tok, head, e));
+                *v_s.add(tok * vw + e) = *value.add(p.value_offset(t0 + tok, head, e));
+            }
+            i += nthreads;
+        }
     }
     sync_threads();
 
-    // Token fastest: consecutive threads write consecutive slots when the slots are consecutive.
+    // Token fastest: lane -> (token lane % 16, second index lane / 16), warps over the rest, so
+    // consecutive lanes write consecutive slots when the slots are consecutive.
+    let (tok, sub) = (lane % RESHAPE_TILE_TOKENS, lane / RESHAPE_TILE_TOKENS);
+    // SAFETY: tok < tok_n inside the blocks/offsets regions.
+    let b = if tok < tok_n { unsafe { *blk_s.add(tok) } } else { NO_BLOCK };
+    if b == NO_BLOCK {
+        return;
+    }
+    // SAFETY: as above.
+    let o = unsafe { *off_s.add(tok) } as usize;
+    let b = b as usize;
     let (key_cache, value_cache) = (p.key_cache as *mut T, p.value_cache as *mut T);
-    let mut i = tid;
-    while i < tok_n * d {
-        // Value `[.., dim, slot]`: thread -> (dim = i / tok_n, token = i % tok_n).
-        let (e, tok) = (i / tok_n, i % tok_n);
-        // SAFETY: tok < tok_n inside the blocks/offsets regions and (tok, e) inside the value tile; a
-        // block other than NO_BLOCK is < num_blocks and its offset < block_size (`token_slot`).
+    // Value `[block, head, dim, slot]`: dims warp * 2 + sub, stepping by all the warps' pairs.
+    // SAFETY: b < num_blocks and o < block_size (`token_slot`), head < num_kv_heads: the slot's
+    // column of this head in the validated value cache; dims below d; (tok, e) inside the tile.
+    unsafe {
+        let col = value_cache.add(p.value_cache_offset(b, head, 0, o));
+        let bs = p.block_size as usize;
+        let mut e = warp * 2 + sub;
+        while e < d {
+            *col.add(e * bs) = *v_s.add(tok * vw + e);
+            e += 2 * nwarps;
+        }
+    }
+    // Key `[block, head, chunk, slot, x]`: whole chunks, same mapping over the chunks.
+    let mut c = warp * 2 + sub;
+    while c < chunks {
+        // SAFETY: chunk c of the slot in the validated key cache (16-byte aligned when
+        // `key_cache_vec16`); the tile's chunk c of this token (16-byte aligned: rows of whole chunks).
         unsafe {
-            let b = *blk_s.add(tok);
-            if b != NO_BLOCK {
-                let at = p.value_cache_offset(b as usize, head, e, *off_s.add(tok) as usize);
-                *value_cache.add(at) = T::from_word(*v_s.add(tok * vw + e));
+            let dst = key_cache.add(p.key_cache_offset(b, head, c * x, o, x));
+            let src = k_s.add(tok * kw + c * x);
+            if p.key_cache_vec16 != 0 {
+                store_chunk(dst, load_chunk(src));
+            } else {
+                for j in 0..x {
+                    *dst.add(j) = *src.add(j);
+                }
             }
         }
-        // Key `[.., chunk, slot, x]`: thread -> (chunk, token, element), element fastest.
-        let (c, tok, el) = (i / (x * tok_n), i / x % tok_n, i % x);
-        let e = c * x + el;
-        // SAFETY: as above, for the key tile (e < d since d is a multiple of x).
-        unsafe {
-            let b = *blk_s.add(tok);
-            if b != NO_BLOCK {
-                let at = p.key_cache_offset(b as usize, head, e, *off_s.add(tok) as usize, x);
-                *key_cache.add(at) = T::from_word(*k_s.add(tok * kw + e));
-            }
-        }
-        i += nthreads;
+        c += 2 * nwarps;
     }
 }
 

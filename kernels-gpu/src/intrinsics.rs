@@ -129,6 +129,12 @@ pub fn dynamic_smem() -> *mut f32 {
     core::intrinsics::gpu::gpu_launch_sized_workgroup_mem::<f32>()
 }
 
+/// The CTA's dynamic shared memory (sized at launch), as 16-byte chunks (16-byte aligned).
+#[inline(always)]
+pub fn dynamic_smem_chunks() -> *mut Chunk {
+    core::intrinsics::gpu::gpu_launch_sized_workgroup_mem::<Chunk>()
+}
+
 /// `2^x` on the SFU (`ex2.approx`).
 #[inline(always)]
 pub fn exp2(x: f32) -> f32 {

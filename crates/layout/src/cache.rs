@@ -24,25 +24,28 @@ pub const RESHAPE_TILE_THREADS: usize = 256;
 pub const RESHAPE_TILE_TOKENS: usize = 16;
 /// Dynamic shared memory a `reshape_and_cache` CTA may use (the default limit, no opt-in needed).
 pub const RESHAPE_MAX_SMEM_BYTES: usize = 48 * 1024;
+/// Threads per CTA of `copy_blocks`.
+pub const COPY_BLOCKS_THREADS: usize = 256;
 
-/// Shared-memory words (`u32`, one per element) of a `reshape_and_cache` tile of `tokens` tokens:
-/// keys `[tokens, head_size + x]`, values `[tokens, head_size + 1]` (the padding keeps the
-/// transposed reads free of bank conflicts), then the tokens' blocks and offsets `[tokens]` each.
-pub const fn reshape_tile_words(tokens: usize, head_size: usize, x: usize) -> usize {
-    tokens * (2 * head_size + x + 3)
+/// Shared-memory bytes of a `reshape_and_cache` tile of `tokens` tokens with elements of
+/// `elem_bytes` (`x = 16 / elem_bytes`): keys `[tokens, head_size + x]` (rows of whole 16-byte
+/// chunks, one chunk of padding so that 16-byte reads of one chunk across tokens do not conflict),
+/// values `[tokens, head_size + 2]` (the padding spreads the token-fastest reads over the banks), then
+/// the tokens' blocks and offsets (`u32`, `[tokens]` each). `head_size` is a multiple of `x`.
+pub const fn reshape_tile_bytes(tokens: usize, head_size: usize, elem_bytes: usize) -> usize {
+    let x = 16 / elem_bytes;
+    tokens * ((2 * head_size + x + 2) * elem_bytes + 8)
 }
 
 /// Tokens per `reshape_and_cache` CTA for a head size: [`RESHAPE_TILE_TOKENS`], or fewer when that
 /// tile would not fit [`RESHAPE_MAX_SMEM_BYTES`]; 0 when not even one token fits.
-pub const fn reshape_tile_tokens(head_size: usize, x: usize) -> usize {
-    let fit = RESHAPE_MAX_SMEM_BYTES / 4 / reshape_tile_words(1, head_size, x);
+pub const fn reshape_tile_tokens(head_size: usize, elem_bytes: usize) -> usize {
+    let fit = RESHAPE_MAX_SMEM_BYTES / reshape_tile_bytes(1, head_size, elem_bytes);
     if fit < RESHAPE_TILE_TOKENS { fit } else { RESHAPE_TILE_TOKENS }
 }
-/// Threads per CTA of `copy_blocks`.
-pub const COPY_BLOCKS_THREADS: usize = 256;
 
-/// Threads of a reshape CTA that moves `units` items per token: one per item, in whole warps, capped
-/// at [`RESHAPE_MAX_THREADS`].
+/// Threads of a `reshape_and_cache_flash` CTA that moves `units` items per token: one per item, in
+/// whole warps, capped at [`RESHAPE_MAX_THREADS`].
 pub const fn reshape_threads(units: usize) -> usize {
     let t = units.div_ceil(32) * 32;
     if t > RESHAPE_MAX_THREADS {
@@ -56,8 +59,8 @@ pub const fn reshape_threads(units: usize) -> usize {
 
 /// Kernel parameters of `reshape_and_cache_<dtype>`, passed by value. Pointers are device addresses,
 /// strides are in elements. Grid `(ceil(num_tokens / tokens_per_cta), num_kv_heads)`,
-/// [`RESHAPE_TILE_THREADS`] threads, `4 * reshape_tile_words(tokens_per_cta, head_size, x)` bytes of
-/// dynamic shared memory.
+/// [`RESHAPE_TILE_THREADS`] threads, [`reshape_tile_bytes`]`(tokens_per_cta, head_size, element
+/// size)` bytes of dynamic shared memory.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct ReshapeAndCacheParams {
@@ -91,10 +94,14 @@ pub struct ReshapeAndCacheParams {
     pub value_cache_stride_head: u32,
     /// Consecutive tokens per CTA ([`reshape_tile_tokens`]).
     pub tokens_per_cta: u32,
+    /// 1 when every row of `key` and `value` starts on a 16-byte boundary (16-byte loads).
+    pub kv_vec16: u32,
+    /// 1 when every 16-byte chunk of the key cache is 16-byte aligned (16-byte stores).
+    pub key_cache_vec16: u32,
     pub _pad: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<ReshapeAndCacheParams>() == 7 * 8 + 14 * 4);
+const _: () = assert!(core::mem::size_of::<ReshapeAndCacheParams>() == 7 * 8 + 16 * 4);
 const _: () = assert!(core::mem::align_of::<ReshapeAndCacheParams>() == 8);
 
 impl ReshapeAndCacheParams {
@@ -277,14 +284,15 @@ mod tests {
 
     #[test]
     fn reshape_tiles_fit() {
-        // Every head size up to 256 gets a whole tile, larger ones fewer tokens, huge ones none.
-        for x in [4, 8] {
-            assert_eq!(reshape_tile_tokens(1024, x), 5);
-            assert_eq!(reshape_tile_tokens(256, x), RESHAPE_TILE_TOKENS);
-            let t = reshape_tile_tokens(256, x);
-            assert!(4 * reshape_tile_words(t, 256, x) <= RESHAPE_MAX_SMEM_BYTES);
+        for es in [2, 4] {
+            assert_eq!(reshape_tile_tokens(256, es), RESHAPE_TILE_TOKENS);
+            for d in [256, 512, 1024, 4096] {
+                let t = reshape_tile_tokens(d, es);
+                assert!(t >= 1 && reshape_tile_bytes(t, d, es) <= RESHAPE_MAX_SMEM_BYTES, "d {d} es {es}");
+            }
         }
-        assert_eq!(reshape_tile_tokens(6144, 4), 0);
+        assert_eq!(reshape_tile_tokens(1024, 4), 5);
+        assert_eq!(reshape_tile_tokens(8192, 4), 0);
     }
 
     #[test]
