@@ -162,7 +162,7 @@ pub fn info(a: InfoArgs) -> CliResult {
                 "auto_sm_count": sms,
                 "auto_v1_min_ctas": min_ctas,
             },
-            "swap_blocks": "no kernel: one cuMemcpyAsync per block",
+            "swap_blocks": "no kernel: one cuMemcpyAsync per run of blocks adjacent in both caches",
         });
         println!("{}", serde_json::to_string_pretty(&v).map_err(|e| CliError::Io(e.to_string()))?);
         return Ok(());
@@ -208,7 +208,7 @@ pub fn info(a: InfoArgs) -> CliResult {
         last = Some(family);
         println!("  {name:<16}{}", group_line(kernel, &vs));
     }
-    println!("  swap_blocks has no kernel: one cuMemcpyAsync per block.");
+    println!("  swap_blocks has no kernel: one cuMemcpyAsync per run of blocks adjacent in both caches.");
 
     println!("\nPaged attention versions (one decode kernel per variant serves both):");
     println!("  v1    {V1}.");
