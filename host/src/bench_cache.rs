@@ -3,7 +3,9 @@
 //! each, "cold", and of back-to-back runs, "hot"), the bytes it moves per call, and its rate as a
 //! share of a copy ceiling measured on the same device: a device-to-device copy for the on-device
 //! ops, and for `swap_blocks` a single copy of the same total size in the same direction (pinned
-//! host memory for the host end). After the timed runs every point's result is checked bit for bit.
+//! host memory for the host end). After the timed runs every point's result is checked bit for bit:
+//! the reshape ops' whole caches against the CPU backend, every copied or swapped block against its
+//! source.
 //!
 //! Library code: nothing here prints; [`run`] reports through a callback and returns a [`Report`].
 
