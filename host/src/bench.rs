@@ -118,7 +118,7 @@ pub enum Progress<'a> {
     Done { index: usize, point: &'a Point },
 }
 
-fn ser_dtype<S: serde::Serializer>(d: &DType, s: S) -> std::result::Result<S::Ok, S::Error> {
+pub(crate) fn ser_dtype<S: serde::Serializer>(d: &DType, s: S) -> std::result::Result<S::Ok, S::Error> {
     s.serialize_str(d.name())
 }
 
@@ -130,7 +130,7 @@ fn ser_versions<S: serde::Serializer>(v: &[Version], s: S) -> std::result::Resul
     s.collect_seq(v.iter().map(|v| v.to_string()))
 }
 
-fn ser_dtypes<S: serde::Serializer>(d: &[DType], s: S) -> std::result::Result<S::Ok, S::Error> {
+pub(crate) fn ser_dtypes<S: serde::Serializer>(d: &[DType], s: S) -> std::result::Result<S::Ok, S::Error> {
     s.collect_seq(d.iter().map(|d| d.name()))
 }
 
@@ -169,7 +169,8 @@ pub fn run(device: &Device, cfg: &Config, progress: &mut dyn FnMut(Progress)) ->
     Ok(Report { device: device.name(), l2_bytes: l2_bytes as u64, flush_bytes: flush.len() as u64, config: cfg.clone(), ceilings, points })
 }
 
-fn median_min(mut ms: Vec<f64>) -> (f64, f64) {
+/// Median and minimum of `ms` (NaN when empty).
+pub(crate) fn median_min(mut ms: Vec<f64>) -> (f64, f64) {
     ms.sort_by(f64::total_cmp);
     let n = ms.len();
     let median = if n == 0 {
@@ -182,13 +183,19 @@ fn median_min(mut ms: Vec<f64>) -> (f64, f64) {
     (median, ms.first().copied().unwrap_or(f64::NAN))
 }
 
-fn gbps(bytes: u64, ms: f64) -> f64 {
+/// Rate in GB/s (10^9 bytes per second) of `bytes` in `ms` milliseconds.
+pub(crate) fn gbps(bytes: u64, ms: f64) -> f64 {
     bytes as f64 / (ms * 1e-3) / 1e9
 }
 
 /// Times `runs` executions of `op`, each between its own event pair; `before` runs ahead of each,
 /// outside the timed region. Returns milliseconds per run.
-fn time_each(gpu: &Gpu, runs: usize, mut before: impl FnMut() -> Result<()>, mut op: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
+pub(crate) fn time_each(
+    gpu: &Gpu,
+    runs: usize,
+    mut before: impl FnMut() -> Result<()>,
+    mut op: impl FnMut() -> Result<()>,
+) -> Result<Vec<f64>> {
     let ev = || gpu.context().new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT));
     let events: Vec<(CudaEvent, CudaEvent)> = (0..runs).map(|_| Ok((ev()?, ev()?))).collect::<Result<_>>()?;
     for (start, end) in &events {
@@ -200,18 +207,36 @@ fn time_each(gpu: &Gpu, runs: usize, mut before: impl FnMut() -> Result<()>, mut
     events.iter().map(|(s, e)| Ok(s.elapsed_ms(e)? as f64)).collect()
 }
 
-fn measure_ceilings(gpu: &Gpu, cfg: &Config) -> Result<Ceilings> {
+/// Bytes of each half of the ceiling measurements: 2 GiB, shrunk on small devices (a multiple of 16).
+pub(crate) fn ceiling_half_bytes(gpu: &Gpu) -> Result<usize> {
     let (free, _) = gpu.context().mem_get_info()?;
-    // 2 GiB copies and a 4 GiB read, shrunk on small devices (multiples of 16 bytes).
-    let half = (2 * GIB).min(free / 4) & !15;
-    let runs = cfg.iters.clamp(5, 20);
-    let stream = gpu.stream();
+    Ok((2 * GIB).min(free / 4) & !15)
+}
 
+/// The device-to-device copy ceiling: median milliseconds of `runs` copies of `half` bytes (after
+/// two warm-up copies); the bytes read + written per copy are `2 * half`.
+pub(crate) fn measure_device_copy(gpu: &Gpu, half: usize, runs: usize) -> Result<f64> {
+    let stream = gpu.stream();
     let src = stream.alloc_zeros::<u8>(half)?;
     let mut dst = stream.alloc_zeros::<u8>(half)?;
     time_each(gpu, 2, || Ok(()), || Ok(stream.memcpy_dtod(&src, &mut dst)?))?;
     let (copy_ms, _) = median_min(time_each(gpu, runs, || Ok(()), || Ok(stream.memcpy_dtod(&src, &mut dst)?))?);
     drop((src, dst));
+    gpu.synchronize()?;
+    Ok(copy_ms)
+}
+
+/// Runs of each ceiling measurement.
+pub(crate) fn ceiling_runs(iters: usize) -> usize {
+    iters.clamp(5, 20)
+}
+
+fn measure_ceilings(gpu: &Gpu, cfg: &Config) -> Result<Ceilings> {
+    // 2 GiB copies and a 4 GiB read.
+    let half = ceiling_half_bytes(gpu)?;
+    let runs = ceiling_runs(cfg.iters);
+    let stream = gpu.stream();
+    let copy_ms = measure_device_copy(gpu, half, runs)?;
 
     let buf = stream.alloc_zeros::<u8>(2 * half)?;
     let mut out: CudaSlice<u32> = stream.alloc_zeros(stream_read_out_len(gpu)?)?;
@@ -220,8 +245,7 @@ fn measure_ceilings(gpu: &Gpu, cfg: &Config) -> Result<Ceilings> {
     drop((buf, out));
     gpu.synchronize()?;
 
-    let copy_bytes = 2 * half as u64;
-    let read_bytes = 2 * half as u64;
+    let (copy_bytes, read_bytes) = (2 * half as u64, 2 * half as u64);
     Ok(Ceilings { copy_bytes, copy_ms, copy_gbps: gbps(copy_bytes, copy_ms), read_bytes, read_ms, read_gbps: gbps(read_bytes, read_ms) })
 }
 
@@ -333,7 +357,7 @@ fn run_point(
     Ok(point)
 }
 
-fn gib(b: u64) -> f64 {
+pub(crate) fn gib(b: u64) -> f64 {
     b as f64 / GIB as f64
 }
 

@@ -1,10 +1,10 @@
 //! The one place where runtime (dtype, head size, block size) becomes a compiled kernel: a table
-//! expanded from the same variant list as the kernels' entry points (`pagedattn-layout`), and the
-//! per-dtype cache kernels' symbols.
+//! expanded from the same variant list as the kernels' entry points (`pagedattn-layout`), the
+//! per-dtype cache kernels' symbols, and [`kernel_variants`], every entry point of every family.
 
 use std::sync::OnceLock;
 
-use pagedattn_layout::{BLOCK_SIZES, DType, HEAD_SIZES};
+use pagedattn_layout::{BLOCK_SIZES, DTYPES, DType, HEAD_SIZES, KernelFamily};
 
 use crate::error::{Error, Result};
 
@@ -88,10 +88,82 @@ pub fn cache_symbol(dtype: DType, flash: bool) -> Result<&'static str> {
     })
 }
 
+/// Symbol of the util family's random fill for a float dtype (`fill_uniform_f16`).
+pub fn fill_uniform_symbol(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "fill_uniform_f32",
+        DType::F16 => "fill_uniform_f16",
+        DType::BF16 => "fill_uniform_bf16",
+    }
+}
+
+/// Symbol of the util family's read-only streaming pass.
+pub const STREAM_READ: &str = "stream_read";
+
+/// Symbol of `copy_blocks` (one variant: it moves bytes, whatever the dtype).
+pub const COPY_BLOCKS: &str = "copy_blocks";
+
+/// One compiled kernel entry point of any family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelVariant {
+    pub family: KernelFamily,
+    /// The kernel (op) the entry point belongs to: `paged_attention`, `paged_attention_v2_reduce`,
+    /// `reshape_and_cache`, `reshape_and_cache_flash`, `copy_blocks`, `fill_uniform` or `stream_read`.
+    pub kernel: &'static str,
+    /// `None` for kernels that move bytes or words whatever the dtype.
+    pub dtype: Option<DType>,
+    pub head_size: Option<usize>,
+    pub block_size: Option<usize>,
+    pub symbol: &'static str,
+}
+
+/// Every compiled entry point of every family, in family order (the same lists that generate the
+/// kernels' entry points; a test checks them against the embedded PTX).
+pub fn kernel_variants() -> &'static [KernelVariant] {
+    static TABLE: OnceLock<Vec<KernelVariant>> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        let of = |family, kernel, dtype: Option<DType>, symbol| KernelVariant {
+            family,
+            kernel,
+            dtype,
+            head_size: None,
+            block_size: None,
+            symbol,
+        };
+        let mut table: Vec<KernelVariant> = paged_attention_variants()
+            .iter()
+            .map(|v| KernelVariant {
+                family: KernelFamily::PagedAttention,
+                kernel: "paged_attention",
+                dtype: Some(v.dtype),
+                head_size: Some(v.head_size),
+                block_size: Some(v.block_size),
+                symbol: v.symbol,
+            })
+            .collect();
+        for &d in DTYPES {
+            table.push(of(KernelFamily::PagedAttention, "paged_attention_v2_reduce", Some(d), paged_attention_v2_reduce(d)));
+        }
+        for flash in [false, true] {
+            let kernel = if flash { "reshape_and_cache_flash" } else { "reshape_and_cache" };
+            for &d in DTYPES {
+                if let Ok(symbol) = cache_symbol(d, flash) {
+                    table.push(of(KernelFamily::Cache, kernel, Some(d), symbol));
+                }
+            }
+        }
+        table.push(of(KernelFamily::Cache, "copy_blocks", None, COPY_BLOCKS));
+        for &d in DTYPES {
+            table.push(of(KernelFamily::Util, "fill_uniform", Some(d), fill_uniform_symbol(d)));
+        }
+        table.push(of(KernelFamily::Util, "stream_read", None, STREAM_READ));
+        table
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pagedattn_layout::DTYPES;
 
     #[test]
     fn table_covers_the_declared_lists_exactly() {

@@ -39,6 +39,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod bench;
+pub mod bench_cache;
 pub mod cache;
 pub mod cpu;
 pub mod device;

@@ -112,6 +112,27 @@ mod tests {
         }
     }
 
+    /// The names of the `.entry` directives of a PTX module.
+    fn ptx_entries(text: &str) -> std::collections::BTreeSet<&str> {
+        text.lines()
+            .filter_map(|l| l.split_once(".entry ").map(|(_, rest)| rest))
+            .map(|rest| rest.split(|c: char| c == '(' || c.is_whitespace()).next().unwrap_or(rest))
+            .collect()
+    }
+
+    /// `dispatch::kernel_variants` (what `pagedattn info` lists) is exactly the set of entry points
+    /// of every embedded image.
+    #[test]
+    fn variant_list_matches_the_embedded_entry_points() {
+        for img in KERNEL_IMAGES {
+            let ptx = inflate(img.ptx_deflate).unwrap();
+            let got = ptx_entries(std::str::from_utf8(&ptx).unwrap());
+            let want: std::collections::BTreeSet<&str> =
+                crate::dispatch::kernel_variants().iter().filter(|v| v.family.name() == img.family).map(|v| v.symbol).collect();
+            assert_eq!(got, want, "{} {}", img.family, img.arch);
+        }
+    }
+
     #[test]
     fn arch_selection() {
         assert_eq!(parse_arch("sm_90a"), Some((9, 0)));

@@ -1,5 +1,8 @@
 //! Test cases shared by the integration tests and `pagedattn verify`: random inputs with shuffled
-//! block tables, NaN-poisoned outputs, comparison against the float64 CPU reference.
+//! block tables, NaN-poisoned outputs, comparison against the float64 CPU reference. [`cache`]: the
+//! same for the KV-cache ops (bit-exact against the CPU backend).
+
+pub mod cache;
 
 use pagedattn_layout::DType;
 

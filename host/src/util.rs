@@ -7,8 +7,8 @@ use pagedattn_layout::{FillParams, KernelFamily, StreamReadParams, hash_uniform}
 
 use crate::device::Gpu;
 use crate::error::{Error, Result};
-use crate::launch;
-use crate::tensor::{ScalarType, Tensor};
+use crate::tensor::Tensor;
+use crate::{dispatch, launch};
 
 fn grid(gpu: &Gpu) -> Result<u32> {
     let sms = gpu.context().attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
@@ -18,12 +18,10 @@ fn grid(gpu: &Gpu) -> Result<u32> {
 /// Fills a contiguous float GPU tensor's storage with `scale * hash_uniform(i, seed)` (i = storage
 /// element index), the same values [`host_uniform`] computes.
 pub fn fill_uniform(gpu: &Gpu, t: &mut Tensor, seed: u64, scale: f32) -> Result<()> {
-    let symbol = match t.dtype() {
-        ScalarType::F32 => "fill_uniform_f32",
-        ScalarType::F16 => "fill_uniform_f16",
-        ScalarType::BF16 => "fill_uniform_bf16",
-        other => return Err(Error::DType { op: "fill_uniform", tensor: "t", got: other, expected: "f32, f16 or bf16".into() }),
+    let Some(dtype) = t.dtype().float() else {
+        return Err(Error::DType { op: "fill_uniform", tensor: "t", got: t.dtype(), expected: "f32, f16 or bf16".into() });
     };
+    let symbol = dispatch::fill_uniform_symbol(dtype);
     let base = t.device_ptr().ok_or(Error::Device { op: "fill_uniform", tensor: "t", got: t.storage().location(), expected: "GPU" })?
         - (t.offset() * t.dtype().size_bytes()) as u64;
     let n = (t.storage().len_bytes() / t.dtype().size_bytes()) as u64;
@@ -50,7 +48,7 @@ pub fn stream_read(gpu: &Gpu, src: &CudaSlice<u8>, out: &mut CudaSlice<u32>) -> 
     let params =
         StreamReadParams { src: src.device_ptr(gpu.stream()).0, n_chunks: (src.len() / 16) as u64, out: out.device_ptr(gpu.stream()).0 };
     let cfg = LaunchConfig { grid_dim: (g, 1, 1), block_dim: (UTIL_THREADS as u32, 1, 1), shared_mem_bytes: 0 };
-    let f = gpu.function(KernelFamily::Util, "stream_read")?;
+    let f = gpu.function(KernelFamily::Util, dispatch::STREAM_READ)?;
     // SAFETY: `StreamReadParams` is the kernel's parameter; it reads `n_chunks * 16 <= src.len()` bytes
     // (cudarc allocations are 256-byte aligned) and writes `g <= out.len()` words.
     unsafe { launch::launch(gpu.stream(), &f, cfg, &params) }

@@ -187,11 +187,11 @@ fn gpu_pack(root: &Path) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The GPU machine's entry point: `gpu-pack/run.sh [tests|verify|bench|sanitize|all]`; logs and JSON
+/// The GPU machine's entry point: `gpu-pack/run.sh [tests|verify|run|bench|bench-cache|sanitize|all]`; logs and JSON
 /// go to `$OUT` when set (the remote runner's output folder), else to `gpu-pack/out`.
 const RUN_SH: &str = r#"#!/usr/bin/env bash
 # Runs pagedattn's GPU tests, verification and benchmark on a machine with an NVIDIA GPU and no Rust.
-# Usage: run.sh [all|tests|verify|bench|sanitize] [extra bench args]
+# Usage: run.sh [all|tests|verify|run|bench|bench-cache|sanitize] [extra bench args]
 set -u
 here="$(cd "$(dirname "$0")" && pwd)"
 out="${OUT:-$here/out}"; mkdir -p "$out"
@@ -207,7 +207,17 @@ step() { # step NAME CMD...: runs CMD, full log in $out/NAME.log, last lines on 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader || true
 case "$what" in tests|all) step tests "$here/pagedattn-tests" --test-threads=1 ;; esac
 case "$what" in verify|all) step verify "$here/pagedattn" verify --long --json "$out/verify.json" ;; esac
+case "$what" in run|all)
+  for op in paged-attention reshape-and-cache reshape-and-cache-flash copy-blocks swap-blocks; do
+    TAIL=3 step "run-$op" "$here/pagedattn" run --op "$op" -o "$out/run-$op.safetensors"
+  done ;;
+esac
 case "$what" in bench|all) TAIL=40 step bench "$here/pagedattn" bench --json "$out/bench.json" "$@" ;; esac
+case "$what" in bench-cache|all)
+  for op in reshape-and-cache reshape-and-cache-flash copy-blocks swap-blocks; do
+    TAIL=30 step "bench-$op" "$here/pagedattn" bench --op "$op" --json "$out/bench-$op.json"
+  done ;;
+esac
 case "$what" in sanitize) step sanitize compute-sanitizer --tool memcheck --error-exitcode 9 "$here/pagedattn-tests" --test-threads=1 gpu ;; esac
 exit $status
 "#;
