@@ -1072,6 +1072,19 @@ fn gpu_swap_blocks_device_to_device() {
         let mut got = device.upload(&dst).unwrap();
         swap_blocks(&device, &src_dev, &mut got, &mapping).unwrap();
         assert_same_bits(&got, &want, &format!("swap_blocks {dtype}, a run of adjacent blocks"));
+        // 40 scattered blocks into a strided view: the kernel path (more than SWAP_KERNEL_MIN_RUNS runs).
+        let big_src = random(st, &[48, bs, h, d], &mut rng);
+        let dst = random_view(st, &[44, bs, h, d], &[2 * page, h * d, d, 1], page, 88 * page, &mut rng);
+        let (mut from, mut to): (Vec<i64>, Vec<i64>) = ((0..48).collect(), (0..44).collect());
+        rng.shuffle(&mut from);
+        rng.shuffle(&mut to);
+        let pairs: Vec<i64> = (0..40).flat_map(|k| [from[k], to[k]]).collect();
+        let mapping = i64s(&[40, 2], &pairs);
+        let mut want = dst.to_cpu().unwrap();
+        swap_blocks(&Device::Cpu, &big_src, &mut want, &mapping).unwrap();
+        let mut got = device.upload(&dst).unwrap();
+        swap_blocks(&device, &device.upload(&big_src).unwrap(), &mut got, &mapping).unwrap();
+        assert_same_bits(&got, &want, &format!("swap_blocks {dtype}, 40 scattered blocks (kernel path)"));
     }
     common::gpu_of(&mut device).check_status().unwrap();
 }

@@ -17,7 +17,7 @@ use cudarc::driver::{DevicePtr, LaunchConfig};
 use pagedattn_layout::cache::{
     COPY_BLOCKS_THREADS, RESHAPE_MAX_SMEM_BYTES, RESHAPE_TILE_THREADS, reshape_threads, reshape_tile_bytes, reshape_tile_tokens,
 };
-use pagedattn_layout::{CopyBlocksParams, DType, KernelFamily, ReshapeAndCacheFlashParams, ReshapeAndCacheParams};
+use pagedattn_layout::{CopyBlocksParams, DType, KernelFamily, ReshapeAndCacheFlashParams, ReshapeAndCacheParams, SwapBlocksParams};
 
 use crate::device::{Device, Gpu};
 use crate::error::{Error, Result};
@@ -752,8 +752,11 @@ pub struct SwapBlocksPlan {
 /// every row `(src_id, dst_id)` of `block_mapping`, a host `[num_pairs, 2]` i64 tensor.
 ///
 /// `src` and `dst` have the same dtype and the same shape after axis 0, which must be contiguous
-/// (a block is one span of bytes). On the GPU each block is one `cuMemcpyAsync` on the device's
-/// stream, queued without waiting: device to device, or between the device and pinned host memory
+/// (a block is one span of bytes). On the GPU the copies are queued on the device's stream without
+/// waiting: one `cuMemcpyAsync` per run of blocks adjacent on both sides when there are at most
+/// [`SWAP_KERNEL_MIN_RUNS`] runs (copy engines), else one kernel launch for all blocks (the
+/// `swap_blocks` kernel reads and writes pinned memory directly over PCIe). Device to device, or
+/// between the device and pinned host memory
 /// ([`Tensor::to_pinned`], [`Gpu::pinned`]; pageable memory cannot be copied asynchronously and is
 /// an [`Error::Device`], as is a pair of pinned tensors). These copies are not tracked: synchronize
 /// the stream before touching a pinned `dst` (or changing a pinned `src`) on the host, and keep
@@ -825,15 +828,22 @@ pub fn validate_swap_blocks(device: &Device, src: &Tensor, dst: &Tensor, block_m
     Ok(SwapBlocksPlan { num_pairs, block_bytes, src_block_stride_bytes: src_stride, dst_block_stride_bytes: dst_stride })
 }
 
+/// More runs of adjacent blocks than this take the kernel path (one launch) instead of one
+/// `cuMemcpyAsync` per run: each driver call costs a few microseconds, as much as moving a 64 KiB
+/// block over PCIe, so scattered blocks (preemption swaps) were call-bound at ~11 GB/s (H100).
+/// Few, long runs stay on the copy engines, which overlap with kernels on other streams.
+pub const SWAP_KERNEL_MIN_RUNS: usize = 8;
+
 fn copy_swap_gpu(gpu: &Gpu, plan: &SwapBlocksPlan, src: &Tensor, dst: &mut Tensor, pairs: &[i64]) -> Result<()> {
-    // Unified addressing: device and pinned host addresses are both `cuMemcpyAsync` endpoints. `None`
-    // only when the driver could not map pinned memory (the error is recorded in the context).
+    // Unified addressing: device and pinned host addresses are both `cuMemcpyAsync` endpoints and
+    // kernel addresses. `None` only when the driver could not map pinned memory (the error is
+    // recorded in the context).
     let base = |name: &'static str, t: &Tensor| {
         t.raw_ptr().ok_or_else(|| Error::Device { op: SWAP, tensor: name, got: t.storage().location(), expected: "a mapped address" })
     };
     let (s0, d0) = (base("src", src)?, base("dst", dst)?);
     // Pairs whose blocks follow the previous pair's in both tensors extend its copy: one driver call
-    // per run of adjacent blocks (each call costs microseconds, about a 32 KiB block over PCIe).
+    // per run of adjacent blocks.
     let mut runs: Vec<(u64, u64, usize)> = Vec::new();
     for p in pairs.chunks_exact(2) {
         let s = s0 + p[0] as u64 * plan.src_block_stride_bytes as u64;
@@ -842,6 +852,12 @@ fn copy_swap_gpu(gpu: &Gpu, plan: &SwapBlocksPlan, src: &Tensor, dst: &mut Tenso
             Some((rs, rd, n)) if *rs + *n as u64 == s && *rd + *n as u64 == d => *n += plan.block_bytes,
             _ => runs.push((s, d, plan.block_bytes)),
         }
+    }
+    let aligned = [s0, d0, plan.block_bytes as u64, plan.src_block_stride_bytes as u64, plan.dst_block_stride_bytes as u64]
+        .iter()
+        .all(|v| v % 16 == 0);
+    if runs.len() > SWAP_KERNEL_MIN_RUNS && aligned && plan.num_pairs <= i32::MAX as usize {
+        return launch_swap_kernel(gpu, plan, s0, d0, src.shape()[0], dst.shape()[0], pairs);
     }
     let stream = gpu.stream().cu_stream();
     log::debug!("swap_blocks: {} blocks of {} bytes in {} copies", plan.num_pairs, plan.block_bytes, runs.len());
@@ -854,4 +870,40 @@ fn copy_swap_gpu(gpu: &Gpu, plan: &SwapBlocksPlan, src: &Tensor, dst: &mut Tenso
         unsafe { cudarc::driver::sys::cuMemcpyAsync(d, s, n, stream) }.result()?;
     }
     Ok(())
+}
+
+fn launch_swap_kernel(
+    gpu: &Gpu,
+    plan: &SwapBlocksPlan,
+    src: u64,
+    dst: u64,
+    src_blocks: usize,
+    dst_blocks: usize,
+    pairs: &[i64],
+) -> Result<()> {
+    // The mapping is host data (checked by `validate_swap_blocks`); the kernel reads a device copy,
+    // freed stream-ordered after it.
+    let map = gpu.stream().clone_htod(pairs)?;
+    let params = SwapBlocksParams {
+        src,
+        dst,
+        block_mapping: map.device_ptr(gpu.stream()).0,
+        maybe_status: gpu.status_ptr(),
+        src_block_stride_bytes: plan.src_block_stride_bytes as u64,
+        dst_block_stride_bytes: plan.dst_block_stride_bytes as u64,
+        block_bytes: plan.block_bytes as u64,
+        num_pairs: plan.num_pairs as u32,
+        src_num_blocks: src_blocks.min(u32::MAX as usize) as u32,
+        dst_num_blocks: dst_blocks.min(u32::MAX as usize) as u32,
+        _pad: 0,
+    };
+    let cfg = LaunchConfig { grid_dim: (plan.num_pairs as u32, 1, 1), block_dim: (COPY_BLOCKS_THREADS as u32, 1, 1), shared_mem_bytes: 0 };
+    log::debug!("swap_blocks: kernel over {} blocks of {} bytes", plan.num_pairs, plan.block_bytes);
+    let func = gpu.function(KernelFamily::Cache, crate::dispatch::SWAP_BLOCKS)?;
+    // SAFETY: `SwapBlocksParams` is the kernel's parameter type; `validate_swap_blocks` checked every
+    // id against its tensor's blocks, that a block is `block_bytes` contiguous bytes of its view and
+    // that src and dst are different allocations; addresses, sizes and strides are 16-byte multiples
+    // (checked by the caller); pinned memory is mapped (unified addressing) and, per the op's
+    // contract, stays alive until the caller synchronizes.
+    unsafe { launch::launch(gpu.stream(), &func, cfg, &params) }
 }

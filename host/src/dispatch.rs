@@ -103,12 +103,16 @@ pub const STREAM_READ: &str = "stream_read";
 /// Symbol of `copy_blocks` (one variant: it moves bytes, whatever the dtype).
 pub const COPY_BLOCKS: &str = "copy_blocks";
 
+/// Symbol of `swap_blocks`' kernel path (one variant: bytes).
+pub const SWAP_BLOCKS: &str = "swap_blocks";
+
 /// One compiled kernel entry point of any family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KernelVariant {
     pub family: KernelFamily,
     /// The kernel (op) the entry point belongs to: `paged_attention`, `paged_attention_v2_reduce`,
-    /// `reshape_and_cache`, `reshape_and_cache_flash`, `copy_blocks`, `fill_uniform` or `stream_read`.
+    /// `reshape_and_cache`, `reshape_and_cache_flash`, `copy_blocks`, `swap_blocks`, `fill_uniform` or
+    /// `stream_read`.
     pub kernel: &'static str,
     /// `None` for kernels that move bytes or words whatever the dtype.
     pub dtype: Option<DType>,
@@ -153,6 +157,7 @@ pub fn kernel_variants() -> &'static [KernelVariant] {
             }
         }
         table.push(of(KernelFamily::Cache, "copy_blocks", None, COPY_BLOCKS));
+        table.push(of(KernelFamily::Cache, "swap_blocks", None, SWAP_BLOCKS));
         for &d in DTYPES {
             table.push(of(KernelFamily::Util, "fill_uniform", Some(d), fill_uniform_symbol(d)));
         }

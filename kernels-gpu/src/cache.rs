@@ -30,6 +30,9 @@
 //! block `block_mapping[i][0]` to block `block_mapping[i][1]` in layer `l`'s key and value caches,
 //! 16 bytes per thread and four loads in flight.
 //!
+//! `swap_blocks` (the kernel path of the op): grid `num_pairs`; CTA `i` copies one block between
+//! two allocations, device or mapped pinned host memory, with the same copy loop.
+//!
 //! Device-side data is guarded: a slot `>= num_slots` or a block id outside `0..num_blocks` is never
 //! used as an address; that token or pair is skipped and a flag is OR-ed into the status word.
 
@@ -37,7 +40,7 @@ use crate::intrinsics::{
     Chunk, atomic_or, block_dim_x, block_idx_x, block_idx_y, dynamic_smem_chunks, load_chunk, store_chunk, sync_threads, thread_idx_x,
 };
 use pagedattn_layout::cache::RESHAPE_TILE_TOKENS;
-use pagedattn_layout::{CopyBlocksParams, ReshapeAndCacheFlashParams, ReshapeAndCacheParams, status};
+use pagedattn_layout::{CopyBlocksParams, ReshapeAndCacheFlashParams, ReshapeAndCacheParams, SwapBlocksParams, status};
 
 /// ORs `flag` into the status word, if there is one.
 #[inline(always)]
@@ -380,6 +383,32 @@ pub unsafe extern "ptx-kernel" fn copy_blocks(p: CopyBlocksParams) {
         copy_span((k + src * ks) as *const Chunk, (k + dst * ks) as *mut Chunk, (p.key_block_bytes / 16) as usize);
         copy_span((v + src * vs) as *const Chunk, (v + dst * vs) as *mut Chunk, (p.value_block_bytes / 16) as usize);
     }
+}
+
+/// `swap_blocks`' kernel path: CTA `blockIdx.x` copies block `block_mapping[i][0]` of `src` to
+/// block `block_mapping[i][1]` of `dst`, either of which may be mapped pinned host memory (the
+/// loads or stores then cross PCIe; four 16-byte loads in flight per thread keep it busy). An id
+/// out of range is skipped and raises `BAD_BLOCK_ID`.
+///
+/// # Safety
+/// Launched with grid `num_pairs` on a device mapping and spans the host validated for `p`.
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn swap_blocks(p: SwapBlocksParams) {
+    let pair = block_idx_x();
+    let map = p.block_mapping as *const i64;
+    // SAFETY: pair < num_pairs (grid); the mapping is `[num_pairs, 2]`, contiguous.
+    let (src, dst) = unsafe { (*map.add(2 * pair), *map.add(2 * pair + 1)) };
+    if src < 0 || src >= p.src_num_blocks as i64 || dst < 0 || dst >= p.dst_num_blocks as i64 {
+        if thread_idx_x() == 0 {
+            // SAFETY: forwarded status pointer.
+            unsafe { raise(p.maybe_status, status::BAD_BLOCK_ID) };
+        }
+        return;
+    }
+    let (s, d) = (p.src + src as u64 * p.src_block_stride_bytes, p.dst + dst as u64 * p.dst_block_stride_bytes);
+    // SAFETY: ids in range: each block is `block_bytes` (a multiple of 16) at a 16-byte aligned
+    // address inside its tensor; src and dst are different allocations.
+    unsafe { copy_span(s as *const Chunk, d as *mut Chunk, (p.block_bytes / 16) as usize) };
 }
 
 /// The bits a cache element of a `DType` variant is moved as.

@@ -244,6 +244,34 @@ pub struct CopyBlocksParams {
 const _: () = assert!(core::mem::size_of::<CopyBlocksParams>() == 8 * 8 + 4 * 4);
 const _: () = assert!(core::mem::align_of::<CopyBlocksParams>() == 8);
 
+/// `swap_blocks` (the kernel path, used when a call's blocks are scattered): CTA `i` copies block
+/// `block_mapping[i][0]` of `src` to block `block_mapping[i][1]` of `dst`. Either side may be device
+/// memory or page-locked host memory (with unified addressing the host address is valid in a
+/// kernel: the copy goes over PCIe). Grid `num_pairs`, [`COPY_BLOCKS_THREADS`] threads.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct SwapBlocksParams {
+    /// Address of block 0 of the source (device or mapped pinned host), 16-byte aligned.
+    pub src: u64,
+    /// Address of block 0 of the destination, 16-byte aligned.
+    pub dst: u64,
+    /// `[num_pairs, 2]` int64 on the device, contiguous: `(src, dst)` block ids.
+    pub block_mapping: u64,
+    /// `*mut u32` device status word (see [`crate::status`]), or 0 to report nothing.
+    pub maybe_status: u64,
+    pub src_block_stride_bytes: u64,
+    pub dst_block_stride_bytes: u64,
+    /// Bytes per block (a multiple of 16).
+    pub block_bytes: u64,
+    pub num_pairs: u32,
+    /// Ids must be in `0..src_num_blocks` / `0..dst_num_blocks` ([`crate::status::BAD_BLOCK_ID`]).
+    pub src_num_blocks: u32,
+    pub dst_num_blocks: u32,
+    pub _pad: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<SwapBlocksParams>() == 7 * 8 + 4 * 4);
+
 #[cfg(test)]
 mod tests {
     use super::*;

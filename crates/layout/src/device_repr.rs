@@ -2,7 +2,7 @@
 
 use crate::{
     CopyBlocksParams, FillParams, PagedAttentionParams, PagedAttentionReduceParams, ReshapeAndCacheFlashParams, ReshapeAndCacheParams,
-    StreamReadParams,
+    StreamReadParams, SwapBlocksParams,
 };
 
 // SAFETY: `PagedAttentionParams` is `#[repr(C)]`, `Copy`, made only of `u64`/`u32`/`f32` fields with
@@ -24,3 +24,5 @@ unsafe impl cudarc::driver::DeviceRepr for ReshapeAndCacheParams {}
 unsafe impl cudarc::driver::DeviceRepr for ReshapeAndCacheFlashParams {}
 // SAFETY: as above.
 unsafe impl cudarc::driver::DeviceRepr for CopyBlocksParams {}
+// SAFETY: as above.
+unsafe impl cudarc::driver::DeviceRepr for SwapBlocksParams {}

@@ -16,7 +16,7 @@ pub mod status;
 pub mod util;
 mod variants;
 
-pub use cache::{CopyBlocksParams, ReshapeAndCacheFlashParams, ReshapeAndCacheParams};
+pub use cache::{CopyBlocksParams, ReshapeAndCacheFlashParams, ReshapeAndCacheParams, SwapBlocksParams};
 pub use dtype::DType;
 pub use paged_attention::{
     DEFAULT_PARTITION_SIZE, PagedAttentionGeometry, PagedAttentionParams, PagedAttentionReduceParams, REDUCE_THREADS,

@@ -865,7 +865,16 @@ pub fn swap_grid() -> Vec<SwapCase> {
     for &dtype in DTYPES {
         for direction in SwapDirection::ALL {
             for layout in [KvLayout::Vllm, KvLayout::Nhd, KvLayout::Combined, KvLayout::CombinedInner] {
-                let (src_blocks, dst_blocks) = if i.is_multiple_of(2) { (9 + i % 5, 6) } else { (6, 9 + i % 5) };
+                // Every third case swaps 30 scattered blocks: more runs than `SWAP_KERNEL_MIN_RUNS`,
+                // so the kernel path runs; the others take the copy-engine path.
+                let many = i % 3 == 2;
+                let (src_blocks, dst_blocks) = if many {
+                    (40 + i % 5, 36)
+                } else if i.is_multiple_of(2) {
+                    (9 + i % 5, 6)
+                } else {
+                    (6, 9 + i % 5)
+                };
                 cases.push(SwapCase {
                     direction,
                     layout,
@@ -875,7 +884,7 @@ pub fn swap_grid() -> Vec<SwapCase> {
                     block_size: [8, 16, 32][i % 3],
                     src_blocks,
                     dst_blocks,
-                    num_pairs: 1 + i % 6,
+                    num_pairs: if many { 30 } else { 1 + i % 6 },
                     seed: 11000 + i as u64,
                 });
                 i += 1;
