@@ -11,6 +11,7 @@ pub mod cache;
 #[cfg(feature = "cudarc")]
 mod device_repr;
 mod dtype;
+pub mod fp8;
 pub mod paged_attention;
 pub mod status;
 pub mod util;
@@ -18,6 +19,7 @@ mod variants;
 
 pub use cache::{CopyBlocksParams, ReshapeAndCacheFlashParams, ReshapeAndCacheParams, SwapBlocksParams};
 pub use dtype::DType;
+pub use fp8::Fp8Kind;
 pub use paged_attention::{
     DEFAULT_PARTITION_SIZE, PagedAttentionGeometry, PagedAttentionParams, PagedAttentionReduceParams, REDUCE_THREADS,
 };
