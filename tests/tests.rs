@@ -4,5 +4,6 @@
 #[macro_use]
 mod common;
 mod cache;
+mod fp8;
 mod paged_attention;
 mod validation;

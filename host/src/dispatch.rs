@@ -100,6 +100,9 @@ pub fn fill_uniform_symbol(dtype: DType) -> &'static str {
 /// Symbol of the util family's read-only streaming pass.
 pub const STREAM_READ: &str = "stream_read";
 
+/// Symbol of the fp8 conversion test kernel (util family).
+pub const FP8_CODEC: &str = "fp8_codec";
+
 /// Symbol of `copy_blocks` (one variant: it moves bytes, whatever the dtype).
 pub const COPY_BLOCKS: &str = "copy_blocks";
 
@@ -162,6 +165,7 @@ pub fn kernel_variants() -> &'static [KernelVariant] {
             table.push(of(KernelFamily::Util, "fill_uniform", Some(d), fill_uniform_symbol(d)));
         }
         table.push(of(KernelFamily::Util, "stream_read", None, STREAM_READ));
+        table.push(of(KernelFamily::Util, "fp8_codec", None, FP8_CODEC));
         table
     })
 }

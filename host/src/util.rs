@@ -1,9 +1,9 @@
 //! Device helpers (kernels in `kernels-gpu/src/util.rs`): deterministic random fill, so large caches
 //! need no host copy, and a read-only streaming pass, the bandwidth ceiling benchmarks compare with.
 
-use cudarc::driver::{CudaSlice, LaunchConfig};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
 use pagedattn_layout::util::UTIL_THREADS;
-use pagedattn_layout::{FillParams, KernelFamily, StreamReadParams, hash_uniform};
+use pagedattn_layout::{FillParams, Fp8CodecParams, Fp8Kind, KernelFamily, StreamReadParams, hash_uniform};
 
 use crate::device::Gpu;
 use crate::error::{Error, Result};
@@ -40,7 +40,6 @@ pub fn host_uniform(i: usize, seed: u64, scale: f32) -> f32 {
 /// Reads `bytes` bytes of `src` once with 16-byte loads (asynchronous). `out` must hold at least
 /// [`stream_read_out_len`] words.
 pub fn stream_read(gpu: &Gpu, src: &CudaSlice<u8>, out: &mut CudaSlice<u32>) -> Result<()> {
-    use cudarc::driver::DevicePtr;
     let g = grid(gpu)?;
     if out.len() < g as usize {
         return Err(Error::Value { op: "stream_read", what: "out.len()", got: out.len().to_string(), why: format!("needs {g} words") });
@@ -57,4 +56,48 @@ pub fn stream_read(gpu: &Gpu, src: &CudaSlice<u8>, out: &mut CudaSlice<u32>) -> 
 /// Words [`stream_read`] writes on this GPU.
 pub fn stream_read_out_len(gpu: &Gpu) -> Result<usize> {
     Ok(grid(gpu)? as usize)
+}
+
+/// What [`fp8_codec`] returns: the 256 decoded codes, the encoded inputs, and whether the hardware
+/// `cvt` ran (only where the loaded image was built for sm_89 or later).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Fp8CodecOutput {
+    pub decoded: Vec<f32>,
+    pub encoded: Vec<u8>,
+    pub used_hardware: bool,
+}
+
+/// Runs the device fp8 conversions (the `fp8_codec` test kernel) on `input`: the hardware path if
+/// `hardware` and the build has it, else the software path the sm_80 build uses. Synchronizes.
+pub fn fp8_codec(gpu: &Gpu, kind: Fp8Kind, hardware: bool, input: &[f32]) -> Result<Fp8CodecOutput> {
+    let stream = gpu.stream();
+    let mut decoded = stream.alloc_zeros::<f32>(256)?;
+    let inp = stream.clone_htod(if input.is_empty() { &[0f32][..] } else { input })?;
+    let mut encoded = stream.alloc_zeros::<u8>(input.len().max(1))?;
+    let mut used = stream.alloc_zeros::<u32>(1)?;
+    let params = Fp8CodecParams {
+        decoded: decoded.device_ptr_mut(stream).0,
+        input: inp.device_ptr(stream).0,
+        encoded: encoded.device_ptr_mut(stream).0,
+        used_hardware: used.device_ptr_mut(stream).0,
+        n: u32::try_from(input.len()).map_err(|_| Error::Value {
+            op: "fp8_codec",
+            what: "input",
+            got: input.len().to_string(),
+            why: "too long".into(),
+        })?,
+        kind: match kind {
+            Fp8Kind::E4m3 => 0,
+            Fp8Kind::E5m2 => 1,
+        },
+        hardware: hardware as u32,
+        _pad: 0,
+    };
+    let cfg = LaunchConfig { grid_dim: (grid(gpu)?, 1, 1), block_dim: (UTIL_THREADS as u32, 1, 1), shared_mem_bytes: 0 };
+    let f = gpu.function(KernelFamily::Util, dispatch::FP8_CODEC)?;
+    // SAFETY: `Fp8CodecParams` is the kernel's parameter; the buffers hold 256 / n / n / 1 elements.
+    unsafe { launch::launch(stream, &f, cfg, &params) }?;
+    let mut encoded = stream.clone_dtoh(&encoded)?;
+    encoded.truncate(input.len());
+    Ok(Fp8CodecOutput { decoded: stream.clone_dtoh(&decoded)?, encoded, used_hardware: stream.clone_dtoh(&used)?[0] != 0 })
 }

@@ -2,8 +2,9 @@
 //! the device instead of copied from the host) and a read-only streaming probe (the bandwidth
 //! ceiling that `pagedattn bench` reports against).
 
+use crate::fp8;
 use crate::intrinsics::{Bf16, Chunk, Element, block_dim_x, block_idx_x, grid_dim_x, load_chunk, thread_idx_x, warp_sum};
-use pagedattn_layout::{FillParams, StreamReadParams, hash_uniform};
+use pagedattn_layout::{FillParams, Fp8CodecParams, Fp8Kind, StreamReadParams, hash_uniform};
 
 /// `p[i] = scale * hash_uniform(i, seed)` for `i < n`, converted to `T` with round-to-nearest-even.
 /// Any grid; grid-stride loop.
@@ -82,5 +83,34 @@ pub unsafe extern "ptx-kernel" fn stream_read(p: StreamReadParams) {
     if thread_idx_x() == 0 {
         // SAFETY: one word per CTA.
         unsafe { *out.add(block_idx_x()) = r.to_bits() };
+    }
+}
+
+/// Test kernel of the fp8 conversions (see `Fp8CodecParams`): decodes the 256 codes and encodes
+/// `n` floats with the path `p.hardware` asks for (hardware only where the build has it).
+///
+/// # Safety
+/// `decoded` holds 256 f32, `input`/`encoded` `n` elements, `used_hardware` one u32.
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn fp8_codec(p: Fp8CodecParams) {
+    let kind = if p.kind == 0 { Fp8Kind::E4m3 } else { Fp8Kind::E5m2 };
+    let hw = p.hardware != 0;
+    let stride = grid_dim_x() * block_dim_x();
+    let first = block_idx_x() * block_dim_x() + thread_idx_x();
+    let mut i = first;
+    while i < 256 {
+        // SAFETY: 256 decoded entries.
+        unsafe { *(p.decoded as *mut f32).add(i) = fp8::decode(kind, i as u8, hw) };
+        i += stride;
+    }
+    let mut i = first;
+    while i < p.n as usize {
+        // SAFETY: i < n.
+        unsafe { *(p.encoded as *mut u8).add(i) = fp8::encode(kind, *(p.input as *const f32).add(i), hw) };
+        i += stride;
+    }
+    if first == 0 {
+        // SAFETY: one word.
+        unsafe { *(p.used_hardware as *mut u32) = (hw && fp8::HARDWARE) as u32 };
     }
 }

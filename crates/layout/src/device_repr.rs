@@ -1,8 +1,8 @@
 //! cudarc's `DeviceRepr` for the params structs (host only, behind the `cudarc` feature).
 
 use crate::{
-    CopyBlocksParams, FillParams, PagedAttentionParams, PagedAttentionReduceParams, ReshapeAndCacheFlashParams, ReshapeAndCacheParams,
-    StreamReadParams, SwapBlocksParams,
+    CopyBlocksParams, FillParams, Fp8CodecParams, PagedAttentionParams, PagedAttentionReduceParams, ReshapeAndCacheFlashParams,
+    ReshapeAndCacheParams, StreamReadParams, SwapBlocksParams,
 };
 
 // SAFETY: `PagedAttentionParams` is `#[repr(C)]`, `Copy`, made only of `u64`/`u32`/`f32` fields with
@@ -12,6 +12,8 @@ unsafe impl cudarc::driver::DeviceRepr for PagedAttentionParams {}
 
 // SAFETY: as above: `#[repr(C)]`, `Copy`, plain integer/float fields, mirrored by the util kernels.
 unsafe impl cudarc::driver::DeviceRepr for FillParams {}
+// SAFETY: as above.
+unsafe impl cudarc::driver::DeviceRepr for Fp8CodecParams {}
 // SAFETY: as above.
 unsafe impl cudarc::driver::DeviceRepr for StreamReadParams {}
 // SAFETY: as above.

@@ -23,6 +23,28 @@ pub struct StreamReadParams {
     pub out: u64,
 }
 
+/// `fp8_codec` (a test kernel): `decoded[c] = decode(kind, c)` for the 256 codes, and
+/// `encoded[i] = encode(kind, input[i])` for `i < n`; `used_hardware[0]` says which path ran.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Fp8CodecParams {
+    /// `[256]` f32.
+    pub decoded: u64,
+    /// `[n]` f32.
+    pub input: u64,
+    /// `[n]` u8.
+    pub encoded: u64,
+    /// `[1]` u32: 1 when the hardware `cvt` ran.
+    pub used_hardware: u64,
+    pub n: u32,
+    /// 0: e4m3, 1: e5m2.
+    pub kind: u32,
+    /// Nonzero: use the hardware `cvt` where the build has it.
+    pub hardware: u32,
+    pub _pad: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<Fp8CodecParams>() == 48);
 const _: () = assert!(core::mem::size_of::<FillParams>() == 32);
 const _: () = assert!(core::mem::size_of::<StreamReadParams>() == 24);
 
