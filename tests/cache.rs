@@ -20,20 +20,6 @@ use crate::common::{self, assert_matches, run_op};
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
-/// `expect_err!(result, Error::Variant { .. } => checks)`: the result is that error, then `checks`.
-macro_rules! expect_err {
-    ($res:expr, $pat:pat => $check:expr) => {
-        match $res {
-            Err($pat) => $check,
-            Err(other) => panic!("expected {}, got the error {other:?} ({other})", stringify!($pat)),
-            Ok(_) => panic!("expected {}, got Ok", stringify!($pat)),
-        }
-    };
-    ($res:expr, $pat:pat) => {
-        expect_err!($res, $pat => ())
-    };
-}
-
 /// A contiguous host i64 tensor.
 fn i64s(shape: &[usize], data: &[i64]) -> Tensor {
     Tensor::from_i64(shape, data).unwrap()

@@ -11,20 +11,6 @@ use crate::common;
 
 const OP: &str = "paged_attention";
 
-/// `expect_err!(result, Error::Variant { .. } => checks)`: the result is that error, then `checks`.
-macro_rules! expect_err {
-    ($res:expr, $pat:pat => $check:expr) => {
-        match $res {
-            Err($pat) => $check,
-            Err(other) => panic!("expected {}, got the error {other:?} ({other})", stringify!($pat)),
-            Ok(_) => panic!("expected {}, got Ok", stringify!($pat)),
-        }
-    };
-    ($res:expr, $pat:pat) => {
-        expect_err!($res, $pat => ())
-    };
-}
-
 // Base case: f16 (x = 8), 4 heads over 2 KV heads, head 64, block 16; sequence lengths 5, 20, 0
 // (max 2 blocks per sequence), ALiBi. `Case::inputs` puts out-of-range ids in unused table slots.
 const NS: usize = 3;

@@ -23,6 +23,20 @@ macro_rules! test_name {
     }};
 }
 
+/// `expect_err!(result, Error::Variant { .. } => checks)`: the result is that error, then `checks`.
+macro_rules! expect_err {
+    ($res:expr, $pat:pat => $check:expr) => {
+        match $res {
+            Err($pat) => $check,
+            Err(other) => panic!("expected {}, got the error {other:?} ({other})", stringify!($pat)),
+            Ok(_) => panic!("expected {}, got Ok", stringify!($pat)),
+        }
+    };
+    ($res:expr, $pat:pat) => {
+        expect_err!($res, $pat => ())
+    };
+}
+
 /// `let Some(device) = gpu_or_skip!() else { return };`: the first GPU, or a loud skip line.
 macro_rules! gpu_or_skip {
     () => {
