@@ -4,8 +4,22 @@ use pagedattn_layout::{ARCHS, KernelFamily};
 
 fn main() {
     let families = KernelFamily::ALL.map(KernelFamily::name);
+    // `PAGEDATTN_ARCHS=sm_90` builds a subset of the archs (a smaller, faster build for one GPU,
+    // e.g. the test pack carried to an H100); unset, every arch of `ARCHS`.
+    println!("cargo:rerun-if-env-changed=PAGEDATTN_ARCHS");
+    let archs: Vec<&str> = match std::env::var("PAGEDATTN_ARCHS") {
+        Ok(list) if !list.trim().is_empty() => {
+            let want: Vec<String> = list.split(',').map(|a| a.trim().to_string()).collect();
+            for a in &want {
+                assert!(ARCHS.contains(&a.as_str()), "PAGEDATTN_ARCHS: {a} is not one of {ARCHS:?}");
+            }
+            ARCHS.iter().copied().filter(|a| want.iter().any(|w| w == a)).collect()
+        }
+        _ => ARCHS.to_vec(),
+    };
+    println!("cargo:rustc-env=PAGEDATTN_ARCHS_SUBSET={}", (archs.len() < ARCHS.len()) as u8);
     let out = ptx_builder::PtxBuilder::new("../kernels-gpu")
-        .archs(ARCHS)
+        .archs(&archs)
         .families(&families)
         .watch("../crates/layout/src")
         // Register arrays are indexed in loops with compile-time bounds; the default threshold left

@@ -101,8 +101,13 @@ mod tests {
 
     #[test]
     fn every_family_and_arch_is_embedded() {
+        // Every arch unless the build asked for fewer (`PAGEDATTN_ARCHS`).
+        assert!(!BUILT_ARCHS.is_empty() && BUILT_ARCHS.iter().all(|a| pagedattn_layout::ARCHS.contains(a)));
+        if env!("PAGEDATTN_ARCHS_SUBSET") == "0" {
+            assert_eq!(BUILT_ARCHS, pagedattn_layout::ARCHS);
+        }
         for f in KernelFamily::ALL {
-            for arch in pagedattn_layout::ARCHS {
+            for arch in BUILT_ARCHS {
                 let img = KERNEL_IMAGES.iter().find(|i| i.family == f.name() && i.arch == *arch);
                 let img = img.unwrap_or_else(|| panic!("{} {arch} missing", f.name()));
                 let ptx = inflate(img.ptx_deflate).unwrap();

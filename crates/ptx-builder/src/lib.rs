@@ -304,6 +304,13 @@ impl BuildOutput {
             );
         }
         s += "];\n";
+        let mut archs: Vec<&str> = Vec::new();
+        for a in &self.artifacts {
+            if !archs.contains(&a.arch.as_str()) {
+                archs.push(&a.arch);
+            }
+        }
+        s += &format!("/// The archs this build compiled.\npub static BUILT_ARCHS: &[&str] = &{archs:?};\n");
         write_if_changed(path.as_ref(), s.as_bytes())
     }
 
