@@ -8,11 +8,15 @@
 //! `paged_attention_v1`.
 
 use pagedattn::cache::CacheLayout;
-use pagedattn::layout::{BLOCK_SIZES, DTYPES, DType, HEAD_SIZES, status};
+use pagedattn::layout::{BLOCK_SIZES, DTYPES, DType, HEAD_SIZES, KvCacheDType, status};
 use pagedattn::testing::{Inputs, Rng};
 use pagedattn::{
-    Device, Error, PagedAttentionArgs, ScalarType, Tensor, copy_blocks, reshape_and_cache, reshape_and_cache_flash, swap_blocks,
+    Device, Error, Fp8Scales, PagedAttentionArgs, ScalarType, Tensor, copy_blocks, reshape_and_cache, reshape_and_cache_flash,
+    reshape_and_cache_fp8, swap_blocks,
 };
+
+/// `(k_scale, v_scale)` of the fp8 round trips.
+const RT_FP8_SCALES: (f32, f32) = (0.03, 0.0625);
 
 use crate::common::{self, assert_matches, run_op};
 
@@ -1173,6 +1177,77 @@ fn gpu_swap_blocks_with_pinned_host_memory() {
     common::gpu_of(&mut device).check_status().unwrap();
 }
 
+/// Quantizing into fp8 caches (both ops, both kinds, every input dtype and fp8 head size, the
+/// layouts, padding, strided rows and slot placements of the verification grid) is bit-exact
+/// against the CPU backend: the device's conversion (hardware `cvt` on sm_89+) rounds exactly
+/// like the CPU's.
+#[test]
+fn gpu_reshape_fp8_matches_cpu() {
+    let Some(mut device) = gpu_or_skip!() else { return };
+    let mut n = 0;
+    for flash in [false, true] {
+        for c in pagedattn::testing::cache::reshape_grid(flash).iter().filter(|c| c.cache != KvCacheDType::Auto) {
+            let check = pagedattn::testing::cache::check_reshape(&device, c).unwrap();
+            assert!(
+                check.passes(),
+                "{c}: {} of {} elements differ (first at {:?})",
+                check.mismatches,
+                check.elements,
+                check.first_mismatch
+            );
+            n += 1;
+        }
+    }
+    common::note(&format!("gpu_reshape_fp8_matches_cpu: {n} cases bit-exact"));
+    common::gpu_of(&mut device).check_status().expect("no device-side flags for valid inputs");
+}
+
+/// A device scale that is not finite and positive: the quantizing ops write nothing, attention over
+/// fp8 caches writes NaN, and both raise BAD_SCALE (then the word clears).
+#[test]
+fn gpu_bad_device_scale_is_flagged() {
+    let Some(mut device) = gpu_or_skip!() else { return };
+    let rt = RoundTrip {
+        cache: KvCacheDType::Fp8(pagedattn::layout::Fp8Kind::E4m3),
+        ..RoundTrip::new(DType::F16, (8, 2), 128, 16, &[40, 7], 77)
+    };
+    let (kc, vc) = rt.caches(&device);
+    let up = |device: &Device, t: &Tensor| device.upload(t).unwrap();
+    let good = up(&device, &Tensor::from_f32(DType::F32, &[1], &[0.5]).unwrap());
+    for bad in [0.0, -2.0, f32::NAN, f32::INFINITY] {
+        let bad_t = up(&device, &Tensor::from_f32(DType::F32, &[1], &[bad]).unwrap());
+        for (k, v) in [(&bad_t, &good), (&good, &bad_t)] {
+            // Quantizing: the caches keep their contents.
+            let (mut kc2, mut vc2) = (up(&device, &kc.to_cpu().unwrap()), up(&device, &vc.to_cpu().unwrap()));
+            let (key, value) = (up(&device, &rt.key), up(&device, &rt.value));
+            let slots = up(&device, &i64s(&[rt.slots.len()], &rt.slots));
+            reshape_and_cache_fp8(&device, &key, &value, &mut kc2, &mut vc2, &slots, Fp8Scales { k_scale: k, v_scale: v }).unwrap();
+            assert_same_bits(&kc2, &kc, &format!("scale {bad}: key cache"));
+            assert_same_bits(&vc2, &vc, &format!("scale {bad}: value cache"));
+            let gpu = common::gpu_of(&mut device);
+            match gpu.check_status() {
+                Err(Error::DeviceData { flags }) => assert_eq!(flags, status::BAD_SCALE, "reshape, scale {bad}"),
+                other => panic!("reshape, scale {bad}: expected BAD_SCALE, got {other:?}"),
+            }
+            // Attention: NaN outputs.
+            let host = rt.inputs(kc.to_cpu().unwrap(), vc.to_cpu().unwrap());
+            let (kd, vd, q) = (up(&device, &host.key_cache), up(&device, &host.value_cache), up(&device, &host.query));
+            let args =
+                PagedAttentionArgs { query: &q, key_cache: &kd, value_cache: &vd, k_scale: Some(k), v_scale: Some(v), ..host.args() };
+            for mode in common::MODES {
+                let got = run_op(&device, &args, mode).unwrap();
+                assert!(got.iter().all(|v| v.is_nan()), "attention {mode}, scale {bad}: outputs not all NaN");
+                let gpu = common::gpu_of(&mut device);
+                match gpu.check_status() {
+                    Err(Error::DeviceData { flags }) => assert_eq!(flags, status::BAD_SCALE, "attention {mode}, scale {bad}"),
+                    other => panic!("attention {mode}, scale {bad}: expected BAD_SCALE, got {other:?}"),
+                }
+            }
+        }
+    }
+    assert!(common::gpu_of(&mut device).check_status().is_ok(), "flags not cleared");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Round trip: reshape_and_cache, then paged_attention_v1
 // ---------------------------------------------------------------------------------------------
@@ -1181,6 +1256,8 @@ fn gpu_swap_blocks_with_pinned_host_memory() {
 /// the slots their tokens go to through a shuffled block table, and a query per sequence.
 struct RoundTrip {
     dtype: DType,
+    /// Cache element type: the dtype, or fp8 codes quantized with [`RT_FP8_SCALES`].
+    cache: KvCacheDType,
     num_heads: usize,
     num_kv_heads: usize,
     head_size: usize,
@@ -1220,6 +1297,7 @@ impl RoundTrip {
         let total = slots.len();
         RoundTrip {
             dtype,
+            cache: KvCacheDType::Auto,
             num_heads: nh,
             num_kv_heads: nkv,
             head_size,
@@ -1235,15 +1313,28 @@ impl RoundTrip {
         }
     }
 
-    /// NaN caches on `device`, filled by `reshape_and_cache` there.
+    /// `[1]` f32 host tensors of the fp8 scales.
+    fn scales(&self) -> Option<(Tensor, Tensor)> {
+        let t = |v: f32| Tensor::from_f32(DType::F32, &[1], &[v]).unwrap();
+        (self.cache != KvCacheDType::Auto).then(|| (t(RT_FP8_SCALES.0), t(RT_FP8_SCALES.1)))
+    }
+
+    /// NaN caches on `device`, filled by `reshape_and_cache` (fp8: `reshape_and_cache_fp8`) there.
     fn caches(&self, device: &Device) -> (Tensor, Tensor) {
-        let st = ScalarType::from(self.dtype);
-        let (nb, h, d, bs, x) = (self.num_blocks, self.num_kv_heads, self.head_size, self.block_size, self.dtype.x());
+        let st = self.cache.fp8().map_or(ScalarType::from(self.dtype), ScalarType::of_fp8);
+        let (nb, h, d, bs, x) = (self.num_blocks, self.num_kv_heads, self.head_size, self.block_size, self.cache.x(self.dtype));
         let mut kc = device.nan(st, &[nb, h, d / x, bs, x]).unwrap();
         let mut vc = device.nan(st, &[nb, h, d, bs]).unwrap();
         let (key, value) = (device.upload(&self.key).unwrap(), device.upload(&self.value).unwrap());
         let slots = device.upload(&i64s(&[self.slots.len()], &self.slots)).unwrap();
-        reshape_and_cache(device, &key, &value, &mut kc, &mut vc, &slots).unwrap();
+        match self.scales() {
+            None => reshape_and_cache(device, &key, &value, &mut kc, &mut vc, &slots).unwrap(),
+            Some((k, v)) => {
+                let (k, v) = (device.upload(&k).unwrap(), device.upload(&v).unwrap());
+                let scales = Fp8Scales { k_scale: &k, v_scale: &v };
+                reshape_and_cache_fp8(device, &key, &value, &mut kc, &mut vc, &slots, scales).unwrap();
+            }
+        }
         (kc, vc)
     }
 
@@ -1258,6 +1349,8 @@ impl RoundTrip {
             seq_lens: Tensor::from_i32(&[ns], &self.seq_lens.iter().map(|&l| l as i32).collect::<Vec<_>>()).unwrap(),
             alibi_slopes: None,
             scale: 1.0 / (self.head_size as f32).sqrt(),
+            kv_scales: self.scales(),
+            blocksparse: None,
         }
     }
 
@@ -1295,13 +1388,13 @@ impl RoundTrip {
 fn gpu_reshape_then_paged_attention_round_trip() {
     let Some(mut device) = gpu_or_skip!() else { return };
     let mut i = 0u64;
-    for &dtype in DTYPES {
+    for (&dtype, cache) in DTYPES.iter().flat_map(|d| KvCacheDType::ALL.into_iter().map(move |c| (d, c))) {
         for &(heads, head_size, block_size) in
             &[((8, 2), 128, 16), ((4, 4), 64, 8), ((16, 1), 256, 32), ((12, 4), 80, 16), ((8, 1), 128, 64), ((4, 2), 96, 256)]
         {
             let lens = [1, block_size - 1, 3 * block_size + 5, 200 + 17 * i as usize];
-            let rt = RoundTrip::new(dtype, heads, head_size, block_size, &lens, 3000 + i);
-            let what = format!("round trip {dtype} heads {heads:?} h{head_size} b{block_size}");
+            let rt = RoundTrip { cache, ..RoundTrip::new(dtype, heads, head_size, block_size, &lens, 3000 + i) };
+            let what = format!("round trip {dtype} {cache} heads {heads:?} h{head_size} b{block_size}");
             let (kc_cpu, vc_cpu) = rt.caches(&Device::Cpu);
             let (kc, vc) = rt.caches(&device);
             assert_same_bits(&kc, &kc_cpu, &format!("{what}: key cache"));
@@ -1309,8 +1402,10 @@ fn gpu_reshape_then_paged_attention_round_trip() {
             let want = common::reference(&rt.inputs(kc_cpu, vc_cpu));
             let host = rt.inputs(kc, vc);
             let query = device.upload(&host.query).unwrap();
+            let scales = host.kv_scales.as_ref().map(|(k, v)| (device.upload(k).unwrap(), device.upload(v).unwrap()));
+            let (k_scale, v_scale) = (scales.as_ref().map(|s| &s.0), scales.as_ref().map(|s| &s.1));
             for mode in common::MODES {
-                let got = run_op(&device, &PagedAttentionArgs { query: &query, ..host.args() }, mode).unwrap();
+                let got = run_op(&device, &PagedAttentionArgs { query: &query, k_scale, v_scale, ..host.args() }, mode).unwrap();
                 assert_matches(&got, &want, dtype, &format!("{what} {mode}"));
             }
             i += 1;

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use approx::assert_relative_eq;
-use pagedattn::layout::{BLOCK_SIZES, DTYPES, DType, HEAD_SIZES, status};
+use pagedattn::layout::{BLOCK_SIZES, DTYPES, DType, FP8_HEAD_SIZES, Fp8Kind, HEAD_SIZES, KvCacheDType, status};
 use pagedattn::testing::{self, Case, Inputs, Rng};
 use pagedattn::{
     Device, Error, PagedAttentionArgs, PagedAttentionWorkspace, ScalarType, Tensor, Version, paged_attention, paged_attention_v1,
@@ -32,7 +32,26 @@ fn decode(t: &Tensor) -> Vec<f64> {
         ScalarType::BF16 => b.chunks_exact(2).take(n).map(|c| half::bf16::from_le_bytes(c.try_into().unwrap()).to_f64()).collect(),
         ScalarType::I32 => b.chunks_exact(4).take(n).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
         ScalarType::I64 => b.chunks_exact(8).take(n).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
+        ScalarType::Fp8E4m3 => b.iter().take(n).map(|&c| fp8_value(Fp8Kind::E4m3, c)).collect(),
+        ScalarType::Fp8E5m2 => b.iter().take(n).map(|&c| fp8_value(Fp8Kind::E5m2, c)).collect(),
     }
+}
+
+/// An fp8 code's value from its bit fields (sign, exponent, mantissa), written out here rather than
+/// taken from the library; NaN codes give NaN, e5m2's infinities infinity.
+fn fp8_value(kind: Fp8Kind, c: u8) -> f64 {
+    let (mb, bias) = match kind {
+        Fp8Kind::E4m3 => (3, 7),
+        Fp8Kind::E5m2 => (2, 15),
+    };
+    let (e, m) = (((c & 0x7f) >> mb) as i32, (c & ((1 << mb) - 1)) as f64);
+    let sign = if c & 0x80 != 0 { -1.0 } else { 1.0 };
+    let top = (1 << (7 - mb)) - 1;
+    if e == top && (kind == Fp8Kind::E5m2 || m == 7.0) {
+        return if kind == Fp8Kind::E5m2 && m == 0.0 { sign * f64::INFINITY } else { f64::NAN };
+    }
+    let mag = if e == 0 { m / (1 << mb) as f64 * 2f64.powi(1 - bias) } else { (1.0 + m / (1 << mb) as f64) * 2f64.powi(e - bias) };
+    sign * mag
 }
 
 /// The op written out independently of the library: each sequence's keys and values gathered into
@@ -48,6 +67,8 @@ fn naive(inp: &Inputs) -> Vec<f64> {
     let max_blocks = inp.block_tables.shape()[1];
     let group = num_heads / nkv;
     let scale = inp.scale as f64;
+    // fp8 caches hold codes of value / scale.
+    let (ks, vs) = inp.kv_scales.as_ref().map_or((1.0, 1.0), |(k, v)| (decode(k)[0], decode(v)[0]));
     let mut out = vec![0f64; num_seqs * num_heads * hs];
     for s in 0..num_seqs {
         let len = sl[s] as usize;
@@ -58,8 +79,8 @@ fn naive(inp: &Inputs) -> Vec<f64> {
                 let block = bt[s * max_blocks + t / bs] as usize;
                 let slot = t % bs;
                 for d in 0..hs {
-                    k[t * hs + d] = kc[(((block * nkv + kvh) * hx + d / x) * bs + slot) * x + d % x];
-                    v[t * hs + d] = vc[((block * nkv + kvh) * hs + d) * bs + slot];
+                    k[t * hs + d] = kc[(((block * nkv + kvh) * hx + d / x) * bs + slot) * x + d % x] * ks;
+                    v[t * hs + d] = vc[((block * nkv + kvh) * hs + d) * bs + slot] * vs;
                 }
             }
             for h in kvh * group..(kvh + 1) * group {
@@ -117,14 +138,19 @@ fn random_case(seed: u64, max_seqs: usize, max_random_len: usize) -> Case {
     let group = [1, 2, 3, 4, 5, 7, 8, 12, 16][rng.below(9)];
     let num_seqs = 1 + rng.below(max_seqs);
     let seq_lens = (0..num_seqs).map(|_| random_len(&mut rng, block_size, max_random_len)).collect();
+    // A third of the cases (where the head size has an fp8 layout) on fp8 caches.
+    let cache = KvCacheDType::ALL[rng.below(3)];
+    let cache = if FP8_HEAD_SIZES.contains(&head_size) { cache } else { KvCacheDType::Auto };
     Case {
         dtype,
+        cache,
         num_heads: num_kv_heads * group,
         num_kv_heads,
         head_size,
         block_size,
         seq_lens,
         alibi: rng.below(2) == 1,
+        blocksparse: None,
         seed: seed.wrapping_mul(31).wrapping_add(7),
     }
 }
@@ -140,7 +166,18 @@ fn elem_tol(dtype: DType) -> (f64, f64) {
 }
 
 fn case(dtype: DType, heads: (usize, usize), head_size: usize, block_size: usize, seq_lens: &[usize], alibi: bool, seed: u64) -> Case {
-    Case { dtype, num_heads: heads.0, num_kv_heads: heads.1, head_size, block_size, seq_lens: seq_lens.to_vec(), alibi, seed }
+    Case {
+        dtype,
+        cache: KvCacheDType::Auto,
+        num_heads: heads.0,
+        num_kv_heads: heads.1,
+        head_size,
+        block_size,
+        seq_lens: seq_lens.to_vec(),
+        alibi,
+        blocksparse: None,
+        seed,
+    }
 }
 
 /// Block `b` of sequence `s` in host inputs' table.
@@ -383,6 +420,9 @@ fn cpu_reference_matches_naive_formula() {
         case(DType::F32, (12, 4), 80, 32, &[200, 3], true, 4),
         case(DType::F16, (6, 3), 32, 16, &[160, 0, 47], false, 5),
         case(DType::BF16, (5, 5), 120, 8, &[63, 65], false, 6),
+        Case { cache: KvCacheDType::Fp8(Fp8Kind::E4m3), ..case(DType::F16, (8, 2), 128, 16, &[7, 40, 100], true, 7) },
+        Case { cache: KvCacheDType::Fp8(Fp8Kind::E5m2), ..case(DType::BF16, (4, 4), 80, 8, &[63, 1], false, 8) },
+        Case { cache: KvCacheDType::Fp8(Fp8Kind::E4m3), ..case(DType::F32, (16, 1), 256, 32, &[70], false, 9) },
     ]
     .into_iter()
     .map(|c| {
@@ -462,6 +502,9 @@ fn cpu_strided_views_match_contiguous() {
             seq_lens: &host.seq_lens,
             scale: host.scale,
             alibi_slopes: host.alibi_slopes.as_ref(),
+            k_scale: None,
+            v_scale: None,
+            blocksparse: None,
         };
         paged_attention_v1(&Device::Cpu, &mut st.out, &args).unwrap();
         let got = st.out.to_f64_vec();
@@ -489,6 +532,9 @@ fn check_empty_batch(device: &Device) {
             seq_lens: &sl,
             scale: 0.125,
             alibi_slopes: None,
+            k_scale: None,
+            v_scale: None,
+            blocksparse: None,
         };
         paged_attention_v1(device, &mut out, &args).unwrap_or_else(|e| panic!("{ns} seqs, {nh} heads: {e}"));
         assert_eq!(out.to_cpu().unwrap().to_f64_vec(), Vec::<f64>::new());
@@ -509,9 +555,9 @@ fn cpu_empty_batch_is_a_noop() {
 
 /// Runs `cases` on the GPU, references prepared on worker threads; returns failures and the worst
 /// rel-L2 per dtype.
-fn run_cases_gpu(device: &Device, cases: &[Case], mode: Mode) -> (Vec<String>, BTreeMap<DType, f64>) {
+fn run_cases_gpu(device: &Device, cases: &[Case], mode: Mode) -> (Vec<String>, BTreeMap<(DType, KvCacheDType), f64>) {
     let mut failures = Vec::new();
-    let mut worst: BTreeMap<DType, f64> = BTreeMap::new();
+    let mut worst: BTreeMap<(DType, KvCacheDType), f64> = BTreeMap::new();
     common::pipelined(
         cases.len(),
         |i| {
@@ -524,7 +570,7 @@ fn run_cases_gpu(device: &Device, cases: &[Case], mode: Mode) -> (Vec<String>, B
             match run_inputs(device, &host, mode) {
                 Ok(got) => {
                     let e = testing::compare(&got, &want);
-                    let w = worst.entry(c.dtype).or_insert(0.0);
+                    let w = worst.entry((c.dtype, c.cache)).or_insert(0.0);
                     *w = w.max(e.rel_l2);
                     if !e.passes(testing::tolerance(c.dtype)) {
                         failures.push(format!(
@@ -543,8 +589,8 @@ fn run_cases_gpu(device: &Device, cases: &[Case], mode: Mode) -> (Vec<String>, B
     (failures, worst)
 }
 
-fn describe_worst(worst: &BTreeMap<DType, f64>) -> String {
-    worst.iter().map(|(d, w)| format!("{d} {w:.3e} (tolerance {:.0e})", testing::tolerance(*d))).collect::<Vec<_>>().join(", ")
+fn describe_worst(worst: &BTreeMap<(DType, KvCacheDType), f64>) -> String {
+    worst.iter().map(|((d, c), w)| format!("{d}/{c} {w:.3e} (tolerance {:.0e})", testing::tolerance(*d))).collect::<Vec<_>>().join(", ")
 }
 
 /// The whole verification grid (every dtype × head size × block size, long cases included), with
@@ -758,6 +804,9 @@ fn gpu_strided_views_match_cpu() {
             seq_lens: &host.seq_lens,
             scale: host.scale,
             alibi_slopes: host.alibi_slopes.as_ref(),
+            k_scale: None,
+            v_scale: None,
+            blocksparse: None,
         };
         paged_attention_v1(&Device::Cpu, &mut st.out, &args).unwrap();
         let cpu = st.out.to_f64_vec();
@@ -777,6 +826,9 @@ fn gpu_strided_views_match_cpu() {
                 seq_lens: &sl,
                 scale: host.scale,
                 alibi_slopes: alibi.as_ref(),
+                k_scale: None,
+                v_scale: None,
+                blocksparse: None,
             };
             let mut ws = PagedAttentionWorkspace::with_partition_size(&device, 3, 64, 256, 4096, 32).unwrap();
             let version = if tables == "device table" { Version::V1 } else { Version::V2 };

@@ -1,6 +1,6 @@
 //! Bad inputs give typed errors (the right variant, carrying the offending values), never a panic.
 
-use pagedattn::layout::DType;
+use pagedattn::layout::{BlockSparse, DType, Fp8Kind, KvCacheDType};
 use pagedattn::testing::{Case, Inputs, Rng};
 use pagedattn::{
     Device, Error, PagedAttentionArgs, PagedAttentionWorkspace, ScalarType, Tensor, Version, choose_version, paged_attention,
@@ -24,12 +24,14 @@ const M: usize = 2;
 fn base_case() -> Case {
     Case {
         dtype: DType::F16,
+        cache: pagedattn::layout::KvCacheDType::Auto,
         num_heads: NH,
         num_kv_heads: NKV,
         head_size: HS,
         block_size: BS,
         seq_lens: vec![5, 20, 0],
         alibi: true,
+        blocksparse: None,
         seed: 77,
     }
 }
@@ -54,6 +56,9 @@ fn rand(dtype: ScalarType, shape: &[usize]) -> Tensor {
         ScalarType::I32 => Tensor::from_i32(shape, &(0..n).map(|_| rng.below(4) as i32).collect::<Vec<_>>()).unwrap(),
         ScalarType::I64 => {
             Tensor::from_bytes(ScalarType::I64, shape, (0..n).flat_map(|_| (rng.below(4) as i64).to_le_bytes()).collect()).unwrap()
+        }
+        ScalarType::Fp8E4m3 | ScalarType::Fp8E5m2 => {
+            Tensor::from_bytes(dtype, shape, (0..n).map(|_| rng.below(0x70) as u8).collect()).unwrap()
         }
     }
 }
@@ -438,6 +443,9 @@ fn random_bad_inputs_never_panic() {
             seq_lens: &seq_lens,
             scale,
             alibi_slopes: alibi.as_ref(),
+            k_scale: None,
+            v_scale: None,
+            blocksparse: None,
         };
         let v2 = rng.below(2) == 0;
         let res = if v2 {
@@ -574,4 +582,83 @@ fn gpu_tensor_on_wrong_device() {
     let bad_lens = Tensor::from_i32(&[NS], &[5, 20, 33]).unwrap();
     let args = PagedAttentionArgs { seq_lens: &bad_lens, ..dev.args() };
     expect_err!(paged_attention_v1(&gpu, &mut dev_out, &args), Error::HostData { what, .. } => assert!(what.contains("seq_lens[2] = 33"), "{what}"));
+}
+
+/// An fp8 (e4m3) version of the base case.
+fn fp8_base() -> Inputs {
+    Case { cache: KvCacheDType::Fp8(Fp8Kind::E4m3), ..base_case() }.inputs().unwrap()
+}
+
+#[test]
+fn fp8_cache_needs_valid_scales() {
+    let inp = fp8_base();
+    run(&inp).unwrap();
+    let scalar = |v: f32| Tensor::from_f32(DType::F32, &[1], &[v]).unwrap();
+    let with = |k: Option<&Tensor>, v: Option<&Tensor>| {
+        let mut out = Tensor::nan(inp.query.dtype(), inp.query.shape());
+        paged_attention_v1(&Device::Cpu, &mut out, &PagedAttentionArgs { k_scale: k, v_scale: v, ..inp.args() })
+    };
+    let good = scalar(0.5);
+    expect_err!(with(None, Some(&good)), Error::Value { op: OP, what: "k_scale", .. });
+    expect_err!(with(Some(&good), None), Error::Value { op: OP, what: "v_scale", .. });
+    for bad in [0.0, -1.0, f32::NAN, f32::INFINITY] {
+        let b = scalar(bad);
+        expect_err!(with(Some(&b), Some(&good)), Error::HostData { op: OP, what } => assert!(what.contains("k_scale"), "{what}"));
+        expect_err!(with(Some(&good), Some(&b)), Error::HostData { op: OP, what } => assert!(what.contains("v_scale"), "{what}"));
+    }
+    let two = Tensor::from_f32(DType::F32, &[2], &[1.0, 1.0]).unwrap();
+    expect_err!(with(Some(&two), Some(&good)), Error::Shape { op: OP, tensor: "k_scale", .. });
+    let half = Tensor::from_f32(DType::F16, &[1], &[1.0]).unwrap();
+    expect_err!(with(Some(&good), Some(&half)), Error::Shape { op: OP, tensor: "v_scale", .. });
+    // Scales given with auto caches are ignored, as in vLLM.
+    let auto = base();
+    let mut out = Tensor::nan(auto.query.dtype(), auto.query.shape());
+    let bad = scalar(-1.0);
+    paged_attention_v1(&Device::Cpu, &mut out, &PagedAttentionArgs { k_scale: Some(&bad), v_scale: None, ..auto.args() }).unwrap();
+}
+
+#[test]
+fn fp8_cache_dtypes_and_shapes() {
+    let mut inp = fp8_base();
+    let nb = num_blocks(&inp);
+    // The key cache is fp8 (x = 16), the value cache must be the same fp8 kind.
+    inp.value_cache = rand(ScalarType::Fp8E5m2, &[nb, NKV, HS, BS]);
+    expect_err!(run(&inp), Error::DType { op: OP, tensor: "value_cache", got: ScalarType::Fp8E5m2, .. });
+    inp.value_cache = rand(ScalarType::F16, &[nb, NKV, HS, BS]);
+    expect_err!(run(&inp), Error::DType { op: OP, tensor: "value_cache", got: ScalarType::F16, .. });
+    // An fp8 key cache with the f16 x (8) is a shape error naming x = 16.
+    let mut inp = fp8_base();
+    inp.key_cache = rand(ScalarType::Fp8E4m3, &[nb, NKV, HS / 8, BS, 8]);
+    expect_err!(run(&inp), Error::Shape { tensor: "key_cache", expected, .. } => assert!(expected.contains("16]"), "{expected}"));
+    // Head size 120 has no fp8 layout (120 / 16 is not whole).
+    let c = Case { head_size: 120, ..base_case() };
+    let mut inp = c.inputs().unwrap();
+    inp.key_cache = rand(ScalarType::Fp8E4m3, &[nb, NKV, 8, BS, 15]);
+    inp.value_cache = rand(ScalarType::Fp8E4m3, &[nb, NKV, 120, BS]);
+    inp.kv_scales = fp8_base().kv_scales;
+    expect_err!(run(&inp), Error::Unsupported { op: OP, what: "head_size (fp8 cache)", .. });
+}
+
+#[test]
+fn blocksparse_parameters_are_checked() {
+    let inp = base();
+    let mut out = Tensor::nan(inp.query.dtype(), inp.query.shape());
+    let with = |b: BlockSparse| PagedAttentionArgs { blocksparse: Some(b), ..inp.args() };
+    let ok = BlockSparse { tp_rank: 0, local_blocks: 1, vert_stride: 2, block_size: 2 * BS as u32, head_sliding_step: 1 };
+    paged_attention_v1(&Device::Cpu, &mut out, &with(ok)).unwrap();
+    assert!(out.to_f64_vec().iter().all(|v| v.is_finite()));
+    for bad_size in [0, BS as u32 / 2, BS as u32 + 1] {
+        expect_err!(
+            paged_attention_v1(&Device::Cpu, &mut out, &with(BlockSparse { block_size: bad_size, ..ok })),
+            Error::Value { op: OP, what: "blocksparse.block_size", .. }
+        );
+    }
+    expect_err!(
+        paged_attention_v1(&Device::Cpu, &mut out, &with(BlockSparse { local_blocks: 0, ..ok })),
+        Error::Value { op: OP, what: "blocksparse.local_blocks", .. }
+    );
+    // vert_stride <= 1 is dense: the other fields are not used, so not checked.
+    for vert_stride in [0, 1] {
+        paged_attention_v1(&Device::Cpu, &mut out, &with(BlockSparse { vert_stride, block_size: 0, local_blocks: 0, ..ok })).unwrap();
+    }
 }

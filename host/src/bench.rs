@@ -7,7 +7,7 @@
 
 use cudarc::driver::{CudaEvent, CudaSlice, sys};
 use half::{bf16, f16};
-use pagedattn_layout::DType;
+use pagedattn_layout::{DType, KvCacheDType};
 use serde::Serialize;
 
 use crate::device::{Device, Gpu};
@@ -24,6 +24,9 @@ const GIB: usize = 1 << 30;
 pub struct Config {
     #[serde(serialize_with = "ser_dtypes")]
     pub dtypes: Vec<DType>,
+    /// KV cache dtypes: `auto` (the query's) and/or fp8 (dequantized with [`BENCH_FP8_SCALES`]).
+    #[serde(serialize_with = "ser_caches")]
+    pub caches: Vec<KvCacheDType>,
     pub batches: Vec<usize>,
     pub contexts: Vec<usize>,
     pub num_heads: usize,
@@ -84,6 +87,8 @@ pub struct Measurement {
 pub struct Point {
     #[serde(serialize_with = "ser_dtype")]
     pub dtype: DType,
+    #[serde(serialize_with = "ser_cache")]
+    pub cache: KvCacheDType,
     pub batch: usize,
     pub context: usize,
     /// The version asked for.
@@ -113,7 +118,7 @@ pub enum Progress<'a> {
     /// Ceilings known; `points` points follow.
     Ready { ceilings: &'a Ceilings, points: usize },
     /// Point `index` starts.
-    Start { index: usize, dtype: DType, batch: usize, context: usize, version: Version },
+    Start { index: usize, dtype: DType, cache: KvCacheDType, batch: usize, context: usize, version: Version },
     /// Point `index` is done (measured or skipped).
     Done { index: usize, point: &'a Point },
 }
@@ -128,6 +133,14 @@ fn ser_version<S: serde::Serializer>(v: &Version, s: S) -> std::result::Result<S
 
 fn ser_versions<S: serde::Serializer>(v: &[Version], s: S) -> std::result::Result<S::Ok, S::Error> {
     s.collect_seq(v.iter().map(|v| v.to_string()))
+}
+
+fn ser_cache<S: serde::Serializer>(c: &KvCacheDType, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(c.name())
+}
+
+fn ser_caches<S: serde::Serializer>(c: &[KvCacheDType], s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.collect_seq(c.iter().map(|c| c.name()))
 }
 
 pub(crate) fn ser_dtypes<S: serde::Serializer>(d: &[DType], s: S) -> std::result::Result<S::Ok, S::Error> {
@@ -148,19 +161,22 @@ pub fn run(device: &Device, cfg: &Config, progress: &mut dyn FnMut(Progress)) ->
 
     let mut grid = Vec::new();
     for &dtype in &cfg.dtypes {
-        for &batch in &cfg.batches {
-            for &context in &cfg.contexts {
-                for &version in &cfg.versions {
-                    grid.push((dtype, batch, context, version));
+        for &cache in &cfg.caches {
+            for &batch in &cfg.batches {
+                for &context in &cfg.contexts {
+                    for &version in &cfg.versions {
+                        grid.push((dtype, cache, batch, context, version));
+                    }
                 }
             }
         }
     }
     progress(Progress::Ready { ceilings: &ceilings, points: grid.len() });
     let mut points = Vec::with_capacity(grid.len());
-    for (index, &(dtype, batch, context, version)) in grid.iter().enumerate() {
-        progress(Progress::Start { index, dtype, batch, context, version });
-        let point = run_point(device, gpu, cfg, &ceilings, &mut flush, dtype, batch, context, version)?;
+    for (index, &(dtype, cache, batch, context, version)) in grid.iter().enumerate() {
+        progress(Progress::Start { index, dtype, cache, batch, context, version });
+        let at = PointAt { dtype, cache, batch, context, version };
+        let point = run_point(device, gpu, cfg, &ceilings, &mut flush, at)?;
         // Buffers were freed stream-ordered; wait so the next point's free-memory check sees it.
         gpu.synchronize()?;
         progress(Progress::Done { index, point: &point });
@@ -252,24 +268,27 @@ fn measure_ceilings(gpu: &Gpu, cfg: &Config) -> Result<Ceilings> {
 /// Fill seeds of the query, key and value tensors.
 const SEEDS: [u64; 3] = [1, 2, 3];
 
-#[allow(clippy::too_many_arguments)]
-fn run_point(
-    device: &Device,
-    gpu: &Gpu,
-    cfg: &Config,
-    ceilings: &Ceilings,
-    flush: &mut CudaSlice<u8>,
+/// `(k_scale, v_scale)` of fp8 points: the caches hold the codes of `hash_uniform / scale`.
+pub const BENCH_FP8_SCALES: (f32, f32) = (1.0 / 16.0, 1.0 / 32.0);
+
+/// Where a point sits in the grid.
+#[derive(Clone, Copy)]
+struct PointAt {
     dtype: DType,
+    cache: KvCacheDType,
     batch: usize,
     context: usize,
     version: Version,
-) -> Result<Point> {
+}
+
+fn run_point(device: &Device, gpu: &Gpu, cfg: &Config, ceilings: &Ceilings, flush: &mut CudaSlice<u8>, at: PointAt) -> Result<Point> {
+    let PointAt { dtype, cache, batch, context, version } = at;
     let (nh, nkv, hs, bs) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_size, cfg.block_size);
-    let es = dtype.size_bytes();
+    let (es, ces) = (dtype.size_bytes(), cache.size_bytes(dtype));
     let blocks_per_seq = context.div_ceil(bs).max(1);
     let num_blocks = batch * blocks_per_seq;
-    let kv_bytes = (2 * num_blocks * nkv * hs * bs * es) as u64;
-    let mut point = Point { dtype, batch, context, version, kv_bytes, skipped: None, measured: None };
+    let kv_bytes = (2 * num_blocks * nkv * hs * bs * ces) as u64;
+    let mut point = Point { dtype, cache, batch, context, version, kv_bytes, skipped: None, measured: None };
     let q_bytes = (batch * nh * hs * es) as u64;
     let tables = (batch * (blocks_per_seq + 1) * 4) as u64;
     let (free, _) = gpu.context().mem_get_info()?;
@@ -285,14 +304,19 @@ fn run_point(
     }
 
     let st = ScalarType::from(dtype);
-    let x = dtype.x();
+    let cst = cache.fp8().map_or(st, ScalarType::of_fp8);
+    let x = cache.x(dtype);
     let mut query = gpu.zeros(st, &[batch, nh, hs])?;
-    let mut key_cache = gpu.zeros(st, &[num_blocks, nkv, hs / x, bs, x])?;
-    let mut value_cache = gpu.zeros(st, &[num_blocks, nkv, hs, bs])?;
+    let mut key_cache = gpu.zeros(cst, &[num_blocks, nkv, hs / x, bs, x])?;
+    let mut value_cache = gpu.zeros(cst, &[num_blocks, nkv, hs, bs])?;
     let mut out = gpu.zeros(st, &[batch, nh, hs])?;
-    for (t, seed) in [&mut query, &mut key_cache, &mut value_cache].into_iter().zip(SEEDS) {
-        fill_uniform(gpu, t, cfg.seed.wrapping_add(seed), 1.0)?;
+    let (ks, vs) = if cache == KvCacheDType::Auto { (1.0, 1.0) } else { BENCH_FP8_SCALES };
+    for ((t, seed), amp) in [&mut query, &mut key_cache, &mut value_cache].into_iter().zip(SEEDS).zip([1.0, 1.0 / ks, 1.0 / vs]) {
+        fill_uniform(gpu, t, cfg.seed.wrapping_add(seed), amp)?;
     }
+    let k_scale = Tensor::from_f32(DType::F32, &[1], &[ks])?.to_gpu(gpu.stream())?;
+    let v_scale = Tensor::from_f32(DType::F32, &[1], &[vs])?.to_gpu(gpu.stream())?;
+    let fp8 = cache != KvCacheDType::Auto;
     // Each sequence owns `blocks_per_seq` blocks, scattered over the cache.
     let mut perm: Vec<i32> = (0..num_blocks as i32).collect();
     Rng::new(cfg.seed).shuffle(&mut perm);
@@ -307,6 +331,9 @@ fn run_point(
         seq_lens: &seq_lens,
         scale,
         alibi_slopes: None,
+        k_scale: fp8.then_some(&k_scale),
+        v_scale: fp8.then_some(&v_scale),
+        blocksparse: None,
     };
 
     let stream = gpu.stream();
@@ -322,12 +349,12 @@ fn run_point(
 
     let (cold_ms, cold_min) = median_min(cold);
     let (hot_ms, hot_min) = median_min(hot);
-    let bytes = (batch * context * nkv * hs * 2 * es) as u64 + 2 * q_bytes;
+    let bytes = (batch * context * nkv * hs * 2 * ces) as u64 + 2 * q_bytes;
 
     // Spot check: the first and the last sequence against the f64 reference.
     let got = out.to_cpu()?.to_f64_vec();
     let checked_seqs: Vec<usize> = if batch > 1 { vec![0, batch - 1] } else { vec![0] };
-    let shape = Shape { dtype, nh, nkv, hs, bs, num_blocks, len: context, scale: scale as f64, seed: cfg.seed };
+    let shape = Shape { dtype, cache, nh, nkv, hs, bs, num_blocks, len: context, scale: scale as f64, seed: cfg.seed };
     let (mut g, mut w) = (Vec::new(), Vec::new());
     for &s in &checked_seqs {
         g.extend_from_slice(&got[s * nh * hs..(s + 1) * nh * hs]);
@@ -364,6 +391,7 @@ pub(crate) fn gib(b: u64) -> f64 {
 /// Sizes of a benchmark point, for the host reference.
 struct Shape {
     dtype: DType,
+    cache: KvCacheDType,
     nh: usize,
     nkv: usize,
     hs: usize,
@@ -384,34 +412,44 @@ fn filled(dtype: DType, i: usize, seed: u64) -> f32 {
     }
 }
 
+/// A device-filled cache element's value: as [`filled`], or for an fp8 cache the code of
+/// `hash / scale`, dequantized (`decode · scale`).
+fn filled_cache(p: &Shape, i: usize, seed: u64, scale: f32) -> f64 {
+    match p.cache.fp8() {
+        None => filled(p.dtype, i, seed) as f64,
+        Some(kind) => kind.decode(kind.encode(host_uniform(i, seed, 1.0 / scale))) as f64 * scale as f64,
+    }
+}
+
 /// The float64 reference output `[num_heads, head_size]` of sequence `s` (all tokens in its `row`
 /// of blocks), recomputed from the fill hash, one thread per KV head.
 fn reference_seq(p: &Shape, s: usize, row: &[i32]) -> Vec<f64> {
-    let (hs, bs, x, group) = (p.hs, p.bs, p.dtype.x(), p.nh / p.nkv);
+    let (hs, bs, x, group) = (p.hs, p.bs, p.cache.x(p.dtype), p.nh / p.nkv);
+    let (ks, vs) = if p.cache == KvCacheDType::Auto { (1.0, 1.0) } else { BENCH_FP8_SCALES };
     let [q_seed, k_seed, v_seed] = SEEDS.map(|v| p.seed.wrapping_add(v));
     debug_assert!(row.iter().all(|&b| (b as usize) < p.num_blocks));
     let per_kv_head = |kvh: usize| -> Vec<f64> {
         // Keys and values of this KV head, [token][dim], gathered through the block table.
-        let (mut k, mut v) = (vec![0f32; p.len * hs], vec![0f32; p.len * hs]);
+        let (mut k, mut v) = (vec![0f64; p.len * hs], vec![0f64; p.len * hs]);
         for t in 0..p.len {
             let (blk, slot) = (row[t / bs] as usize, t % bs);
             let head = blk * p.nkv + kvh;
             for d in 0..hs {
-                k[t * hs + d] = filled(p.dtype, ((head * (hs / x) + d / x) * bs + slot) * x + d % x, k_seed);
-                v[t * hs + d] = filled(p.dtype, (head * hs + d) * bs + slot, v_seed);
+                k[t * hs + d] = filled_cache(p, ((head * (hs / x) + d / x) * bs + slot) * x + d % x, k_seed, ks);
+                v[t * hs + d] = filled_cache(p, (head * hs + d) * bs + slot, v_seed, vs);
             }
         }
         let mut out = vec![0f64; group * hs];
         for (g, o) in out.chunks_mut(hs).enumerate() {
             let h = kvh * group + g;
             let q: Vec<f64> = (0..hs).map(|d| filled(p.dtype, (s * p.nh + h) * hs + d, q_seed) as f64).collect();
-            let scores: Vec<f64> = k.chunks(hs).map(|kt| p.scale * kt.iter().zip(&q).map(|(&a, &b)| a as f64 * b).sum::<f64>()).collect();
+            let scores: Vec<f64> = k.chunks(hs).map(|kt| p.scale * kt.iter().zip(&q).map(|(&a, &b)| a * b).sum::<f64>()).collect();
             let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
             let mut sum = 0.0;
             for (sc, vt) in scores.iter().zip(v.chunks(hs)) {
                 let w = (sc - max).exp();
                 sum += w;
-                o.iter_mut().zip(vt).for_each(|(od, &vd)| *od += w * vd as f64);
+                o.iter_mut().zip(vt).for_each(|(od, &vd)| *od += w * vd);
             }
             if sum > 0.0 {
                 o.iter_mut().for_each(|od| *od /= sum);
@@ -434,28 +472,47 @@ mod tests {
     #[test]
     fn reference_matches_cpu_backend() {
         let (dtype, nh, nkv, hs, bs, len, seed) = (DType::BF16, 4usize, 2usize, 64usize, 8usize, 21usize, 9u64);
-        let blocks_per_seq = len.div_ceil(bs);
-        let num_blocks = 2 * blocks_per_seq;
-        let mut perm: Vec<i32> = (0..num_blocks as i32).collect();
-        Rng::new(3).shuffle(&mut perm);
-        let x = dtype.x();
-        let host = |n: usize, seed: u64| (0..n).map(|i| host_uniform(i, seed, 1.0)).collect::<Vec<_>>();
-        let [qs, ks, vs] = SEEDS.map(|v| seed + v);
-        let q = Tensor::from_f32(dtype, &[2, nh, hs], &host(2 * nh * hs, qs)).unwrap();
-        let k = Tensor::from_f32(dtype, &[num_blocks, nkv, hs / x, bs, x], &host(num_blocks * nkv * hs * bs, ks)).unwrap();
-        let v = Tensor::from_f32(dtype, &[num_blocks, nkv, hs, bs], &host(num_blocks * nkv * hs * bs, vs)).unwrap();
-        let bt = Tensor::from_i32(&[2, blocks_per_seq], &perm).unwrap();
-        let sl = Tensor::from_i32(&[2], &[len as i32; 2]).unwrap();
-        let scale = 1.0 / (hs as f32).sqrt();
-        let args =
-            PagedAttentionArgs { query: &q, key_cache: &k, value_cache: &v, block_tables: &bt, seq_lens: &sl, scale, alibi_slopes: None };
-        let plan = validate(&Device::Cpu, &Tensor::nan(q.dtype(), q.shape()), &args).unwrap();
-        let want = crate::cpu::paged_attention::reference(&plan, &args);
-        let shape = Shape { dtype, nh, nkv, hs, bs, num_blocks, len, scale: scale as f64, seed };
-        for s in 0..2 {
-            let got = reference_seq(&shape, s, &perm[s * blocks_per_seq..(s + 1) * blocks_per_seq]);
-            let e = compare(&got, &want[s * nh * hs..(s + 1) * nh * hs]);
-            assert!(e.rel_l2 < 1e-12, "seq {s}: {e:?}");
+        for cache in KvCacheDType::ALL {
+            let blocks_per_seq = len.div_ceil(bs);
+            let num_blocks = 2 * blocks_per_seq;
+            let mut perm: Vec<i32> = (0..num_blocks as i32).collect();
+            Rng::new(3).shuffle(&mut perm);
+            let x = cache.x(dtype);
+            let (k_amp, v_amp) =
+                if cache == KvCacheDType::Auto { (1.0, 1.0) } else { (1.0 / BENCH_FP8_SCALES.0, 1.0 / BENCH_FP8_SCALES.1) };
+            let host = |n: usize, seed: u64, amp: f32| (0..n).map(|i| host_uniform(i, seed, amp)).collect::<Vec<_>>();
+            let [qs, ks, vs] = SEEDS.map(|v| seed + v);
+            let cst = cache.fp8().map_or(ScalarType::from(dtype), ScalarType::of_fp8);
+            let n = num_blocks * nkv * hs * bs;
+            let q = Tensor::from_f32(dtype, &[2, nh, hs], &host(2 * nh * hs, qs, 1.0)).unwrap();
+            let k = Tensor::from_values(cst, &[num_blocks, nkv, hs / x, bs, x], &host(n, ks, k_amp)).unwrap();
+            let v = Tensor::from_values(cst, &[num_blocks, nkv, hs, bs], &host(n, vs, v_amp)).unwrap();
+            let bt = Tensor::from_i32(&[2, blocks_per_seq], &perm).unwrap();
+            let sl = Tensor::from_i32(&[2], &[len as i32; 2]).unwrap();
+            let k_scale = Tensor::from_f32(DType::F32, &[1], &[BENCH_FP8_SCALES.0]).unwrap();
+            let v_scale = Tensor::from_f32(DType::F32, &[1], &[BENCH_FP8_SCALES.1]).unwrap();
+            let scale = 1.0 / (hs as f32).sqrt();
+            let args = PagedAttentionArgs {
+                query: &q,
+                key_cache: &k,
+                value_cache: &v,
+                block_tables: &bt,
+                seq_lens: &sl,
+                scale,
+                alibi_slopes: None,
+                k_scale: Some(&k_scale),
+                v_scale: Some(&v_scale),
+                blocksparse: None,
+            };
+            let plan = validate(&Device::Cpu, &Tensor::nan(q.dtype(), q.shape()), &args).unwrap();
+            assert_eq!(plan.cache, cache);
+            let want = crate::cpu::paged_attention::reference(&plan, &args);
+            let shape = Shape { dtype, cache, nh, nkv, hs, bs, num_blocks, len, scale: scale as f64, seed };
+            for s in 0..2 {
+                let got = reference_seq(&shape, s, &perm[s * blocks_per_seq..(s + 1) * blocks_per_seq]);
+                let e = compare(&got, &want[s * nh * hs..(s + 1) * nh * hs]);
+                assert!(e.rel_l2 < 1e-12, "{cache} seq {s}: {e:?}");
+            }
         }
     }
 }

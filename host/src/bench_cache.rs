@@ -10,7 +10,7 @@
 //! Library code: nothing here prints; [`run`] reports through a callback and returns a [`Report`].
 
 use cudarc::driver::sys;
-use pagedattn_layout::DType;
+use pagedattn_layout::{DType, KvCacheDType};
 use serde::Serialize;
 
 use crate::bench::{ceiling_half_bytes, ceiling_runs, gbps, gib, measure_device_copy, median_min, ser_dtype, ser_dtypes, time_each};
@@ -290,6 +290,7 @@ struct Timing {
 impl PointBench<'_> {
     fn shape(&self, num_blocks: usize) -> CacheShape {
         CacheShape {
+            cache: KvCacheDType::Auto,
             dtype: self.dtype,
             num_blocks,
             block_size: self.cfg.block_size,
@@ -363,7 +364,7 @@ impl PointBench<'_> {
         let mut caches = inp.caches.upload(device)?;
         let slots = device.upload(&inp.slot_mapping)?;
         let layout = cfg.layout.cache_layout();
-        let timing = self.time(|| cases::reshape(device, layout, &key, &value, &mut caches, &slots))?;
+        let timing = self.time(|| cases::reshape(device, layout, &key, &value, &mut caches, &slots, None))?;
         // Each run writes the same elements, so the caches hold one run's result.
         let check = if tokens * h * d <= MAX_CHECKED_ELEMS {
             compare_caches(&caches, &case.run(&Device::Cpu, &inp)?)?

@@ -17,7 +17,9 @@ use cudarc::driver::{DevicePtr, LaunchConfig};
 use pagedattn_layout::cache::{
     COPY_BLOCKS_THREADS, RESHAPE_MAX_SMEM_BYTES, RESHAPE_TILE_THREADS, reshape_threads, reshape_tile_bytes, reshape_tile_tokens,
 };
-use pagedattn_layout::{CopyBlocksParams, DType, KernelFamily, ReshapeAndCacheFlashParams, ReshapeAndCacheParams, SwapBlocksParams};
+use pagedattn_layout::{
+    CopyBlocksParams, DType, KernelFamily, KvCacheDType, ReshapeAndCacheFlashParams, ReshapeAndCacheParams, SwapBlocksParams,
+};
 
 use crate::device::{Device, Gpu};
 use crate::error::{Error, Result};
@@ -43,7 +45,10 @@ pub enum CacheLayout {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ReshapePlan {
     pub layout: CacheLayout,
+    /// The inputs' dtype.
     pub dtype: DType,
+    /// The caches' element type: the inputs' (a bit copy) or fp8 codes (quantized).
+    pub cache: KvCacheDType,
     /// Tokens written: `slot_mapping.len()`. `key` and `value` may have more rows (vLLM pads them
     /// for CUDA graphs); those are not read.
     pub num_tokens: usize,
@@ -52,8 +57,20 @@ pub struct ReshapePlan {
     pub block_size: usize,
     pub num_blocks: usize,
     /// Flash layout: every row of the four tensors starts on a 16-byte boundary and a row is a whole
-    /// number of 16-byte chunks, so the kernel copies 16 bytes at a time.
+    /// number of 16-byte chunks, so the kernel copies 16 bytes at a time (fp8 caches: input rows
+    /// so, and cache rows on `16 / input element size`-byte boundaries).
     pub vec16: bool,
+}
+
+/// The per-tensor scales of an fp8 KV cache (vLLM's `k_scale`, `v_scale`): `[1]` f32 tensors on
+/// the op's device, finite and positive. The cache holds `encode(key / k_scale)` and the attention
+/// ops read `decode(code) · k_scale` (likewise for values). Kernels read them from device memory
+/// at each launch, so a captured graph follows their updates; a bad device value makes the
+/// quantizing kernels write nothing and raise `BAD_SCALE`.
+#[derive(Clone, Copy)]
+pub struct Fp8Scales<'a> {
+    pub k_scale: &'a Tensor,
+    pub v_scale: &'a Tensor,
 }
 
 /// Writes each token's key and value into its cache slot, vLLM's `reshape_and_cache`.
@@ -83,7 +100,39 @@ pub fn reshape_and_cache(
     value_cache: &mut Tensor,
     slot_mapping: &Tensor,
 ) -> Result<()> {
-    reshape(device, CacheLayout::Vllm, key, value, key_cache, value_cache, slot_mapping)
+    reshape(device, CacheLayout::Vllm, key, value, key_cache, value_cache, slot_mapping, None)
+}
+
+/// [`reshape_and_cache`] into fp8 caches (`key_cache`/`value_cache` of [`ScalarType::Fp8E4m3`] or
+/// [`ScalarType::Fp8E5m2`], `x = 16`, so `head_size` a multiple of 16): each element is stored as
+/// `encode(x / scale)`, rounded to nearest even and saturating to the format's largest finite value
+/// (vLLM's `kv_cache_dtype` `fp8_e4m3` / `fp8_e5m2`). The conversion is the hardware `cvt` on sm_89
+/// and later, an exact software one on sm_80, both equal to the CPU backend's.
+#[allow(clippy::too_many_arguments)]
+pub fn reshape_and_cache_fp8(
+    device: &Device,
+    key: &Tensor,
+    value: &Tensor,
+    key_cache: &mut Tensor,
+    value_cache: &mut Tensor,
+    slot_mapping: &Tensor,
+    scales: Fp8Scales,
+) -> Result<()> {
+    reshape(device, CacheLayout::Vllm, key, value, key_cache, value_cache, slot_mapping, Some(scales))
+}
+
+/// [`reshape_and_cache_flash`] into fp8 caches; quantization as in [`reshape_and_cache_fp8`].
+#[allow(clippy::too_many_arguments)]
+pub fn reshape_and_cache_flash_fp8(
+    device: &Device,
+    key: &Tensor,
+    value: &Tensor,
+    key_cache: &mut Tensor,
+    value_cache: &mut Tensor,
+    slot_mapping: &Tensor,
+    scales: Fp8Scales,
+) -> Result<()> {
+    reshape(device, CacheLayout::Flash, key, value, key_cache, value_cache, slot_mapping, Some(scales))
 }
 
 /// [`reshape_and_cache`] into caches of the flash layout, vLLM's `reshape_and_cache_flash`:
@@ -101,9 +150,10 @@ pub fn reshape_and_cache_flash(
     value_cache: &mut Tensor,
     slot_mapping: &Tensor,
 ) -> Result<()> {
-    reshape(device, CacheLayout::Flash, key, value, key_cache, value_cache, slot_mapping)
+    reshape(device, CacheLayout::Flash, key, value, key_cache, value_cache, slot_mapping, None)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn reshape(
     device: &Device,
     layout: CacheLayout,
@@ -112,17 +162,18 @@ fn reshape(
     key_cache: &mut Tensor,
     value_cache: &mut Tensor,
     slot_mapping: &Tensor,
+    scales: Option<Fp8Scales>,
 ) -> Result<()> {
-    let plan = validate_reshape(device, layout, key, value, key_cache, value_cache, slot_mapping)?;
+    let plan = validate_reshape(device, layout, key, value, key_cache, value_cache, slot_mapping, scales)?;
     if plan.num_tokens == 0 || plan.num_kv_heads == 0 {
         return Ok(());
     }
     match device {
         Device::Cpu => {
             let slots = slot_mapping.to_i64_vec();
-            cpu::cache::reshape_and_cache(&plan, key, value, key_cache, value_cache, &slots)
+            cpu::cache::reshape_and_cache(&plan, key, value, key_cache, value_cache, &slots, scales)
         }
-        Device::Gpu(gpu) => launch_reshape(gpu, &plan, key, value, key_cache, value_cache, slot_mapping),
+        Device::Gpu(gpu) => launch_reshape(gpu, &plan, key, value, key_cache, value_cache, slot_mapping, scales),
     }
 }
 
@@ -203,6 +254,7 @@ pub fn validate_reshape(
     key_cache: &Tensor,
     value_cache: &Tensor,
     slot_mapping: &Tensor,
+    scales: Option<Fp8Scales>,
 ) -> Result<ReshapePlan> {
     let op = op_name(layout);
     let dtype =
@@ -210,20 +262,46 @@ pub fn validate_reshape(
     let &[key_rows, num_kv_heads, head_size] = key.shape() else {
         return Err(shape_err(op, "key", key, "[num_tokens, num_kv_heads, head_size]".into()));
     };
-    for (name, t) in [("value", value), ("key_cache", key_cache), ("value_cache", value_cache)] {
-        if t.dtype() != key.dtype() {
-            return Err(Error::DType { op, tensor: name, got: t.dtype(), expected: format!("{} (the key's)", key.dtype()) });
+    if value.dtype() != key.dtype() {
+        return Err(Error::DType { op, tensor: "value", got: value.dtype(), expected: format!("{} (the key's)", key.dtype()) });
+    }
+    let cache = match (key_cache.dtype().fp8(), scales) {
+        (Some(kind), Some(_)) => KvCacheDType::Fp8(kind),
+        (None, None) => KvCacheDType::Auto,
+        (Some(_), None) => {
+            return Err(Error::Value {
+                op,
+                what: "key_cache",
+                got: key_cache.dtype().to_string(),
+                why: format!("fp8 caches need scales: call {op}_fp8"),
+            });
         }
+        (None, Some(_)) => {
+            return Err(Error::DType { op, tensor: "key_cache", got: key_cache.dtype(), expected: "fp8_e4m3 or fp8_e5m2".into() });
+        }
+    };
+    let want_cache = if cache == KvCacheDType::Auto { key.dtype() } else { key_cache.dtype() };
+    for (name, t) in [("key_cache", key_cache), ("value_cache", value_cache)] {
+        if t.dtype() != want_cache {
+            let expected =
+                if cache == KvCacheDType::Auto { format!("{want_cache} (the key's)") } else { format!("{want_cache} (the key cache's)") };
+            return Err(Error::DType { op, tensor: name, got: t.dtype(), expected });
+        }
+    }
+    if let Some(sc) = scales {
+        let on_gpu = matches!(device, Device::Gpu(_));
+        crate::paged_attention::check_fp8_scale(op, "k_scale", Some(sc.k_scale), on_gpu)?;
+        crate::paged_attention::check_fp8_scale(op, "v_scale", Some(sc.v_scale), on_gpu)?;
     }
     if value.shape() != key.shape() {
         return Err(shape_err(op, "value", value, format!("{:?} (the key's)", key.shape())));
     }
-    let x = dtype.x();
+    let x = cache.x(dtype);
     let (num_blocks, block_size) = match layout {
         CacheLayout::Vllm => {
             let expected = || {
                 if head_size.is_multiple_of(x) {
-                    format!("[num_blocks, {num_kv_heads}, {}, block_size, {x}] (head_size {head_size}, {dtype})", head_size / x)
+                    format!("[num_blocks, {num_kv_heads}, {}, block_size, {x}] (head_size {head_size}, {want_cache})", head_size / x)
                 } else {
                     format!(
                         "[num_blocks, {num_kv_heads}, head_size / x, block_size, {x}]: head_size {head_size} is not a multiple of x = {x}"
@@ -307,7 +385,7 @@ pub fn validate_reshape(
     let num_slots = num_blocks.checked_mul(block_size).ok_or_else(|| too_big(op, "num_blocks * block_size", num_blocks, "u64::MAX"))?;
     if layout == CacheLayout::Vllm {
         // The kernel tiles (tokens, one KV head) in shared memory: heads on grid.y, block ids as u32.
-        if reshape_tile_tokens(head_size, dtype.size_bytes()) == 0 {
+        if reshape_tile_tokens(head_size, cache.size_bytes(dtype)) == 0 {
             return Err(Error::Unsupported {
                 op,
                 what: "head_size",
@@ -331,15 +409,20 @@ pub fn validate_reshape(
     )?;
 
     // 16-byte copies in the flash kernel: the device base of every storage is 256-byte aligned, so a
-    // row is 16-byte aligned exactly when its element offset is a multiple of x.
+    // row is `align`-byte aligned exactly when its byte offset is a multiple of it. fp8 caches take
+    // the codes of one 16-byte input chunk as one word of `16 / es` bytes.
     let es = dtype.size_bytes();
-    let rows_aligned = |t: &Tensor| {
-        (t.offset() * es).is_multiple_of(16) && t.strides()[..t.strides().len() - 1].iter().all(|s| (s * es).is_multiple_of(16))
+    let rows_aligned = |t: &Tensor, align: usize| {
+        let ts = t.dtype().size_bytes();
+        (t.offset() * ts).is_multiple_of(align) && t.strides()[..t.strides().len() - 1].iter().all(|s| (s * ts).is_multiple_of(align))
     };
-    let vec16 =
-        layout == CacheLayout::Flash && (head_size * es) % 16 == 0 && [key, value, key_cache, value_cache].into_iter().all(rows_aligned);
+    let cache_align = if cache == KvCacheDType::Auto { 16 } else { 16 / es };
+    let vec16 = layout == CacheLayout::Flash
+        && (head_size * es).is_multiple_of(16)
+        && [key, value].into_iter().all(|t| rows_aligned(t, 16))
+        && [key_cache, value_cache].into_iter().all(|t| rows_aligned(t, cache_align));
 
-    let plan = ReshapePlan { layout, dtype, num_tokens, num_kv_heads, head_size, block_size, num_blocks, vec16 };
+    let plan = ReshapePlan { layout, dtype, cache, num_tokens, num_kv_heads, head_size, block_size, num_blocks, vec16 };
     if slot_mapping.is_host() {
         check_slots(op, &slot_mapping.to_i64_vec(), num_slots, &plan)?;
     }
@@ -388,6 +471,7 @@ fn ptr(t: &Tensor) -> u64 {
     t.device_ptr().expect("validated: on the GPU")
 }
 
+#[allow(clippy::too_many_arguments)]
 fn launch_reshape(
     gpu: &Gpu,
     plan: &ReshapePlan,
@@ -396,26 +480,29 @@ fn launch_reshape(
     key_cache: &mut Tensor,
     value_cache: &mut Tensor,
     slot_mapping: &Tensor,
+    scales: Option<Fp8Scales>,
 ) -> Result<()> {
     // Host-resident slots were checked in `validate_reshape`; the copy is freed stream-ordered after the kernel.
     let slots_dev = upload_if_host(gpu, slot_mapping)?;
     let slots = slots_dev.as_ref().unwrap_or(slot_mapping);
     let num_slots = (plan.num_blocks * plan.block_size) as u64;
     let (ks, vs, kcs, vcs) = (key.strides(), value.strides(), key_cache.strides(), value_cache.strides());
-    let symbol = dispatch::cache_symbol(plan.dtype, plan.layout == CacheLayout::Flash)?;
+    let symbol = dispatch::cache_symbol(plan.dtype, plan.cache, plan.layout == CacheLayout::Flash)?;
     let func = gpu.function(KernelFamily::Cache, symbol)?;
+    let (k_scale, v_scale) = scales.map_or((0, 0), |s| (ptr(s.k_scale), ptr(s.v_scale)));
     match plan.layout {
         CacheLayout::Vllm => {
-            let es = plan.dtype.size_bytes();
-            let tokens_per_cta = reshape_tile_tokens(plan.head_size, es);
+            let ces = plan.cache.size_bytes(plan.dtype);
+            let tokens_per_cta = reshape_tile_tokens(plan.head_size, ces);
             let cfg = LaunchConfig {
                 grid_dim: (plan.num_tokens.div_ceil(tokens_per_cta) as u32, plan.num_kv_heads as u32, 1),
                 block_dim: (RESHAPE_TILE_THREADS as u32, 1, 1),
-                shared_mem_bytes: reshape_tile_bytes(tokens_per_cta, plan.head_size, es) as u32,
+                shared_mem_bytes: reshape_tile_bytes(tokens_per_cta, plan.head_size, ces) as u32,
             };
             // 16-byte accesses: the device base of every storage is 256-byte aligned, so a row or
-            // chunk is 16-byte aligned exactly when its element offset is a multiple of x.
+            // chunk is 16-byte aligned exactly when its byte offset is a multiple of 16.
             let aligned = |t: &Tensor, axes: usize| {
+                let es = t.dtype().size_bytes();
                 (t.offset() * es).is_multiple_of(16) && t.strides()[..axes].iter().all(|s| (s * es).is_multiple_of(16))
             };
             let (kv_vec16, key_cache_vec16) = (aligned(key, 2) && aligned(value, 2), aligned(key_cache, 2));
@@ -428,6 +515,8 @@ fn launch_reshape(
                 slot_mapping: ptr(slots),
                 maybe_status: gpu.status_ptr(),
                 num_slots,
+                k_scale,
+                v_scale,
                 num_tokens: plan.num_tokens as u32,
                 num_kv_heads: plan.num_kv_heads as u32,
                 head_size: plan.head_size as u32,
@@ -469,6 +558,8 @@ fn launch_reshape(
                 slot_mapping: ptr(slots),
                 maybe_status: gpu.status_ptr(),
                 num_slots,
+                k_scale,
+                v_scale,
                 num_tokens: plan.num_tokens as u32,
                 num_kv_heads: plan.num_kv_heads as u32,
                 head_size: plan.head_size as u32,

@@ -61,7 +61,8 @@ pub struct Gpu {
     pub arch: (i32, i32),
     /// Streaming multiprocessors (for launch heuristics such as the v1/v2 choice).
     pub sm_count: usize,
-    modules: [OnceLock<Arc<CudaModule>>; KernelFamily::ALL.len()],
+    /// One lazily loaded module per family (boxed: it keeps `Device` small).
+    modules: Box<[OnceLock<Arc<CudaModule>>; KernelFamily::ALL.len()]>,
     functions: Mutex<std::collections::HashMap<&'static str, CudaFunction>>,
     /// The status word kernels OR flags into (see `pagedattn_layout::status`).
     status: CudaSlice<u32>,

@@ -4,7 +4,7 @@
 
 use std::sync::OnceLock;
 
-use pagedattn_layout::{BLOCK_SIZES, DTYPES, DType, HEAD_SIZES, KernelFamily};
+use pagedattn_layout::{BLOCK_SIZES, DTYPES, DType, FP8_HEAD_SIZES, Fp8Kind, HEAD_SIZES, KernelFamily, KvCacheDType};
 
 use crate::error::{Error, Result};
 
@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PagedAttentionVariant {
     pub dtype: DType,
+    pub cache: KvCacheDType,
     pub head_size: usize,
     pub block_size: usize,
     pub symbol: &'static str,
@@ -26,6 +27,7 @@ pub fn paged_attention_variants() -> &'static [PagedAttentionVariant] {
             ($dt:ident, $dtn:literal, $h:literal, $b:literal) => {
                 table.push(PagedAttentionVariant {
                     dtype: DType::$dt,
+                    cache: KvCacheDType::Auto,
                     head_size: $h,
                     block_size: $b,
                     symbol: pagedattn_layout::paged_attention_symbol!($dtn, $h, $b),
@@ -33,28 +35,50 @@ pub fn paged_attention_variants() -> &'static [PagedAttentionVariant] {
             };
         }
         pagedattn_layout::for_each_paged_attention_variant!(push);
+        macro_rules! push_fp8 {
+            ($dt:ident, $dtn:literal, $k:ident, $kn:literal, $h:literal, $b:literal) => {
+                table.push(PagedAttentionVariant {
+                    dtype: DType::$dt,
+                    cache: KvCacheDType::Fp8(Fp8Kind::$k),
+                    head_size: $h,
+                    block_size: $b,
+                    symbol: pagedattn_layout::paged_attention_fp8_symbol!($dtn, $kn, $h, $b),
+                })
+            };
+        }
+        pagedattn_layout::for_each_paged_attention_fp8_variant!(push_fp8);
         table
     })
 }
 
-/// The variant for `(dtype, head_size, block_size)`, or an error naming the unsupported value and
-/// the supported ones.
-pub fn paged_attention(dtype: DType, head_size: usize, block_size: usize) -> Result<&'static PagedAttentionVariant> {
+impl PagedAttentionVariant {
+    /// The family (PTX module) that holds it.
+    pub fn family(&self) -> KernelFamily {
+        if self.cache == KvCacheDType::Auto { KernelFamily::PagedAttention } else { KernelFamily::PagedAttentionFp8 }
+    }
+}
+
+/// The variant for `(dtype, cache, head_size, block_size)`, or an error naming the unsupported
+/// value and the supported ones.
+pub fn paged_attention(dtype: DType, cache: KvCacheDType, head_size: usize, block_size: usize) -> Result<&'static PagedAttentionVariant> {
     let op = "paged_attention";
-    if !HEAD_SIZES.contains(&head_size) {
-        return Err(Error::Unsupported { op, what: "head_size", got: head_size.to_string(), supported: format!("{HEAD_SIZES:?}") });
+    let heads = if cache == KvCacheDType::Auto { HEAD_SIZES } else { FP8_HEAD_SIZES };
+    if !heads.contains(&head_size) {
+        let what = if cache == KvCacheDType::Auto { "head_size" } else { "head_size (fp8 cache)" };
+        return Err(Error::Unsupported { op, what, got: head_size.to_string(), supported: format!("{heads:?}") });
     }
     if !BLOCK_SIZES.contains(&block_size) {
         return Err(Error::Unsupported { op, what: "block_size", got: block_size.to_string(), supported: format!("{BLOCK_SIZES:?}") });
     }
-    paged_attention_variants().iter().find(|v| v.dtype == dtype && v.head_size == head_size && v.block_size == block_size).ok_or_else(
-        || Error::Unsupported {
+    paged_attention_variants()
+        .iter()
+        .find(|v| v.dtype == dtype && v.cache == cache && v.head_size == head_size && v.block_size == block_size)
+        .ok_or_else(|| Error::Unsupported {
             op,
-            what: "(dtype, head_size, block_size)",
-            got: format!("({dtype}, {head_size}, {block_size})"),
+            what: "(dtype, kv_cache_dtype, head_size, block_size)",
+            got: format!("({dtype}, {cache}, {head_size}, {block_size})"),
             supported: "see `pagedattn info`".into(),
-        },
-    )
+        })
 }
 
 /// The symbol of the v2 reduce kernel for `dtype`.
@@ -66,11 +90,26 @@ pub fn paged_attention_v2_reduce(dtype: DType) -> &'static str {
     }
 }
 
-/// The symbol of `reshape_and_cache_<dtype>` (or `reshape_and_cache_flash_<dtype>` when `flash`).
-pub fn cache_symbol(dtype: DType, flash: bool) -> Result<&'static str> {
+/// The symbol of `reshape_and_cache_<dtype>` (or `reshape_and_cache_flash_<dtype>` when `flash`),
+/// or of the kernel that quantizes `dtype` inputs into an fp8 cache (`reshape_and_cache_f16_e4m3`).
+pub fn cache_symbol(dtype: DType, cache: KvCacheDType, flash: bool) -> Result<&'static str> {
+    if let KvCacheDType::Fp8(kind) = cache {
+        macro_rules! arm_fp8 {
+            ($dt:ident, $dtn:literal, $k:ident, $kn:literal) => {
+                if dtype == DType::$dt && kind == Fp8Kind::$k {
+                    return Ok(if flash {
+                        pagedattn_layout::cache_fp8_symbol!("reshape_and_cache_flash", $dtn, $kn)
+                    } else {
+                        pagedattn_layout::cache_fp8_symbol!("reshape_and_cache", $dtn, $kn)
+                    });
+                }
+            };
+        }
+        pagedattn_layout::for_each_cache_fp8!(arm_fp8);
+    }
     macro_rules! arm {
         ($dt:ident, $dtn:literal) => {
-            if dtype == DType::$dt {
+            if dtype == DType::$dt && cache == KvCacheDType::Auto {
                 return Ok(if flash {
                     pagedattn_layout::cache_symbol!("reshape_and_cache_flash", $dtn)
                 } else {
@@ -82,9 +121,9 @@ pub fn cache_symbol(dtype: DType, flash: bool) -> Result<&'static str> {
     pagedattn_layout::for_each_cache_dtype!(arm);
     Err(Error::Unsupported {
         op: if flash { "reshape_and_cache_flash" } else { "reshape_and_cache" },
-        what: "dtype",
-        got: dtype.to_string(),
-        supported: "f32, f16, bf16".into(),
+        what: "(dtype, kv_cache_dtype)",
+        got: format!("({dtype}, {cache})"),
+        supported: "f32, f16, bf16 inputs; auto, fp8_e4m3, fp8_e5m2 caches".into(),
     })
 }
 
@@ -96,6 +135,10 @@ pub fn fill_uniform_symbol(dtype: DType) -> &'static str {
         DType::BF16 => "fill_uniform_bf16",
     }
 }
+
+/// Symbols of the util family's random fill of fp8 codes.
+pub const FILL_UNIFORM_E4M3: &str = "fill_uniform_e4m3";
+pub const FILL_UNIFORM_E5M2: &str = "fill_uniform_e5m2";
 
 /// Symbol of the util family's read-only streaming pass.
 pub const STREAM_READ: &str = "stream_read";
@@ -119,6 +162,8 @@ pub struct KernelVariant {
     pub kernel: &'static str,
     /// `None` for kernels that move bytes or words whatever the dtype.
     pub dtype: Option<DType>,
+    /// The KV cache's element type (`auto` for kernels without a cache or with the dtype's own).
+    pub cache: KvCacheDType,
     pub head_size: Option<usize>,
     pub block_size: Option<usize>,
     pub symbol: &'static str,
@@ -133,6 +178,7 @@ pub fn kernel_variants() -> &'static [KernelVariant] {
             family,
             kernel,
             dtype,
+            cache: KvCacheDType::Auto,
             head_size: None,
             block_size: None,
             symbol,
@@ -140,22 +186,27 @@ pub fn kernel_variants() -> &'static [KernelVariant] {
         let mut table: Vec<KernelVariant> = paged_attention_variants()
             .iter()
             .map(|v| KernelVariant {
-                family: KernelFamily::PagedAttention,
+                family: v.family(),
                 kernel: "paged_attention",
                 dtype: Some(v.dtype),
+                cache: v.cache,
                 head_size: Some(v.head_size),
                 block_size: Some(v.block_size),
                 symbol: v.symbol,
             })
             .collect();
-        for &d in DTYPES {
-            table.push(of(KernelFamily::PagedAttention, "paged_attention_v2_reduce", Some(d), paged_attention_v2_reduce(d)));
+        for family in [KernelFamily::PagedAttention, KernelFamily::PagedAttentionFp8] {
+            for &d in DTYPES {
+                table.push(of(family, "paged_attention_v2_reduce", Some(d), paged_attention_v2_reduce(d)));
+            }
         }
         for flash in [false, true] {
             let kernel = if flash { "reshape_and_cache_flash" } else { "reshape_and_cache" };
-            for &d in DTYPES {
-                if let Ok(symbol) = cache_symbol(d, flash) {
-                    table.push(of(KernelFamily::Cache, kernel, Some(d), symbol));
+            for cache in KvCacheDType::ALL {
+                for &d in DTYPES {
+                    if let Ok(symbol) = cache_symbol(d, cache, flash) {
+                        table.push(KernelVariant { cache, ..of(KernelFamily::Cache, kernel, Some(d), symbol) });
+                    }
                 }
             }
         }
@@ -163,6 +214,9 @@ pub fn kernel_variants() -> &'static [KernelVariant] {
         table.push(of(KernelFamily::Cache, "swap_blocks", None, SWAP_BLOCKS));
         for &d in DTYPES {
             table.push(of(KernelFamily::Util, "fill_uniform", Some(d), fill_uniform_symbol(d)));
+        }
+        for (kind, symbol) in [(Fp8Kind::E4m3, FILL_UNIFORM_E4M3), (Fp8Kind::E5m2, FILL_UNIFORM_E5M2)] {
+            table.push(KernelVariant { cache: KvCacheDType::Fp8(kind), ..of(KernelFamily::Util, "fill_uniform", None, symbol) });
         }
         table.push(of(KernelFamily::Util, "stream_read", None, STREAM_READ));
         table.push(of(KernelFamily::Util, "fp8_codec", None, FP8_CODEC));
@@ -176,24 +230,41 @@ mod tests {
 
     #[test]
     fn table_covers_the_declared_lists_exactly() {
-        assert_eq!(paged_attention_variants().len(), DTYPES.len() * HEAD_SIZES.len() * BLOCK_SIZES.len());
+        let fp8 = Fp8Kind::ALL.len() * FP8_HEAD_SIZES.len();
+        assert_eq!(paged_attention_variants().len(), DTYPES.len() * (HEAD_SIZES.len() + fp8) * BLOCK_SIZES.len());
         for &d in DTYPES {
-            for &h in HEAD_SIZES {
-                for &b in BLOCK_SIZES {
-                    let v = paged_attention(d, h, b).unwrap();
+            for &b in BLOCK_SIZES {
+                for &h in HEAD_SIZES {
+                    let v = paged_attention(d, KvCacheDType::Auto, h, b).unwrap();
                     assert_eq!(v.symbol, format!("paged_attention_{d}_h{h}_b{b}"));
+                }
+                for kind in Fp8Kind::ALL {
+                    for &h in FP8_HEAD_SIZES {
+                        let v = paged_attention(d, KvCacheDType::Fp8(kind), h, b).unwrap();
+                        let k = &kind.name()[4..];
+                        assert_eq!(v.symbol, format!("paged_attention_{d}_{k}_h{h}_b{b}"));
+                        assert_eq!(v.family(), KernelFamily::PagedAttentionFp8);
+                    }
                 }
             }
         }
-        assert!(matches!(paged_attention(DType::F16, 48, 16), Err(Error::Unsupported { what: "head_size", .. })));
-        assert!(matches!(paged_attention(DType::F16, 128, 12), Err(Error::Unsupported { what: "block_size", .. })));
+        let auto = KvCacheDType::Auto;
+        assert!(matches!(paged_attention(DType::F16, auto, 48, 16), Err(Error::Unsupported { what: "head_size", .. })));
+        assert!(matches!(paged_attention(DType::F16, auto, 128, 12), Err(Error::Unsupported { what: "block_size", .. })));
+        let e4m3 = KvCacheDType::Fp8(Fp8Kind::E4m3);
+        assert!(matches!(paged_attention(DType::F16, e4m3, 120, 16), Err(Error::Unsupported { what: "head_size (fp8 cache)", .. })));
     }
 
     #[test]
     fn every_dtype_has_cache_kernels() {
         for &d in DTYPES {
-            assert_eq!(cache_symbol(d, false).unwrap(), format!("reshape_and_cache_{d}"));
-            assert_eq!(cache_symbol(d, true).unwrap(), format!("reshape_and_cache_flash_{d}"));
+            assert_eq!(cache_symbol(d, KvCacheDType::Auto, false).unwrap(), format!("reshape_and_cache_{d}"));
+            assert_eq!(cache_symbol(d, KvCacheDType::Auto, true).unwrap(), format!("reshape_and_cache_flash_{d}"));
+            for kind in Fp8Kind::ALL {
+                let k = &kind.name()[4..];
+                assert_eq!(cache_symbol(d, KvCacheDType::Fp8(kind), false).unwrap(), format!("reshape_and_cache_{d}_{k}"));
+                assert_eq!(cache_symbol(d, KvCacheDType::Fp8(kind), true).unwrap(), format!("reshape_and_cache_flash_{d}_{k}"));
+            }
         }
     }
 }

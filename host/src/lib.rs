@@ -9,7 +9,9 @@
 //!    cache); [`Gpu::pinned`] / [`Tensor::to_pinned`] put a tensor in page-locked host memory.
 //! 3. Call an op, e.g. [`reshape_and_cache`] to write keys and values into the paged cache, then
 //!    [`paged_attention`] (v1 or v2, chosen from bounds you fix); on the GPU each is queued on the
-//!    device's stream.
+//!    device's stream. fp8 KV caches: [`reshape_and_cache_fp8`] quantizes into caches of
+//!    [`ScalarType::Fp8E4m3`] / [`ScalarType::Fp8E5m2`], and the attention ops dequantize them with
+//!    the same `k_scale` / `v_scale`.
 //! 4. Read results with [`Tensor::to_cpu`]; check device-side guards with [`Gpu::check_status`].
 //!
 //! ```
@@ -31,7 +33,7 @@
 //! let (q, k, v) = (up(&query)?, up(&key_cache)?, up(&value_cache)?);
 //! paged_attention_v1(&device, &mut out, &PagedAttentionArgs {
 //!     query: &q, key_cache: &k, value_cache: &v, block_tables: &block_tables, seq_lens: &seq_lens,
-//!     scale: 0.125, alibi_slopes: None,
+//!     scale: 0.125, alibi_slopes: None, k_scale: None, v_scale: None, blocksparse: None,
 //! })?;
 //! assert!(out.to_cpu()?.to_f64_vec().iter().all(|v| v.is_finite()));
 //! # Ok(()) }
@@ -52,7 +54,9 @@ pub mod tensor;
 pub mod testing;
 pub mod util;
 
-pub use cache::{copy_blocks, reshape_and_cache, reshape_and_cache_flash, swap_blocks};
+pub use cache::{
+    Fp8Scales, copy_blocks, reshape_and_cache, reshape_and_cache_flash, reshape_and_cache_flash_fp8, reshape_and_cache_fp8, swap_blocks,
+};
 pub use device::{Device, Gpu};
 pub use error::{Error, Result};
 pub use paged_attention::{

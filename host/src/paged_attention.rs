@@ -8,8 +8,8 @@
 use cudarc::driver::LaunchConfig;
 use pagedattn_layout::paged_attention::reduce_smem_bytes;
 use pagedattn_layout::{
-    BLOCK_SIZES, DEFAULT_PARTITION_SIZE, DType, HEAD_SIZES, KernelFamily, PagedAttentionGeometry, PagedAttentionParams,
-    PagedAttentionReduceParams, REDUCE_THREADS,
+    BLOCK_SIZES, BlockSparse, DEFAULT_PARTITION_SIZE, DType, FP8_HEAD_SIZES, HEAD_SIZES, KvCacheDType, PagedAttentionGeometry,
+    PagedAttentionParams, PagedAttentionReduceParams, REDUCE_THREADS,
 };
 
 use crate::device::{Device, Gpu};
@@ -24,7 +24,8 @@ pub struct PagedAttentionArgs<'a> {
     /// `[num_seqs, num_heads, head_size]`, dims contiguous.
     pub query: &'a Tensor,
     /// `[num_blocks, num_kv_heads, head_size / x, block_size, x]`, `x = 16 / element size`; the three
-    /// inner axes contiguous.
+    /// inner axes contiguous. The query's dtype (vLLM's `kv_cache_dtype` `auto`), or fp8 codes
+    /// ([`ScalarType::Fp8E4m3`], [`ScalarType::Fp8E5m2`]: `x = 16`), dequantized with `k_scale`.
     pub key_cache: &'a Tensor,
     /// `[num_blocks, num_kv_heads, head_size, block_size]`, the two inner axes contiguous; block and
     /// head strides equal to the key cache's.
@@ -39,12 +40,24 @@ pub struct PagedAttentionArgs<'a> {
     pub scale: f32,
     /// `[num_heads]` f32 ALiBi slopes (contiguous): score += slope · (token position − seq_len + 1).
     pub alibi_slopes: Option<&'a Tensor>,
+    /// fp8 caches: `[1]` f32 on the op's device, the per-tensor scales (key = code's value ·
+    /// `k_scale`, value = code's value · `v_scale`), finite and positive. The kernels read them at
+    /// each launch, so a captured graph follows updates; a bad device value gives NaN outputs and
+    /// [`crate::layout::status::BAD_SCALE`]. Required with fp8 caches, ignored otherwise (as vLLM).
+    pub k_scale: Option<&'a Tensor>,
+    pub v_scale: Option<&'a Tensor>,
+    /// vLLM's block-sparse pattern ([`BlockSparse`]; `None` or `vert_stride <= 1` is dense). When
+    /// sparse, its block size is a positive multiple of the cache block size and `local_blocks >= 1`
+    /// (every query then attends at least its own sparse block).
+    pub blocksparse: Option<BlockSparse>,
 }
 
 /// Sizes derived from the arguments once validated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Plan {
     pub dtype: DType,
+    /// The caches' element type.
+    pub cache: KvCacheDType,
     pub num_seqs: usize,
     pub num_heads: usize,
     pub num_kv_heads: usize,
@@ -102,7 +115,7 @@ fn run(
     let max_seq_len = ws.as_ref().map_or(cap, |w| w.max_seq_len.min(cap));
     let version = match version {
         Version::Auto => {
-            let geo = PagedAttentionGeometry::new(plan.dtype, plan.head_size, plan.block_size);
+            let geo = plan.geometry();
             let ctas = plan.num_seqs * geo.head_groups(plan.num_heads, plan.num_kv_heads);
             let sms = match device {
                 Device::Gpu(g) => g.sm_count,
@@ -324,8 +337,20 @@ pub fn validate(device: &Device, out: &Tensor, a: &PagedAttentionArgs) -> Result
     if !HEAD_SIZES.contains(&head_size) {
         return Err(Error::Unsupported { op: OP, what: "head_size", got: head_size.to_string(), supported: format!("{HEAD_SIZES:?}") });
     }
-    let x = dtype.x();
     let k = a.key_cache;
+    let cache = match k.dtype().fp8() {
+        Some(kind) => KvCacheDType::Fp8(kind),
+        None => KvCacheDType::Auto,
+    };
+    if cache != KvCacheDType::Auto && !FP8_HEAD_SIZES.contains(&head_size) {
+        return Err(Error::Unsupported {
+            op: OP,
+            what: "head_size (fp8 cache)",
+            got: head_size.to_string(),
+            supported: format!("{FP8_HEAD_SIZES:?} (16-code key chunks)"),
+        });
+    }
+    let x = cache.x(dtype);
     let &[num_blocks, num_kv_heads, hx, block_size, kx] = k.shape() else {
         return Err(shape_err("key_cache", k, "[num_blocks, num_kv_heads, head_size / x, block_size, x]".into()));
     };
@@ -333,7 +358,7 @@ pub fn validate(device: &Device, out: &Tensor, a: &PagedAttentionArgs) -> Result
         return Err(shape_err(
             "key_cache",
             k,
-            format!("[num_blocks, num_kv_heads, {}, block_size, {x}] for head_size {head_size}, {dtype}", head_size / x),
+            format!("[num_blocks, num_kv_heads, {}, block_size, {x}] for head_size {head_size}, {} cache", head_size / x, k.dtype()),
         ));
     }
     if !BLOCK_SIZES.contains(&block_size) {
@@ -351,9 +376,10 @@ pub fn validate(device: &Device, out: &Tensor, a: &PagedAttentionArgs) -> Result
             why: "num_heads must be a multiple of num_kv_heads".into(),
         });
     }
+    let want_cache = if cache == KvCacheDType::Auto { format!("{} (the query's) or fp8", q.dtype()) } else { format!("{}", k.dtype()) };
     for (name, t) in [("key_cache", k), ("value_cache", v)] {
-        if t.dtype() != q.dtype() {
-            return Err(Error::DType { op: OP, tensor: name, got: t.dtype(), expected: format!("{} (the query's)", q.dtype()) });
+        if t.dtype() != k.dtype() || (cache == KvCacheDType::Auto && t.dtype() != q.dtype()) {
+            return Err(Error::DType { op: OP, tensor: name, got: t.dtype(), expected: want_cache.clone() });
         }
     }
     if out.dtype() != q.dtype() {
@@ -378,7 +404,7 @@ pub fn validate(device: &Device, out: &Tensor, a: &PagedAttentionArgs) -> Result
     if ks[..2] != vs[..2] {
         return Err(layout_err("value_cache", v, format!("block and head strides must equal the key cache's {:?}", &ks[..2])));
     }
-    let es = dtype.size_bytes();
+    let es = cache.size_bytes(dtype);
     for (name, t) in [("key_cache", k), ("value_cache", v)] {
         // 16-byte loads: every chunk starts on a 16-byte boundary.
         if (t.offset() * es) % 16 != 0 || t.strides()[..2].iter().any(|s| (s * es) % 16 != 0) {
@@ -420,6 +446,25 @@ pub fn validate(device: &Device, out: &Tensor, a: &PagedAttentionArgs) -> Result
     if !a.scale.is_finite() {
         return Err(Error::Value { op: OP, what: "scale", got: a.scale.to_string(), why: "must be finite".into() });
     }
+    if let Some(b) = a.blocksparse.filter(BlockSparse::is_sparse) {
+        let bad = |what: &'static str, got: String, why: String| Error::Value { op: OP, what, got, why };
+        if b.block_size == 0 || !(b.block_size as usize).is_multiple_of(block_size) {
+            return Err(bad(
+                "blocksparse.block_size",
+                b.block_size.to_string(),
+                format!("must be a positive multiple of the cache block size {block_size}"),
+            ));
+        }
+        if b.local_blocks == 0 {
+            return Err(bad("blocksparse.local_blocks", "0".into(), "must be at least 1 (a query attends its own block)".into()));
+        }
+    }
+    let on_gpu = matches!(device, Device::Gpu(_));
+    if cache != KvCacheDType::Auto {
+        for (name, t) in [("k_scale", a.k_scale), ("v_scale", a.v_scale)] {
+            check_fp8_scale(OP, name, t, on_gpu)?;
+        }
+    }
     // Strides and sizes travel as u32 in the params; grid.y is limited to 65535.
     let big = |s: usize| s > u32::MAX as usize;
     if [q.strides()[0], q.strides()[1], out.strides()[0], out.strides()[1], ks[0], ks[1], bt.strides()[0]].into_iter().any(big)
@@ -433,7 +478,7 @@ pub fn validate(device: &Device, out: &Tensor, a: &PagedAttentionArgs) -> Result
             why: "does not fit the kernel's 32-bit index fields".into(),
         });
     }
-    let geo = PagedAttentionGeometry::new(dtype, head_size, block_size);
+    let geo = PagedAttentionGeometry::with_cache(dtype, cache, head_size, block_size);
     if num_heads > 65535 || geo.head_groups(num_heads, num_kv_heads) > 65535 {
         return Err(Error::Value {
             op: OP,
@@ -444,7 +489,6 @@ pub fn validate(device: &Device, out: &Tensor, a: &PagedAttentionArgs) -> Result
     }
 
     // Device placement: everything on the op's device, except tables that may be host data.
-    let on_gpu = matches!(device, Device::Gpu(_));
     let want = if on_gpu { "GPU" } else { "CPU" };
     let mut placed: Vec<(&'static str, &Tensor)> = vec![("query", q), ("key_cache", k), ("value_cache", v), ("out", out)];
     if let Some(al) = a.alibi_slopes {
@@ -460,13 +504,42 @@ pub fn validate(device: &Device, out: &Tensor, a: &PagedAttentionArgs) -> Result
         }
     }
 
-    let plan = Plan { dtype, num_seqs, num_heads, num_kv_heads, head_size, block_size, num_blocks, max_num_blocks_per_seq };
+    let plan = Plan { dtype, cache, num_seqs, num_heads, num_kv_heads, head_size, block_size, num_blocks, max_num_blocks_per_seq };
     if bt.is_host() && sl.is_host() {
         check_tables(&plan, &bt.to_i32_vec(), &sl.to_i32_vec())?;
     } else if sl.is_host() {
         check_tables(&plan, &[], &sl.to_i32_vec())?;
     }
     Ok(plan)
+}
+
+/// An fp8 scale: present, `[1]` (or 0-d) f32 on the op's device; on the CPU, also finite and
+/// positive (device values are the kernels' to check: `BAD_SCALE`).
+pub(crate) fn check_fp8_scale(op: &'static str, name: &'static str, t: Option<&Tensor>, on_gpu: bool) -> Result<()> {
+    let Some(t) = t else {
+        return Err(Error::Value { op, what: name, got: "None".into(), why: "fp8 caches need k_scale and v_scale".into() });
+    };
+    if t.dtype() != ScalarType::F32 || t.numel() != 1 {
+        return Err(Error::Shape { op, tensor: name, got: t.shape().to_vec(), expected: "[1] f32".into() });
+    }
+    let here = if on_gpu { t.is_gpu() } else { t.is_cpu() };
+    if !here {
+        return Err(Error::Device { op, tensor: name, got: t.storage().location(), expected: if on_gpu { "GPU" } else { "CPU" } });
+    }
+    if !on_gpu {
+        let v = t.to_f64_vec()[0];
+        if !(v > 0.0 && v.is_finite()) {
+            return Err(Error::HostData { op, what: format!("{name} = {v} must be finite and positive") });
+        }
+    }
+    Ok(())
+}
+
+impl Plan {
+    /// The launch geometry of this call's variant.
+    pub fn geometry(&self) -> PagedAttentionGeometry {
+        PagedAttentionGeometry::with_cache(self.dtype, self.cache, self.head_size, self.block_size)
+    }
 }
 
 /// Checks host-resident lengths (and, when given, the block table rows they use).
@@ -506,7 +579,7 @@ fn launch_gpu(
     max_seq_len: usize,
     ws: Option<&mut PagedAttentionWorkspace>,
 ) -> Result<()> {
-    let variant = dispatch::paged_attention(plan.dtype, plan.head_size, plan.block_size)?;
+    let variant = dispatch::paged_attention(plan.dtype, plan.cache, plan.head_size, plan.block_size)?;
     // Host-resident tables were checked in `validate`; copy them (freed stream-ordered after the kernel).
     let bt_dev;
     let bt = if a.block_tables.is_host() {
@@ -523,6 +596,7 @@ fn launch_gpu(
         a.seq_lens
     };
     let ptr = |t: &Tensor| t.device_ptr().expect("validated: on the GPU");
+    let sparse = a.blocksparse.filter(BlockSparse::is_sparse).unwrap_or_default();
     let (tmp_out, exp_sums, max_logits, partition_size, parts) = match &ws {
         Some(w) => {
             let (t, e, m) = w.buffers.as_ref().expect("checked: a GPU workspace");
@@ -542,6 +616,8 @@ fn launch_gpu(
         tmp_out,
         exp_sums,
         max_logits,
+        k_scale: if plan.cache == KvCacheDType::Auto { 0 } else { a.k_scale.map(ptr).unwrap_or(0) },
+        v_scale: if plan.cache == KvCacheDType::Auto { 0 } else { a.v_scale.map(ptr).unwrap_or(0) },
         partition_size: partition_size as u32,
         max_num_partitions: parts as u32,
         num_seqs: plan.num_seqs as u32,
@@ -558,15 +634,21 @@ fn launch_gpu(
         kv_head_stride: a.key_cache.strides()[1] as u32,
         scale_log2: a.scale * std::f32::consts::LOG2_E,
         max_seq_len: max_seq_len as u32,
+        bs_vert_stride: sparse.vert_stride,
+        bs_block_size: sparse.block_size,
+        bs_local_blocks: sparse.local_blocks,
+        bs_head_sliding_step: sparse.head_sliding_step,
+        bs_tp_rank: sparse.tp_rank,
+        _pad: 0,
     };
-    let geo = PagedAttentionGeometry::new(plan.dtype, plan.head_size, plan.block_size);
+    let geo = plan.geometry();
     let cfg = LaunchConfig {
         grid_dim: (plan.num_seqs as u32, geo.head_groups(plan.num_heads, plan.num_kv_heads) as u32, parts as u32),
         block_dim: (PagedAttentionGeometry::NUM_THREADS as u32, 1, 1),
         shared_mem_bytes: geo.smem_bytes() as u32,
     };
     log::debug!("{}: grid {:?}, {} threads, {} B shared", variant.symbol, cfg.grid_dim, cfg.block_dim.0, cfg.shared_mem_bytes);
-    let func = gpu.function(KernelFamily::PagedAttention, variant.symbol)?;
+    let func = gpu.function(variant.family(), variant.symbol)?;
     // SAFETY: `PagedAttentionParams` is the kernel's parameter type; `validate` checked every shape,
     // stride, dtype and size the kernel addresses with, the workspace check sized the v2 buffers for
     // `num_seqs x num_heads x max_num_partitions x head_size`, and the tables' device copies live
@@ -595,7 +677,7 @@ fn launch_gpu(
         block_dim: (REDUCE_THREADS as u32, 1, 1),
         shared_mem_bytes: reduce_smem_bytes(parts) as u32,
     };
-    let func = gpu.function(KernelFamily::PagedAttention, dispatch::paged_attention_v2_reduce(plan.dtype))?;
+    let func = gpu.function(variant.family(), dispatch::paged_attention_v2_reduce(plan.dtype))?;
     // SAFETY: the reduce's params type; it reads the workspace rows the partition kernel wrote (same
     // bounds), lengths as checked above, and writes the validated output.
     unsafe { launch::launch(gpu.stream(), &func, cfg, &reduce) }

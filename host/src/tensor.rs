@@ -24,7 +24,7 @@ use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, PinnedHostSlice};
 use half::{bf16, f16};
-use pagedattn_layout::DType;
+use pagedattn_layout::{DType, Fp8Kind};
 
 use crate::device::Gpu;
 use crate::error::{Error, Result};
@@ -37,6 +37,10 @@ pub enum ScalarType {
     BF16,
     I32,
     I64,
+    /// fp8 codes (a KV cache of `kv_cache_dtype` `fp8_e4m3`): as f64, the code's value.
+    Fp8E4m3,
+    /// fp8 e5m2 codes.
+    Fp8E5m2,
 }
 
 impl ScalarType {
@@ -45,6 +49,24 @@ impl ScalarType {
             ScalarType::F32 | ScalarType::I32 => 4,
             ScalarType::F16 | ScalarType::BF16 => 2,
             ScalarType::I64 => 8,
+            ScalarType::Fp8E4m3 | ScalarType::Fp8E5m2 => 1,
+        }
+    }
+
+    /// The fp8 format, if this is one.
+    pub const fn fp8(self) -> Option<Fp8Kind> {
+        match self {
+            ScalarType::Fp8E4m3 => Some(Fp8Kind::E4m3),
+            ScalarType::Fp8E5m2 => Some(Fp8Kind::E5m2),
+            _ => None,
+        }
+    }
+
+    /// The tensor dtype of fp8 codes of `kind`.
+    pub const fn of_fp8(kind: Fp8Kind) -> ScalarType {
+        match kind {
+            Fp8Kind::E4m3 => ScalarType::Fp8E4m3,
+            Fp8Kind::E5m2 => ScalarType::Fp8E5m2,
         }
     }
 
@@ -67,6 +89,8 @@ impl ScalarType {
             ScalarType::BF16 => bf16::from_le_bytes(elem(bytes, i)).to_f64(),
             ScalarType::I32 => i32::from_le_bytes(elem(bytes, i)) as f64,
             ScalarType::I64 => i64::from_le_bytes(elem(bytes, i)) as f64,
+            ScalarType::Fp8E4m3 => Fp8Kind::E4m3.decode(bytes[i]) as f64,
+            ScalarType::Fp8E5m2 => Fp8Kind::E5m2.decode(bytes[i]) as f64,
         }
     }
 
@@ -90,6 +114,9 @@ impl ScalarType {
             ScalarType::BF16 => put(bytes, i, bf16::from_f64(v).to_le_bytes()),
             ScalarType::I32 => put(bytes, i, (v as i32).to_le_bytes()),
             ScalarType::I64 => put(bytes, i, (v as i64).to_le_bytes()),
+            // Rounded to f32 first, then to the nearest code (saturating), as the cache kernels do.
+            ScalarType::Fp8E4m3 => bytes[i] = Fp8Kind::E4m3.encode(v as f32),
+            ScalarType::Fp8E5m2 => bytes[i] = Fp8Kind::E5m2.encode(v as f32),
         }
     }
 
@@ -100,6 +127,8 @@ impl ScalarType {
             ScalarType::BF16 => "bf16",
             ScalarType::I32 => "i32",
             ScalarType::I64 => "i64",
+            ScalarType::Fp8E4m3 => "fp8_e4m3",
+            ScalarType::Fp8E5m2 => "fp8_e5m2",
         }
     }
 }
@@ -416,6 +445,16 @@ impl Tensor {
         Tensor::from_storage(Storage::cpu(bytes), dtype, shape, &contiguous_strides(shape), 0)
     }
 
+    /// A contiguous host tensor of any dtype from f32 values, each stored as
+    /// [`ScalarType::write_f64`] does (floats and fp8 rounded to nearest even, fp8 saturating).
+    pub fn from_values(dtype: ScalarType, shape: &[usize], data: &[f32]) -> Result<Tensor> {
+        let mut bytes = vec![0u8; data.len() * dtype.size_bytes()];
+        for (i, &v) in data.iter().enumerate() {
+            dtype.write_f64(&mut bytes, i, v as f64);
+        }
+        Tensor::from_bytes(dtype, shape, bytes)
+    }
+
     /// A contiguous host tensor of floats, rounded to `dtype` (round to nearest even).
     pub fn from_f32(dtype: DType, shape: &[usize], data: &[f32]) -> Result<Tensor> {
         let bytes = match dtype {
@@ -443,7 +482,8 @@ impl Tensor {
             ScalarType::F32 => f32::NAN.to_le_bytes().repeat(n),
             ScalarType::F16 => f16::NAN.to_le_bytes().repeat(n),
             ScalarType::BF16 => bf16::NAN.to_le_bytes().repeat(n),
-            _ => vec![0; n * dtype.size_bytes()],
+            ScalarType::Fp8E4m3 | ScalarType::Fp8E5m2 => vec![0x7f; n],
+            ScalarType::I32 | ScalarType::I64 => vec![0; n * dtype.size_bytes()],
         };
         Tensor::with_storage(Arc::new(Storage::cpu(bytes)), dtype, shape, &contiguous_strides(shape), 0)
     }

@@ -4,7 +4,7 @@
 
 pub mod cache;
 
-use pagedattn_layout::DType;
+use pagedattn_layout::{BlockSparse, DType, KvCacheDType};
 
 use crate::device::Device;
 use crate::error::Result;
@@ -58,12 +58,16 @@ pub fn tolerance(dtype: DType) -> f64 {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Case {
     pub dtype: DType,
+    /// The caches' element type (fp8: quantized with [`Case::fp8_scales`]).
+    pub cache: KvCacheDType,
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_size: usize,
     pub block_size: usize,
     pub seq_lens: Vec<usize>,
     pub alibi: bool,
+    /// vLLM's block-sparse pattern, or `None` (dense).
+    pub blocksparse: Option<BlockSparse>,
     pub seed: u64,
 }
 
@@ -76,15 +80,24 @@ impl std::fmt::Display for Case {
         };
         write!(
             f,
-            "{} h{} b{} heads {}/{} lens {lens}{} seed {}",
+            "{}{} h{} b{} heads {}/{} lens {lens}{} seed {}",
             self.dtype,
+            if self.cache == KvCacheDType::Auto { String::new() } else { format!(" {} cache", self.cache) },
             self.head_size,
             self.block_size,
             self.num_heads,
             self.num_kv_heads,
             if self.alibi { " alibi" } else { "" },
             self.seed
-        )
+        )?;
+        if let Some(b) = self.blocksparse {
+            write!(
+                f,
+                " sparse(S {} local {} stride {} step {} rank {})",
+                b.block_size, b.local_blocks, b.vert_stride, b.head_sliding_step, b.tp_rank
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -97,6 +110,9 @@ pub struct Inputs {
     pub seq_lens: Tensor,
     pub alibi_slopes: Option<Tensor>,
     pub scale: f32,
+    /// fp8 caches: `[1]` f32 `k_scale`, `v_scale`.
+    pub kv_scales: Option<(Tensor, Tensor)>,
+    pub blocksparse: Option<BlockSparse>,
 }
 
 impl Inputs {
@@ -109,6 +125,9 @@ impl Inputs {
             seq_lens: &self.seq_lens,
             scale: self.scale,
             alibi_slopes: self.alibi_slopes.as_ref(),
+            k_scale: self.kv_scales.as_ref().map(|s| &s.0),
+            v_scale: self.kv_scales.as_ref().map(|s| &s.1),
+            blocksparse: self.blocksparse,
         }
     }
 
@@ -122,17 +141,26 @@ impl Inputs {
             seq_lens: device.upload(&self.seq_lens)?,
             alibi_slopes: self.alibi_slopes.as_ref().map(|t| device.upload(t)).transpose()?,
             scale: self.scale,
+            kv_scales: self.kv_scales.as_ref().map(|(k, v)| Ok::<_, crate::Error>((device.upload(k)?, device.upload(v)?))).transpose()?,
+            blocksparse: self.blocksparse,
         })
     }
 }
 
 impl Case {
+    /// `(k_scale, v_scale)` of fp8 cases: the caches hold uniform values in [-1, 1) divided by
+    /// these, so e4m3 codes span about ±16 and ±40 (well inside ±448) with their full precision.
+    pub fn fp8_scales(&self) -> (f32, f32) {
+        (1.0 / 16.0, 0.025)
+    }
+
     /// Random inputs: uniform queries and caches, physical blocks shuffled (with spare blocks the
     /// table never names, holding NaN so a stray read shows), table entries past each sequence's
-    /// blocks set out of range (the kernel must never read them).
+    /// blocks set out of range (the kernel must never read them). fp8 caches hold the codes of
+    /// `value / scale`; the reference reads `decode(code) · scale`.
     pub fn inputs(&self) -> Result<Inputs> {
         let mut rng = Rng::new(self.seed);
-        let (hs, bs, x) = (self.head_size, self.block_size, self.dtype.x());
+        let (hs, bs, x) = (self.head_size, self.block_size, self.cache.x(self.dtype));
         let num_seqs = self.seq_lens.len();
         let blocks_of = |len: usize| len.div_ceil(bs);
         let max_blocks = self.seq_lens.iter().map(|&l| blocks_of(l)).max().unwrap_or(0).max(1);
@@ -157,8 +185,24 @@ impl Case {
             }
             v
         };
-        let k = cache(&spare);
-        let v = cache(&spare);
+        let mut k = cache(&spare);
+        let mut v = cache(&spare);
+        let cache_dtype = match self.cache.fp8() {
+            Some(kind) => {
+                let (ks, vs) = self.fp8_scales();
+                k.iter_mut().for_each(|e| *e /= ks);
+                v.iter_mut().for_each(|e| *e /= vs);
+                crate::tensor::ScalarType::of_fp8(kind)
+            }
+            None => self.dtype.into(),
+        };
+        let kv_scales = match self.cache {
+            KvCacheDType::Auto => None,
+            KvCacheDType::Fp8(_) => {
+                let (ks, vs) = self.fp8_scales();
+                Some((Tensor::from_f32(DType::F32, &[1], &[ks])?, Tensor::from_f32(DType::F32, &[1], &[vs])?))
+            }
+        };
         let q: Vec<f32> = (0..num_seqs * self.num_heads * hs).map(|_| rng.uniform()).collect();
         let alibi_slopes = if self.alibi {
             let slopes: Vec<f32> = (0..self.num_heads).map(|h| 2f32.powf(-8.0 * (h + 1) as f32 / self.num_heads as f32)).collect();
@@ -168,12 +212,14 @@ impl Case {
         };
         Ok(Inputs {
             query: Tensor::from_f32(self.dtype, &[num_seqs, self.num_heads, hs], &q)?,
-            key_cache: Tensor::from_f32(self.dtype, &[num_blocks, self.num_kv_heads, hs / x, bs, x], &k)?,
-            value_cache: Tensor::from_f32(self.dtype, &[num_blocks, self.num_kv_heads, hs, bs], &v)?,
+            key_cache: Tensor::from_values(cache_dtype, &[num_blocks, self.num_kv_heads, hs / x, bs, x], &k)?,
+            value_cache: Tensor::from_values(cache_dtype, &[num_blocks, self.num_kv_heads, hs, bs], &v)?,
             block_tables: Tensor::from_i32(&[num_seqs, max_blocks], &table)?,
             seq_lens: Tensor::from_i32(&[num_seqs], &self.seq_lens.iter().map(|&l| l as i32).collect::<Vec<_>>())?,
             alibi_slopes,
             scale: 1.0 / (hs as f32).sqrt(),
+            kv_scales,
+            blocksparse: self.blocksparse,
         })
     }
 }
@@ -228,56 +274,101 @@ pub fn check_case(device: &Device, case: &Case, version: Version) -> Result<Erro
     Ok(compare(&got, &want))
 }
 
-/// The verification grid: every dtype × head size × block size, with GQA ratios, ALiBi on/off and
-/// lengths 0, 1, non-multiples of the block size and a long one, rotated across cases so the grid
-/// stays small. `long` adds a few cases with 8k–32k tokens.
+/// The verification grid: every dtype × cache dtype (auto, fp8 e4m3, e5m2) × head size × block
+/// size, with GQA ratios, ALiBi on/off and lengths 0, 1, non-multiples of the block size and a long
+/// one, rotated across cases so the grid stays small. `long` adds a few cases with 8k–32k tokens.
 pub fn grid(long: bool) -> Vec<Case> {
     let mut cases = Vec::new();
     let ratios = [(8, 8), (8, 2), (16, 1), (12, 4)];
     let mut i = 0u64;
-    for &dtype in pagedattn_layout::DTYPES {
-        for &head_size in pagedattn_layout::HEAD_SIZES {
-            for &block_size in pagedattn_layout::BLOCK_SIZES {
-                let (num_heads, num_kv_heads) = ratios[i as usize % ratios.len()];
-                let lens = vec![
-                    0,
-                    1,
-                    block_size - 1,
-                    block_size + 1,
-                    3 * block_size,
-                    100 + (i as usize * 37) % 400,
-                    1000 + (i as usize * 131) % 1100,
-                ];
-                cases.push(Case {
-                    dtype,
-                    num_heads,
-                    num_kv_heads,
-                    head_size,
-                    block_size,
-                    seq_lens: lens,
-                    alibi: i % 3 == 1,
-                    seed: 1000 + i,
-                });
-                i += 1;
+    for cache in KvCacheDType::ALL {
+        let heads = if cache == KvCacheDType::Auto { pagedattn_layout::HEAD_SIZES } else { pagedattn_layout::FP8_HEAD_SIZES };
+        for &dtype in pagedattn_layout::DTYPES {
+            for &head_size in heads {
+                for &block_size in pagedattn_layout::BLOCK_SIZES {
+                    let (num_heads, num_kv_heads) = ratios[i as usize % ratios.len()];
+                    let lens = vec![
+                        0,
+                        1,
+                        block_size - 1,
+                        block_size + 1,
+                        3 * block_size,
+                        100 + (i as usize * 37) % 400,
+                        1000 + (i as usize * 131) % 1100,
+                    ];
+                    cases.push(Case {
+                        dtype,
+                        cache,
+                        num_heads,
+                        num_kv_heads,
+                        head_size,
+                        block_size,
+                        seq_lens: lens,
+                        alibi: i % 3 == 1,
+                        blocksparse: None,
+                        seed: 1000 + i,
+                    });
+                    i += 1;
+                }
             }
         }
     }
     if long {
-        for (j, &(dtype, head_size, block_size, len)) in
-            [(DType::F16, 128, 16, 32768), (DType::BF16, 128, 16, 16384), (DType::F32, 64, 32, 8192), (DType::F16, 256, 8, 12345)]
-                .iter()
-                .enumerate()
+        let e4m3 = KvCacheDType::Fp8(pagedattn_layout::Fp8Kind::E4m3);
+        for (j, &(dtype, cache, head_size, block_size, len)) in [
+            (DType::F16, KvCacheDType::Auto, 128, 16, 32768),
+            (DType::BF16, KvCacheDType::Auto, 128, 16, 16384),
+            (DType::F32, KvCacheDType::Auto, 64, 32, 8192),
+            (DType::F16, KvCacheDType::Auto, 256, 8, 12345),
+            (DType::F16, e4m3, 128, 16, 20000),
+            (DType::BF16, KvCacheDType::Fp8(pagedattn_layout::Fp8Kind::E5m2), 256, 8, 9999),
+        ]
+        .iter()
+        .enumerate()
         {
             cases.push(Case {
                 dtype,
+                cache,
                 num_heads: 8,
                 num_kv_heads: 2,
                 head_size,
                 block_size,
                 seq_lens: vec![len, 7],
                 alibi: j % 2 == 1,
+                blocksparse: None,
                 seed: 5000 + j as u64,
             });
+        }
+    }
+    // vLLM's block-sparse pattern: sparse block sizes 1x-4x the cache block, local windows,
+    // vertical strides, per-head and per-KV-head sliding steps, a second tensor-parallel rank; every
+    // dtype, auto and fp8 caches.
+    let mut j = 0u64;
+    for &dtype in pagedattn_layout::DTYPES {
+        for &(head_size, block_size) in &[(64, 16), (128, 16), (128, 32), (256, 8), (80, 64), (128, 128), (32, 8), (96, 256)] {
+            for k in 0..2u64 {
+                let n = j as usize;
+                let (num_heads, num_kv_heads) = ratios[n % ratios.len()];
+                cases.push(Case {
+                    dtype,
+                    cache: KvCacheDType::ALL[n % 3],
+                    num_heads,
+                    num_kv_heads,
+                    head_size,
+                    block_size,
+                    seq_lens: vec![1, 3 * block_size + 1, 700 + n * 53 % 900, 2100 + n * 97 % 500],
+                    alibi: k == 1,
+                    blocksparse: Some(BlockSparse {
+                        tp_rank: (n % 2) as u32,
+                        local_blocks: [1, 2, 4][n % 3] as u32,
+                        vert_stride: [2, 3, 4, 8][n % 4] as u32,
+                        block_size: (block_size * [1, 2, 4][(n / 2) % 3]) as u32,
+                        head_sliding_step: [1, -1, 0, 2, -3][n % 5],
+                    }),
+                    seed: 7000 + j,
+                });
+                j += 1;
+            }
         }
     }
     cases

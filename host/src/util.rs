@@ -15,13 +15,17 @@ fn grid(gpu: &Gpu) -> Result<u32> {
     Ok(sms as u32 * 8)
 }
 
-/// Fills a contiguous float GPU tensor's storage with `scale * hash_uniform(i, seed)` (i = storage
-/// element index), the same values [`host_uniform`] computes.
+/// Fills a contiguous float or fp8 GPU tensor's storage with `scale * hash_uniform(i, seed)` (i =
+/// storage element index; fp8: its code), the same values [`host_uniform`] computes.
 pub fn fill_uniform(gpu: &Gpu, t: &mut Tensor, seed: u64, scale: f32) -> Result<()> {
-    let Some(dtype) = t.dtype().float() else {
-        return Err(Error::DType { op: "fill_uniform", tensor: "t", got: t.dtype(), expected: "f32, f16 or bf16".into() });
+    let symbol = match (t.dtype().float(), t.dtype().fp8()) {
+        (Some(dtype), _) => dispatch::fill_uniform_symbol(dtype),
+        (None, Some(Fp8Kind::E4m3)) => dispatch::FILL_UNIFORM_E4M3,
+        (None, Some(Fp8Kind::E5m2)) => dispatch::FILL_UNIFORM_E5M2,
+        _ => {
+            return Err(Error::DType { op: "fill_uniform", tensor: "t", got: t.dtype(), expected: "f32, f16, bf16 or fp8".into() });
+        }
     };
-    let symbol = dispatch::fill_uniform_symbol(dtype);
     let base = t.device_ptr().ok_or(Error::Device { op: "fill_uniform", tensor: "t", got: t.storage().location(), expected: "GPU" })?
         - (t.offset() * t.dtype().size_bytes()) as u64;
     let n = (t.storage().len_bytes() / t.dtype().size_bytes()) as u64;
@@ -63,6 +67,8 @@ pub fn stream_read_out_len(gpu: &Gpu) -> Result<usize> {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Fp8CodecOutput {
     pub decoded: Vec<f32>,
+    /// The attention kernels' bulk decode of the 256 codes (times its unit).
+    pub decoded4: Vec<f32>,
     pub encoded: Vec<u8>,
     pub used_hardware: bool,
 }
@@ -72,11 +78,13 @@ pub struct Fp8CodecOutput {
 pub fn fp8_codec(gpu: &Gpu, kind: Fp8Kind, hardware: bool, input: &[f32]) -> Result<Fp8CodecOutput> {
     let stream = gpu.stream();
     let mut decoded = stream.alloc_zeros::<f32>(256)?;
+    let mut decoded4 = stream.alloc_zeros::<f32>(256)?;
     let inp = stream.clone_htod(if input.is_empty() { &[0f32][..] } else { input })?;
     let mut encoded = stream.alloc_zeros::<u8>(input.len().max(1))?;
     let mut used = stream.alloc_zeros::<u32>(1)?;
     let params = Fp8CodecParams {
         decoded: decoded.device_ptr_mut(stream).0,
+        decoded4: decoded4.device_ptr_mut(stream).0,
         input: inp.device_ptr(stream).0,
         encoded: encoded.device_ptr_mut(stream).0,
         used_hardware: used.device_ptr_mut(stream).0,
@@ -99,5 +107,10 @@ pub fn fp8_codec(gpu: &Gpu, kind: Fp8Kind, hardware: bool, input: &[f32]) -> Res
     unsafe { launch::launch(stream, &f, cfg, &params) }?;
     let mut encoded = stream.clone_dtoh(&encoded)?;
     encoded.truncate(input.len());
-    Ok(Fp8CodecOutput { decoded: stream.clone_dtoh(&decoded)?, encoded, used_hardware: stream.clone_dtoh(&used)?[0] != 0 })
+    Ok(Fp8CodecOutput {
+        decoded: stream.clone_dtoh(&decoded)?,
+        decoded4: stream.clone_dtoh(&decoded4)?,
+        encoded,
+        used_hardware: stream.clone_dtoh(&used)?[0] != 0,
+    })
 }

@@ -33,13 +33,22 @@
 //! `swap_blocks` (the kernel path of the op): grid `num_pairs`; CTA `i` copies one block between
 //! two allocations, device or mapped pinned host memory, with the same copy loop.
 //!
+//! fp8 caches (`reshape_and_cache[_flash]_<dtype>_<e4m3|e5m2>`): the same kernels quantize on the
+//! way, `encode(x / scale)` with the per-tensor `k_scale` / `v_scale` read from device memory
+//! (hardware `cvt.rn.satfinite` on sm_89+, the exact software conversion on sm_80); a scale that is
+//! not finite and positive makes the launch write nothing and raise `BAD_SCALE`.
+//!
 //! Device-side data is guarded: a slot `>= num_slots` or a block id outside `0..num_blocks` is never
 //! used as an address; that token or pair is skipped and a flag is OR-ed into the status word.
 
+use core::marker::PhantomData;
+
+use crate::fp8::{self, Fp8Code};
 use crate::intrinsics::{
-    Chunk, atomic_or, block_dim_x, block_idx_x, block_idx_y, dynamic_smem_chunks, load_chunk, store_chunk, sync_threads, thread_idx_x,
+    Chunk, Element, atomic_or, block_dim_x, block_idx_x, block_idx_y, dynamic_smem_chunks, load_chunk, store_chunk, sync_threads,
+    thread_idx_x,
 };
-use pagedattn_layout::cache::RESHAPE_TILE_TOKENS;
+use pagedattn_layout::cache::{RESHAPE_TILE_TOKENS, reshape_tile_index_offset};
 use pagedattn_layout::{CopyBlocksParams, ReshapeAndCacheFlashParams, ReshapeAndCacheParams, SwapBlocksParams, status};
 
 /// ORs `flag` into the status word, if there is one.
@@ -81,24 +90,88 @@ unsafe fn token_slot(
     Some(((slot / bs) as usize, (slot % bs) as usize))
 }
 
-/// The bits of a cache element (`u16` or `u32`).
-pub trait Bits: Copy {
-    /// Element `j` (`< 16 / size`) of a 16-byte chunk.
-    fn from_chunk(c: &Chunk, j: usize) -> Self;
+/// How the cache kernels turn an input element into a cache element: a bit copy (`auto` caches:
+/// `u16`, `u32`) or fp8 quantization ([`Quantize`]).
+pub trait Store: Copy {
+    /// An input element (its bits, or the element type).
+    type In: Copy;
+    /// A cache element.
+    type Out: Copy;
+    /// A bit copy: no scales, and 16-byte chunks move unchanged.
+    const IDENTITY: bool;
+    /// Element `j` (`< 16 / size_of::<In>()`) of a 16-byte chunk of input, stored with `scale`.
+    fn from_chunk(c: &Chunk, j: usize, scale: f32) -> Self::Out;
+    /// One input element, stored with `scale`.
+    fn convert(x: Self::In, scale: f32) -> Self::Out;
 }
 
-impl Bits for u16 {
+impl Store for u16 {
+    type In = u16;
+    type Out = u16;
+    const IDENTITY: bool = true;
     #[inline(always)]
-    fn from_chunk(c: &Chunk, j: usize) -> Self {
+    fn from_chunk(c: &Chunk, j: usize, _: f32) -> u16 {
         (c.0[j / 2] >> (16 * (j % 2))) as u16
     }
+    #[inline(always)]
+    fn convert(x: u16, _: f32) -> u16 {
+        x
+    }
 }
 
-impl Bits for u32 {
+impl Store for u32 {
+    type In = u32;
+    type Out = u32;
+    const IDENTITY: bool = true;
     #[inline(always)]
-    fn from_chunk(c: &Chunk, j: usize) -> Self {
+    fn from_chunk(c: &Chunk, j: usize, _: f32) -> u32 {
         c.0[j]
     }
+    #[inline(always)]
+    fn convert(x: u32, _: f32) -> u32 {
+        x
+    }
+}
+
+/// fp8 quantization of `T` inputs into codes of `K`: `encode(x / scale)` (round to nearest even,
+/// saturating; the build's conversion, see `crate::fp8`).
+#[derive(Clone, Copy)]
+pub struct Quantize<T, K>(PhantomData<(T, K)>);
+
+impl<T: Element, K: Fp8Code> Store for Quantize<T, K> {
+    type In = T;
+    type Out = u8;
+    const IDENTITY: bool = false;
+    #[inline(always)]
+    fn from_chunk(c: &Chunk, j: usize, scale: f32) -> u8 {
+        fp8::quantize(K::KIND, T::chunk_elem(c, j), scale)
+    }
+    #[inline(always)]
+    fn convert(x: T, scale: f32) -> u8 {
+        fp8::quantize(K::KIND, x.to_f32(), scale)
+    }
+}
+
+/// `(k_scale, v_scale)` of a quantizing launch, or `None` (after raising `BAD_SCALE` from the
+/// first thread of the grid) when one is not finite and positive. Bit copies need none: `(1, 1)`.
+///
+/// # Safety
+/// For quantizing stores, both pointers are device f32 (host-validated).
+#[inline(always)]
+unsafe fn scales<S: Store>(k_scale: u64, v_scale: u64, maybe_status: u64) -> Option<(f32, f32)> {
+    if S::IDENTITY {
+        return Some((1.0, 1.0));
+    }
+    // SAFETY: the caller's promise.
+    let (ks, vs) = unsafe { (*(k_scale as *const f32), *(v_scale as *const f32)) };
+    if ks > 0.0 && ks < f32::INFINITY && vs > 0.0 && vs < f32::INFINITY {
+        return Some((ks, vs));
+    }
+    if block_idx_x() == 0 && block_idx_y() == 0 && thread_idx_x() == 0 {
+        // SAFETY: forwarded status pointer.
+        unsafe { raise(maybe_status, status::BAD_SCALE) };
+    }
+    None
 }
 
 /// Marks a token of the tile that writes nothing (padding, bad slot, past `num_tokens`).
@@ -106,27 +179,31 @@ const NO_BLOCK: u32 = u32::MAX;
 
 /// # Safety
 /// Launched with grid `(ceil(num_tokens / tokens_per_cta), num_kv_heads)`, a multiple of 32
-/// threads and `reshape_tile_bytes(tokens_per_cta, head_size, size_of::<T>())` bytes of dynamic
-/// shared memory, on buffers the host validated for `p` (`kv_vec16`, `key_cache_vec16`: the
-/// host's alignment promises); `T` has the caches' element size.
+/// threads and `reshape_tile_bytes(tokens_per_cta, head_size, size_of::<S::Out>())` bytes of
+/// dynamic shared memory, on buffers the host validated for `p` (`kv_vec16`, `key_cache_vec16`:
+/// the host's alignment promises); `S` has the inputs' and caches' element types.
 #[inline(always)]
-pub unsafe fn reshape_and_cache<T: Bits>(p: &ReshapeAndCacheParams) {
-    let x = const { 16 / core::mem::size_of::<T>() };
+pub unsafe fn reshape_and_cache<S: Store>(p: &ReshapeAndCacheParams) {
+    // SAFETY: forwarded (scale pointers of quantizing launches).
+    let Some((ks, vs)) = (unsafe { scales::<S>(p.k_scale, p.v_scale, p.maybe_status) }) else { return };
+    // Input elements per 16-byte load, cache elements per 16-byte key chunk.
+    let xi = const { 16 / core::mem::size_of::<S::In>() };
+    let x = const { 16 / core::mem::size_of::<S::Out>() };
     let (tile, head) = (block_idx_x(), block_idx_y());
     let (tid, nthreads) = (thread_idx_x(), block_dim_x());
     let (warp, lane, nwarps) = (tid / 32, tid % 32, nthreads / 32);
     let (tok_n, d) = (p.tokens_per_cta as usize, p.head_size as usize);
-    let chunks = d / x;
+    let (chunks_in, chunks) = (d / xi, d / x);
     let t0 = tile * tok_n;
     let num_tokens = p.num_tokens as usize;
-    // Shared memory: keys [tok_n][d + x] and values [tok_n][d + 2] (elements), then blocks and
-    // offsets [tok_n] (u32); see `reshape_tile_bytes`.
+    // Shared memory: keys [tok_n][d + x] and values [tok_n][d + 2] (cache elements), then blocks
+    // and offsets [tok_n] (u32); see `reshape_tile_bytes`.
     let (kw, vw) = (d + x, d + 2);
-    let smem = dynamic_smem_chunks() as *mut T;
+    let smem = dynamic_smem_chunks() as *mut S::Out;
+    let idx = reshape_tile_index_offset(tok_n, d, core::mem::size_of::<S::Out>());
     // SAFETY: offsets inside the launch-sized carve-up; the key rows are whole chunks, so the key
-    // tile is 16-byte aligned like the base, and the u32 regions start on an even element count
-    // (d is a multiple of x, x is even) of at least 2-byte elements: 4-byte aligned.
-    let (k_s, v_s, blk_s) = unsafe { (smem, smem.add(tok_n * kw), smem.add(tok_n * (kw + vw)) as *mut u32) };
+    // tile is 16-byte aligned like the base, and the u32 regions start 4-byte aligned (`idx`).
+    let (k_s, v_s, blk_s) = unsafe { (smem, smem.add(tok_n * kw), (smem as *mut u8).add(idx) as *mut u32) };
     // SAFETY: the offsets follow the blocks in the carve-up.
     let off_s = unsafe { blk_s.add(tok_n) };
 
@@ -151,20 +228,27 @@ pub unsafe fn reshape_and_cache<T: Bits>(p: &ReshapeAndCacheParams) {
     }
 
     // The tile's rows, along the head dim: 16 bytes at a time when the rows are aligned.
-    let (key, value) = (p.key as *const T, p.value as *const T);
+    let (key, value) = (p.key as *const S::In, p.value as *const S::In);
     let rows = if num_tokens - t0 < tok_n { num_tokens - t0 } else { tok_n };
     if p.kv_vec16 != 0 {
         let mut i = tid;
-        while i < rows * chunks {
-            let (tok, c) = (i / chunks, i % chunks);
-            // SAFETY: t0 + tok < num_tokens, head < num_kv_heads, chunk c < head_size / x: inside the
-            // validated key and value, 16-byte aligned (`kv_vec16`); the tile rows hold d elements.
+        while i < rows * chunks_in {
+            let (tok, c) = (i / chunks_in, i % chunks_in);
+            // SAFETY: t0 + tok < num_tokens, head < num_kv_heads, chunk c < head_size / xi: inside the
+            // validated key and value, 16-byte aligned (`kv_vec16`); the tile rows hold d elements
+            // (a bit copy stores whole chunks: xi == x).
             unsafe {
-                let kc = load_chunk(key.add(p.key_offset(t0 + tok, head, c * x)));
-                let vc = load_chunk(value.add(p.value_offset(t0 + tok, head, c * x)));
-                store_chunk(k_s.add(tok * kw + c * x), kc);
-                for j in 0..x {
-                    *v_s.add(tok * vw + c * x + j) = T::from_chunk(&vc, j);
+                let kc = load_chunk(key.add(p.key_offset(t0 + tok, head, c * xi)));
+                let vc = load_chunk(value.add(p.value_offset(t0 + tok, head, c * xi)));
+                if S::IDENTITY {
+                    store_chunk(k_s.add(tok * kw + c * xi), kc);
+                } else {
+                    for j in 0..xi {
+                        *k_s.add(tok * kw + c * xi + j) = S::from_chunk(&kc, j, ks);
+                    }
+                }
+                for j in 0..xi {
+                    *v_s.add(tok * vw + c * xi + j) = S::from_chunk(&vc, j, vs);
                 }
             }
             i += nthreads;
@@ -175,8 +259,8 @@ pub unsafe fn reshape_and_cache<T: Bits>(p: &ReshapeAndCacheParams) {
             let (tok, e) = (i / d, i % d);
             // SAFETY: as above, one element at a time.
             unsafe {
-                *k_s.add(tok * kw + e) = *key.add(p.key_offset(t0 + tok, head, e));
-                *v_s.add(tok * vw + e) = *value.add(p.value_offset(t0 + tok, head, e));
+                *k_s.add(tok * kw + e) = S::convert(*key.add(p.key_offset(t0 + tok, head, e)), ks);
+                *v_s.add(tok * vw + e) = S::convert(*value.add(p.value_offset(t0 + tok, head, e)), vs);
             }
             i += nthreads;
         }
@@ -194,7 +278,7 @@ pub unsafe fn reshape_and_cache<T: Bits>(p: &ReshapeAndCacheParams) {
     // SAFETY: as above.
     let o = unsafe { *off_s.add(tok) } as usize;
     let b = b as usize;
-    let (key_cache, value_cache) = (p.key_cache as *mut T, p.value_cache as *mut T);
+    let (key_cache, value_cache) = (p.key_cache as *mut S::Out, p.value_cache as *mut S::Out);
     // Value `[block, head, dim, slot]`: dims warp * 2 + sub, stepping by all the warps' pairs.
     // SAFETY: b < num_blocks and o < block_size (`token_slot`), head < num_kv_heads: the slot's
     // column of this head in the validated value cache; dims below d; (tok, e) inside the tile.
@@ -243,6 +327,75 @@ pub unsafe fn reshape_and_cache_flash<T: Unit>(p: &ReshapeAndCacheFlashParams) {
     // SAFETY: forwarded; `vec16` is the host's alignment promise for `Chunk` units.
     unsafe {
         if p.vec16 != 0 { copy_token_rows::<T, Chunk>(p, token, block, offset) } else { copy_token_rows::<T, T>(p, token, block, offset) }
+    }
+}
+
+/// `reshape_and_cache_flash` into an fp8 cache: thread `i` of the token quantizes one 16-byte
+/// chunk of a head row (`16 / size_of::<T>()` elements, stored as one 4- or 8-byte word of codes)
+/// when `p.vec16` is set, else one element.
+///
+/// # Safety
+/// Launched with grid `(num_tokens)` on buffers the host validated for `p`; with `p.vec16`, every
+/// input row starts on a 16-byte boundary, `head_size` is a whole number of input chunks and every
+/// cache row starts on a `16 / size_of::<T>()`-byte boundary.
+#[inline(always)]
+pub unsafe fn reshape_and_cache_flash_fp8<T: Element, K: Fp8Code>(p: &ReshapeAndCacheFlashParams) {
+    // SAFETY: forwarded (an fp8 launch carries both scale pointers).
+    let Some((ks, vs)) = (unsafe { scales::<Quantize<T, K>>(p.k_scale, p.v_scale, p.maybe_status) }) else { return };
+    let token = block_idx_x();
+    // SAFETY: token < num_tokens (grid) and the mapping has num_tokens entries.
+    let Some((block, offset)) =
+        (unsafe { token_slot(p.slot_mapping, token, p.block_size, p.num_slots, p.maybe_status, thread_idx_x() == 0) })
+    else {
+        return;
+    };
+    let (key, value) = (p.key as *const T, p.value as *const T);
+    let (key_cache, value_cache) = (p.key_cache as *mut u8, p.value_cache as *mut u8);
+    let xi = const { 16 / core::mem::size_of::<T>() };
+    let per = if p.vec16 != 0 { xi as u32 } else { 1 };
+    let units = p.head_size / per;
+    let n = p.num_kv_heads * units;
+    let mut i = thread_idx_x() as u32;
+    while i < n {
+        let (head, e) = ((i / units) as usize, ((i % units) * per) as usize);
+        // SAFETY: elements e .. e + per of rows inside the validated shapes and strides (token <
+        // num_tokens, head < num_kv_heads, block < num_blocks, offset < block_size); with vec16 the
+        // input chunk is 16-byte aligned and the `xi` codes start on an `xi`-byte boundary.
+        unsafe {
+            let (ksrc, vsrc) = (key.add(p.key_row(token, head) + e), value.add(p.value_row(token, head) + e));
+            let kdst = key_cache.add(p.key_cache_row(block, offset, head) + e);
+            let vdst = value_cache.add(p.value_cache_row(block, offset, head) + e);
+            if p.vec16 != 0 {
+                let (kc, vc) = (load_chunk(ksrc), load_chunk(vsrc));
+                store_codes::<Quantize<T, K>>(kdst, &kc, ks);
+                store_codes::<Quantize<T, K>>(vdst, &vc, vs);
+            } else {
+                *kdst = Quantize::<T, K>::convert(*ksrc, ks);
+                *vdst = Quantize::<T, K>::convert(*vsrc, vs);
+            }
+        }
+        i += block_dim_x() as u32;
+    }
+}
+
+/// Quantizes the `16 / size_of::<In>()` elements of `c` and stores their codes at `dst` as one
+/// 4-byte (f32 inputs) or 8-byte (16-bit inputs) word.
+///
+/// # Safety
+/// `dst` is valid for that many bytes and aligned to them.
+#[inline(always)]
+unsafe fn store_codes<S: Store<Out = u8>>(dst: *mut u8, c: &Chunk, scale: f32) {
+    #[repr(C, align(8))]
+    struct W2([u32; 2]);
+    let xi = const { 16 / core::mem::size_of::<S::In>() };
+    let word = |w: usize| -> u32 { (0..4).fold(0, |acc, b| acc | ((S::from_chunk(c, 4 * w + b, scale) as u32) << (8 * b))) };
+    // SAFETY: the caller's promise.
+    unsafe {
+        if xi == 4 {
+            *(dst as *mut u32) = word(0);
+        } else {
+            *(dst as *mut W2) = W2([word(0), word(1)]);
+        }
     }
 }
 
@@ -423,6 +576,58 @@ macro_rules! bits {
         u16
     };
 }
+
+/// The element type of a `DType` variant name.
+macro_rules! elem {
+    (F32) => {
+        f32
+    };
+    (F16) => {
+        f16
+    };
+    (BF16) => {
+        $crate::intrinsics::Bf16
+    };
+}
+
+/// The code type of an fp8 kind name.
+macro_rules! fp8_code {
+    (E4m3) => {
+        $crate::fp8::E4m3
+    };
+    (E5m2) => {
+        $crate::fp8::E5m2
+    };
+}
+
+macro_rules! export_cache_fp8_kernels {
+    ($dt:ident, $dtn:literal, $k:ident, $kn:literal) => {
+        const _: () = {
+            /// `reshape_and_cache` into an fp8 cache; see the module docs.
+            ///
+            /// # Safety
+            /// Launched by the host (`host/src/cache.rs`) on validated buffers.
+            #[unsafe(export_name = pagedattn_layout::cache_fp8_symbol!("reshape_and_cache", $dtn, $kn))]
+            pub unsafe extern "ptx-kernel" fn kernel(p: ReshapeAndCacheParams) {
+                // SAFETY: forwarded from the entry point's contract.
+                unsafe { reshape_and_cache::<Quantize<elem!($dt), fp8_code!($k)>>(&p) }
+            }
+        };
+        const _: () = {
+            /// `reshape_and_cache_flash` into an fp8 cache; see the module docs.
+            ///
+            /// # Safety
+            /// Launched by the host (`host/src/cache.rs`) on validated buffers.
+            #[unsafe(export_name = pagedattn_layout::cache_fp8_symbol!("reshape_and_cache_flash", $dtn, $kn))]
+            pub unsafe extern "ptx-kernel" fn kernel(p: ReshapeAndCacheFlashParams) {
+                // SAFETY: forwarded from the entry point's contract.
+                unsafe { reshape_and_cache_flash_fp8::<elem!($dt), fp8_code!($k)>(&p) }
+            }
+        };
+    };
+}
+
+pagedattn_layout::for_each_cache_fp8!(export_cache_fp8_kernels);
 
 macro_rules! export_cache_kernels {
     ($dt:ident, $dtn:literal) => {

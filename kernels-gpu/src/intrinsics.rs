@@ -8,7 +8,7 @@
 
 use core::arch::nvptx;
 use core::sync::atomic::{AtomicU32, Ordering};
-use pagedattn_layout::DType;
+use pagedattn_layout::{DType, KvCacheDType};
 
 const FULL_MASK: u32 = 0xffff_ffff;
 
@@ -20,6 +20,8 @@ unsafe extern "C" {
     fn shfl_sync_idx_f32(mask: u32, val: f32, src_lane: u32, clamp: u32) -> f32;
     #[link_name = "llvm.nvvm.vote.any.sync"]
     fn vote_any_sync(mask: u32, pred: bool) -> bool;
+    #[link_name = "llvm.nvvm.vote.ballot.sync"]
+    fn vote_ballot_sync(mask: u32, pred: bool) -> u32;
     #[link_name = "llvm.nvvm.bar.warp.sync"]
     fn bar_warp_sync(mask: u32);
 }
@@ -99,6 +101,13 @@ pub fn shfl_idx(v: f32, src: u32) -> f32 {
 pub fn vote_any(pred: bool) -> bool {
     // SAFETY: convergent NVVM intrinsic, called by all 32 lanes.
     unsafe { vote_any_sync(FULL_MASK, pred) }
+}
+
+/// Bit `i` set when `pred` holds on lane `i` (every lane gets the word).
+#[inline(always)]
+pub fn ballot(pred: bool) -> u32 {
+    // SAFETY: convergent NVVM intrinsic, called by all 32 lanes.
+    unsafe { vote_ballot_sync(FULL_MASK, pred) }
 }
 
 /// Sum over the warp (every lane gets the result).
@@ -194,6 +203,49 @@ pub unsafe fn store_chunk<T>(p: *mut T, c: Chunk) {
         (*q).0[2] = c.0[2];
         (*q).0[3] = c.0[3];
     }
+}
+
+/// An element of a KV cache as the attention kernels read it: the query's own type (`auto`), or an
+/// fp8 code (`crate::fp8::{E4m3, E5m2}`).
+pub trait KvElement: Copy {
+    const CACHE: KvCacheDType;
+    /// Elements per 16-byte chunk (vLLM's `x` of the key cache).
+    const X: usize;
+    /// What [`KvElement::quad`]'s results are multiplied by to give the elements' values (folded
+    /// into the scales): 1, except for the software e4m3 decode (see `crate::fp8::unit`).
+    const UNIT: f32;
+    /// Elements `4q .. 4q + 4` of a chunk, as f32 divided by `UNIT`.
+    fn quad(c: &Chunk, q: usize) -> [f32; 4];
+}
+
+macro_rules! auto_kv_element {
+    ($($t:ty),*) => {$(
+        impl KvElement for $t {
+            const CACHE: KvCacheDType = KvCacheDType::Auto;
+            const X: usize = <$t as Element>::X;
+            const UNIT: f32 = 1.0;
+            #[inline(always)]
+            fn quad(c: &Chunk, q: usize) -> [f32; 4] {
+                core::array::from_fn(|e| <$t as Element>::chunk_elem(c, 4 * q + e))
+            }
+        }
+    )*};
+}
+auto_kv_element!(f32, f16, Bf16);
+
+/// Loads the first 8 bytes of a chunk (the other two words are zero).
+///
+/// # Safety
+/// `p` is valid for reads of 8 bytes and 8-byte aligned.
+#[inline(always)]
+pub unsafe fn load_half_chunk<T>(p: *const T) -> Chunk {
+    /// 8 bytes, 8-byte aligned (`ld.global.v2.u32`).
+    #[repr(C, align(8))]
+    #[derive(Clone, Copy)]
+    struct Half([u32; 2]);
+    // SAFETY: the caller guarantees validity and alignment.
+    let w = unsafe { *(p as *const Half) };
+    Chunk([w.0[0], w.0[1], 0, 0])
 }
 
 /// An element type of queries, caches and outputs: how to widen it to f32 and narrow back.

@@ -18,7 +18,7 @@
 pub mod cache;
 pub mod fp8;
 pub mod intrinsics;
-#[cfg(feature = "paged_attention")]
+#[cfg(any(feature = "paged_attention", feature = "paged_attention_fp8"))]
 pub mod paged_attention;
 #[cfg(feature = "util")]
 pub mod util;

@@ -28,15 +28,29 @@
 //! - the warps' states are merged through shared memory and the CTA writes the normalised output
 //!   (or, for a v2 partition, the partial output, max and sum).
 //!
+//! fp8 caches (`paged_attention_<dtype>_<e4m3|e5m2>_h<H>_b<B>`, family `paged_attention_fp8`): the
+//! same kernel with `C` = fp8 codes, `x = 16` (16 codes per key chunk; value chunks of 16 tokens,
+//! 8 with 8-token blocks). Codes are decoded four at a time (`cvt.rn.f16x2.e4m3x2` on sm_89+, bit
+//! arithmetic on sm_80) and the per-tensor scales, read from device memory at launch, are folded
+//! into the query (`k_scale`) and the output (`v_scale`). A scale that is not finite and positive
+//! gives NaN and `BAD_SCALE`.
+//!
+//! Block-sparse (vLLM's pattern, runtime parameters, see `BlockSparse`): each tile computes which of
+//! the CTA's heads attend each token; a tile no head attends is skipped (keys and values unread),
+//! masked tokens get no weight, and value chunks no head attends are not loaded. The dense path
+//! only tests one CTA-uniform flag per tile.
+//!
 //! Device-side data is guarded: a sequence length outside `0..=max_seq_len` (at most
 //! `max_num_blocks_per_seq * BLOCK_SIZE`, and for v2 at most the workspace's bound) or a block id outside `0..num_blocks` is
 //! never used to address memory; the sequence's output is NaN and a flag is OR-ed into the status word.
 
 use crate::intrinsics::{
-    Chunk, Element, atomic_or, block_idx_x, block_idx_y, block_idx_z, dynamic_smem, exp2, fma, fmax, load_chunk, shfl_xor, sync_threads,
-    sync_warp, thread_idx_x, warp_max, warp_sum,
+    Chunk, Element, KvElement, atomic_or, ballot, block_idx_x, block_idx_y, block_idx_z, dynamic_smem, exp2, fma, fmax, load_chunk,
+    load_half_chunk, shfl_xor, sync_threads, sync_warp, thread_idx_x, warp_max, warp_sum,
 };
-use pagedattn_layout::{PagedAttentionGeometry as Geometry, PagedAttentionParams, PagedAttentionReduceParams, REDUCE_THREADS, status};
+use pagedattn_layout::{
+    BlockSparse, PagedAttentionGeometry as Geometry, PagedAttentionParams, PagedAttentionReduceParams, REDUCE_THREADS, status,
+};
 
 const NUM_WARPS: usize = Geometry::NUM_WARPS;
 const NUM_THREADS: usize = Geometry::NUM_THREADS;
@@ -44,6 +58,8 @@ const TILE: usize = Geometry::TILE;
 const MAX_HEADS: usize = Geometry::MAX_HEADS_PER_CTA;
 /// Output partials per lane (`heads_per_cta * HEAD_SIZE * CT / 32`), bounded by the geometry.
 const MAX_ACC: usize = 64;
+/// Value chunks a lane holds at once in the fp8 `p·v` (`HEAD_SIZE / dims_per_pass`), at most.
+const MAX_PASSES: usize = 32;
 
 /// Four f32, 16-byte aligned: vector reads of the scaled query and probabilities in shared memory.
 #[repr(C, align(16))]
@@ -99,23 +115,32 @@ unsafe fn physical_block(p: &PagedAttentionParams, seq: usize, blk: usize) -> Op
 }
 
 /// # Safety
-/// Launched with the geometry of `(T, HEAD_SIZE, BLOCK_SIZE)` on buffers the host validated.
+/// Launched with the geometry of `(T, C, HEAD_SIZE, BLOCK_SIZE)` on buffers the host validated.
 #[inline(always)]
-pub unsafe fn paged_attention<T: Element, const HEAD_SIZE: usize, const BLOCK_SIZE: usize>(p: &PagedAttentionParams) {
-    let gh = const { Geometry::new(T::DTYPE, HEAD_SIZE, BLOCK_SIZE).heads_per_cta() };
-    let carve = const { Geometry::new(T::DTYPE, HEAD_SIZE, BLOCK_SIZE).smem_words() };
-    let x = T::X;
+pub unsafe fn paged_attention<T: Element, C: KvElement, const HEAD_SIZE: usize, const BLOCK_SIZE: usize>(p: &PagedAttentionParams) {
+    let geo = const { Geometry::with_cache(T::DTYPE, C::CACHE, HEAD_SIZE, BLOCK_SIZE) };
+    let gh = const { Geometry::with_cache(T::DTYPE, C::CACHE, HEAD_SIZE, BLOCK_SIZE).heads_per_cta() };
+    let carve = geo.smem_words();
+    // Key chunk (cache elements), value chunk (tokens).
+    let (x, vx) = (geo.key_x(), geo.value_x());
     // Value chunks per dim in a tile, dims per pass of the warp, passes over the head.
-    let ct = TILE / x;
+    let ct = TILE / vx;
     let dims_per_pass = 32 / ct;
     let passes = HEAD_SIZE / dims_per_pass;
+    let fp8 = const { C::CACHE.fp8().is_some() };
     const {
+        let g = Geometry::with_cache(T::DTYPE, C::CACHE, HEAD_SIZE, BLOCK_SIZE);
+        assert!(g.key_x() == C::X);
         // A tile holds whole blocks, or lies inside one; value chunks never straddle blocks.
-        assert!((TILE.is_multiple_of(BLOCK_SIZE) || BLOCK_SIZE.is_multiple_of(TILE)) && BLOCK_SIZE.is_multiple_of(T::X));
-        assert!(HEAD_SIZE.is_multiple_of(T::X) && HEAD_SIZE.is_multiple_of(32 / (TILE / T::X)));
-        let g = Geometry::new(T::DTYPE, HEAD_SIZE, BLOCK_SIZE);
+        assert!((TILE.is_multiple_of(BLOCK_SIZE) || BLOCK_SIZE.is_multiple_of(TILE)) && BLOCK_SIZE.is_multiple_of(g.value_x()));
+        assert!(HEAD_SIZE.is_multiple_of(C::X) && HEAD_SIZE.is_multiple_of(32 / g.value_chunks_per_row()));
+        // Value chunks are 16 bytes, or 8 (fp8, 8-token blocks); the fp8 p·v holds them all.
+        let vbytes = g.value_x() * core::mem::size_of::<C>();
+        assert!(vbytes == 16 || vbytes == 8);
+        assert!(C::CACHE.fp8().is_none() || HEAD_SIZE / (32 / g.value_chunks_per_row()) <= MAX_PASSES);
+        assert!(g.value_x().is_multiple_of(4));
         assert!(g.heads_per_cta() <= MAX_HEADS);
-        assert!(g.heads_per_cta() * HEAD_SIZE * (TILE / T::X) / 32 <= MAX_ACC);
+        assert!(g.heads_per_cta() * HEAD_SIZE * g.value_chunks_per_row() / 32 <= MAX_ACC);
     };
 
     let cta = Cta::new(p, gh);
@@ -125,6 +150,16 @@ pub unsafe fn paged_attention<T: Element, const HEAD_SIZE: usize, const BLOCK_SI
     // SAFETY: `seq < num_seqs` (grid), seq_lens has num_seqs entries (host-validated).
     let seq_len_raw = unsafe { *(p.seq_lens as *const i32).add(cta.seq) };
     let psize = p.partition_size as usize;
+    // fp8: the dequantization scales (device memory), folded into the query (keys) and the output
+    // (values) with the decode's unit.
+    let (k_mul, v_mul, scale_ok) = if fp8 {
+        // SAFETY: fp8 launches carry two device f32 pointers (host-validated).
+        let (ks, vs) = unsafe { (*(p.k_scale as *const f32), *(p.v_scale as *const f32)) };
+        let ok = ks > 0.0 && ks < f32::INFINITY && vs > 0.0 && vs < f32::INFINITY;
+        (ks * C::UNIT, vs * C::UNIT, ok)
+    } else {
+        (1.0, 1.0, true)
+    };
     // The host sets max_seq_len <= max_num_blocks_per_seq * BLOCK_SIZE (and, for v2, <=
     // max_num_partitions * partition_size); the min keeps the table bound even if it did not.
     let cap = (p.max_seq_len as usize).min(p.max_num_blocks_per_seq as usize * BLOCK_SIZE);
@@ -147,11 +182,38 @@ pub unsafe fn paged_attention<T: Element, const HEAD_SIZE: usize, const BLOCK_SI
     if (whole && cta.part != 0) || (!whole && t_begin >= t_end) {
         return;
     }
+    if !scale_ok {
+        if tid == 0 && cta.part == 0 && p.maybe_status != 0 {
+            // SAFETY: a non-null status pointer is a device u32 (host-provided).
+            unsafe { atomic_or(p.maybe_status as *mut u32, status::BAD_SCALE) };
+        }
+        if whole {
+            // SAFETY: validated output.
+            unsafe { cta.write_out::<T, HEAD_SIZE>(p, |_, _| f32::NAN) };
+        } else if tid < cta.num_heads_here {
+            // A NaN sum makes the reduce write NaN.
+            let row = (cta.seq * p.num_heads as usize + cta.head0 + tid) * p.max_num_partitions as usize + cta.part;
+            // SAFETY: `[num_seqs, num_heads, max_num_partitions]` rows (host-sized), part < max_num_partitions.
+            unsafe {
+                *(p.max_logits as *mut f32).add(row) = 0.0;
+                *(p.exp_sums as *mut f32).add(row) = f32::NAN;
+            }
+        }
+        return;
+    }
 
     let smem = dynamic_smem();
     // SAFETY: offsets inside the launch-sized carve-up of this variant's geometry (all shared-memory pointers below).
-    let (q_s, p_s, m_s, l_s, o_s, flag_s) = unsafe {
-        (smem.add(carve.q), smem.add(carve.p), smem.add(carve.m), smem.add(carve.l), smem.add(carve.o), smem.add(carve.flag) as *mut u32)
+    let (q_s, p_s, m_s, l_s, o_s, flag_s, sparse_s) = unsafe {
+        (
+            smem.add(carve.q),
+            smem.add(carve.p),
+            smem.add(carve.m),
+            smem.add(carve.l),
+            smem.add(carve.o),
+            smem.add(carve.flag) as *mut u32,
+            smem.add(carve.sparse) as *mut u32,
+        )
     };
 
     // Scaled query of the CTA's heads (zero for padding heads), and the ALiBi slopes in log2 units.
@@ -162,7 +224,7 @@ pub unsafe fn paged_attention<T: Element, const HEAD_SIZE: usize, const BLOCK_SI
         let v = if g < cta.num_heads_here {
             let off = cta.seq * p.q_stride_seq as usize + (cta.head0 + g) * p.q_stride_head as usize + d;
             // SAFETY: host-validated query shape and strides.
-            unsafe { (*q.add(off)).to_f32() * p.scale_log2 }
+            unsafe { (*q.add(off)).to_f32() * (p.scale_log2 * k_mul) }
         } else {
             0.0
         };
@@ -173,6 +235,31 @@ pub unsafe fn paged_attention<T: Element, const HEAD_SIZE: usize, const BLOCK_SI
     if tid == 0 {
         // SAFETY: flag word of the carve-up.
         unsafe { *flag_s = 0 };
+    }
+    // Block-sparse (vLLM's pattern, see `BlockSparse`): head g attends token t when
+    // `(t / S) % vert_stride == sparse_s[g]` or `t / S > q_lim`. The pattern sits in shared memory
+    // and is read only on the sparse path, so the dense loop keeps no extra registers but `sparse`.
+    let bsp = BlockSparse::of(p);
+    let sparse = bsp.is_sparse() && seq_len > 0;
+    if sparse {
+        if tid < gh {
+            // Padding heads never match a stripe.
+            let r = if tid < cta.num_heads_here {
+                bsp.residue(p.num_heads, p.num_kv_heads, (cta.head0 + tid) as u32, cta.kv_head as u32)
+            } else {
+                u32::MAX
+            };
+            // SAFETY: tid < gh <= MAX_HEADS_PER_CTA words of the sparse region.
+            unsafe { *sparse_s.add(tid) = r };
+        } else if tid == MAX_HEADS {
+            let q_lim = ((seq_len - 1) / bsp.block_size as usize) as i64 - bsp.local_blocks as i64;
+            // SAFETY: the three pattern words after the per-head residues.
+            unsafe {
+                *sparse_s.add(MAX_HEADS) = bsp.block_size;
+                *sparse_s.add(MAX_HEADS + 1) = bsp.vert_stride;
+                *sparse_s.add(MAX_HEADS + 2) = q_lim.clamp(i32::MIN as i64, i32::MAX as i64) as i32 as u32;
+            }
+        }
     }
     let mut alibi = [0f32; MAX_HEADS];
     if p.maybe_alibi_slopes != 0 {
@@ -186,8 +273,8 @@ pub unsafe fn paged_attention<T: Element, const HEAD_SIZE: usize, const BLOCK_SI
     sync_threads();
 
     let kv_base = cta.kv_head * p.kv_head_stride as usize;
-    let key_cache = p.key_cache as *const T;
-    let value_cache = p.value_cache as *const T;
+    let key_cache = p.key_cache as *const C;
+    let value_cache = p.value_cache as *const C;
 
     let mut m = [f32::NEG_INFINITY; MAX_HEADS];
     let mut l = [0f32; MAX_HEADS];
@@ -201,12 +288,38 @@ pub unsafe fn paged_attention<T: Element, const HEAD_SIZE: usize, const BLOCK_SI
     let mut tile = t_begin / TILE + warp;
     while tile < tile_end {
         let t0 = tile * TILE;
+        let tok = t0 + lane;
+
+        // ---- block-sparse: bit g of `head_on`, whether head g attends this lane's token; bit i of
+        // `tile_on`, whether any head attends token t0 + i. A tile nobody attends is skipped, and so
+        // are its keys and values.
+        let (head_on, tile_on) = if sparse {
+            // SAFETY: the sparse region, written before the first barrier.
+            let on = unsafe {
+                let (sb, vs, q_lim) = (*sparse_s.add(MAX_HEADS), *sparse_s.add(MAX_HEADS + 1), *sparse_s.add(MAX_HEADS + 2) as i32);
+                let kb = tok as u32 / sb;
+                let (local, r) = (kb as i64 > q_lim as i64, kb % vs);
+                let mut on = 0u32;
+                for g in 0..gh {
+                    if local || r == *sparse_s.add(g) {
+                        on |= 1 << g;
+                    }
+                }
+                on
+            };
+            (on, ballot(on != 0 && tok < t_end))
+        } else {
+            (u32::MAX, u32::MAX)
+        };
+        if tile_on == 0 {
+            tile += NUM_WARPS;
+            continue;
+        }
 
         // ---- q·k: lane owns token t0 + lane.
-        let tok = t0 + lane;
         let mut s = [0f32; MAX_HEADS];
         let mut ok = false;
-        if tok < t_end {
+        if tok < t_end && head_on != 0 {
             // SAFETY: tok < seq_len, so the block index is inside the sequence's table row.
             if let Some(phys) = unsafe { physical_block(p, cta.seq, tok / BLOCK_SIZE) } {
                 ok = true;
@@ -217,7 +330,7 @@ pub unsafe fn paged_attention<T: Element, const HEAD_SIZE: usize, const BLOCK_SI
                     // SAFETY: chunk c of this token's key, inside block `phys` (validated id).
                     let k = unsafe { load_chunk(kp.add(c * BLOCK_SIZE * x)) };
                     for e4 in 0..x / 4 {
-                        let kv: [f32; 4] = core::array::from_fn(|e| T::chunk_elem(&k, e4 * 4 + e));
+                        let kv = C::quad(&k, e4);
                         for g in 0..gh {
                             // SAFETY: q region, 16-byte aligned (HEAD_SIZE and x are multiples of 4).
                             let q4 = unsafe { *(q_s.add(g * HEAD_SIZE + c * x + e4 * 4) as *const F32x4) };
@@ -233,7 +346,7 @@ pub unsafe fn paged_attention<T: Element, const HEAD_SIZE: usize, const BLOCK_SI
 
         // ---- online softmax per head (warp-uniform max and correction).
         for g in 0..gh {
-            let sg = if ok { s[g] + alibi[g] * (tok as f32 + 1.0 - seq_len as f32) } else { f32::NEG_INFINITY };
+            let sg = if ok && (head_on >> g) & 1 != 0 { s[g] + alibi[g] * (tok as f32 + 1.0 - seq_len as f32) } else { f32::NEG_INFINITY };
             let m_new = fmax(m[g], warp_max(sg));
             let (corr, pg) = if m_new == f32::NEG_INFINITY { (1.0, 0.0) } else { (exp2(m[g] - m_new), exp2(sg - m_new)) };
             m[g] = m_new;
@@ -247,9 +360,14 @@ pub unsafe fn paged_attention<T: Element, const HEAD_SIZE: usize, const BLOCK_SI
         sync_warp();
 
         // ---- p·v: lane owns value chunk j of the tile (tokens t0 + j*x ..), dims lane / ct + k * dims_per_pass.
+        // A chunk lies inside one sparse block: all its tokens are attended, or none (then skipped).
         let j = lane % ct;
-        let ctok = t0 + j * x;
-        if ctok < t_end {
+        let ctok = t0 + j * vx;
+        let chunk_on = (tile_on >> (j * vx)) & (u32::MAX >> (32 - vx)) != 0;
+        if ctok < t_end && chunk_on && fp8 {
+            // SAFETY: as in the branch below.
+            unsafe { pv_fp8::<C, HEAD_SIZE, BLOCK_SIZE>(p, cta.seq, kv_base, ctok, t_end, lane, gh, p_w, &mut acc) };
+        } else if ctok < t_end && chunk_on {
             // SAFETY: ctok < t_end <= seq_len, inside the table row.
             if let Some(phys) = unsafe { physical_block(p, cta.seq, ctok / BLOCK_SIZE) } {
                 let nvalid = if t_end - ctok < x { t_end - ctok } else { x };
@@ -271,7 +389,7 @@ pub unsafe fn paged_attention<T: Element, const HEAD_SIZE: usize, const BLOCK_SI
                     let v = unsafe { load_chunk(vp.add((d0 + k * dims_per_pass) * BLOCK_SIZE)) };
                     for e in 0..x {
                         // Slots past seq_len hold whatever the cache has (maybe NaN): never multiply them.
-                        let ve = if e < nvalid { T::chunk_elem(&v, e) } else { 0.0 };
+                        let ve = if e < nvalid { C::quad(&v, e / 4)[e % 4] } else { 0.0 };
                         for g in 0..gh {
                             acc[g * passes + k] = fma(pv[g][e], ve, acc[g * passes + k]);
                         }
@@ -298,7 +416,7 @@ pub unsafe fn paged_attention<T: Element, const HEAD_SIZE: usize, const BLOCK_SI
         for g in 0..gh {
             for k in 0..passes {
                 // SAFETY: o region `[NUM_WARPS, gh, HEAD_SIZE]`.
-                unsafe { *o_s.add((warp * gh + g) * HEAD_SIZE + lane / ct + k * dims_per_pass) = acc[g * passes + k] };
+                unsafe { *o_s.add((warp * gh + g) * HEAD_SIZE + lane / ct + k * dims_per_pass) = acc[g * passes + k] * v_mul };
             }
         }
     }
@@ -379,6 +497,65 @@ pub unsafe fn paged_attention<T: Element, const HEAD_SIZE: usize, const BLOCK_SI
         unsafe {
             *(p.max_logits as *mut f32).add(row(tid)) = mx;
             *(p.exp_sums as *mut f32).add(row(tid)) = if bad { f32::NAN } else { den };
+        }
+    }
+}
+
+/// `p·v` of one fp8 value chunk per lane (`ctok`: its first token, below `t_end`): the passes'
+/// chunks are loaded first (16 codes, or 8 with 8-token blocks), then consumed four tokens at a
+/// time, so a lane never holds more than four probabilities per head (with 16 tokens per chunk,
+/// the 16-bit path's order would keep `16 × heads` of them in registers).
+///
+/// # Safety
+/// As the kernel's `p·v` step: `p_w` is this warp's probability region, `ctok < t_end <= seq_len`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn pv_fp8<C: KvElement, const HEAD_SIZE: usize, const BLOCK_SIZE: usize>(
+    p: &PagedAttentionParams,
+    seq: usize,
+    kv_base: usize,
+    ctok: usize,
+    t_end: usize,
+    lane: usize,
+    gh: usize,
+    p_w: *const f32,
+    acc: &mut [f32; MAX_ACC],
+) {
+    let vx = if BLOCK_SIZE < C::X { BLOCK_SIZE } else { C::X };
+    let ct = TILE / vx;
+    let dims_per_pass = 32 / ct;
+    let passes = HEAD_SIZE / dims_per_pass;
+    let j = lane % ct;
+    // SAFETY: ctok < seq_len, inside the table row.
+    let Some(phys) = (unsafe { physical_block(p, seq, ctok / BLOCK_SIZE) }) else { return };
+    let nvalid = if t_end - ctok < vx { t_end - ctok } else { vx };
+    // SAFETY: the chunk's first slot in block `phys` (a validated id) of this KV head.
+    let vp = unsafe { (p.value_cache as *const C).add(phys * p.kv_block_stride as usize + kv_base + ctok % BLOCK_SIZE) };
+    let d0 = lane / ct;
+    let mut vc = [Chunk([0; 4]); MAX_PASSES];
+    for k in 0..passes {
+        // SAFETY: dim d0 + k * dims_per_pass < HEAD_SIZE; slots ctok % BLOCK_SIZE .. + vx inside the
+        // block, 16- or 8-byte aligned (the host checked the strides; BLOCK_SIZE is a multiple of vx).
+        vc[k] = unsafe {
+            let a = vp.add((d0 + k * dims_per_pass) * BLOCK_SIZE);
+            if vx * core::mem::size_of::<C>() == 16 { load_chunk(a) } else { load_half_chunk(a) }
+        };
+    }
+    for e4 in 0..vx / 4 {
+        let mut pq = [[0f32; 4]; MAX_HEADS];
+        for g in 0..gh {
+            // SAFETY: p region, 16-byte aligned (TILE and vx are multiples of 4).
+            pq[g] = unsafe { *(p_w.add(g * TILE + j * vx + e4 * 4) as *const F32x4) }.0;
+        }
+        for k in 0..passes {
+            let v4 = C::quad(&vc[k], e4);
+            for e in 0..4 {
+                // Slots past seq_len hold whatever the cache has (maybe NaN): never multiply them.
+                let ve = if e4 * 4 + e < nvalid { v4[e] } else { 0.0 };
+                for g in 0..gh {
+                    acc[g * passes + k] = fma(pq[g][e], ve, acc[g * passes + k]);
+                }
+            }
         }
     }
 }
@@ -485,6 +662,7 @@ macro_rules! elem {
     };
 }
 
+#[cfg(feature = "paged_attention")]
 macro_rules! export_paged_attention {
     ($dt:ident, $dtn:literal, $h:literal, $b:literal) => {
         const _: () = {
@@ -495,13 +673,45 @@ macro_rules! export_paged_attention {
             #[unsafe(export_name = pagedattn_layout::paged_attention_symbol!($dtn, $h, $b))]
             pub unsafe extern "ptx-kernel" fn kernel(p: PagedAttentionParams) {
                 // SAFETY: forwarded from the entry point's contract.
-                unsafe { paged_attention::<elem!($dt), $h, $b>(&p) }
+                unsafe { paged_attention::<elem!($dt), elem!($dt), $h, $b>(&p) }
             }
         };
     };
 }
 
+#[cfg(feature = "paged_attention")]
 pagedattn_layout::for_each_paged_attention_variant!(export_paged_attention);
+
+/// The cache element type of an fp8 kind.
+#[cfg(feature = "paged_attention_fp8")]
+macro_rules! fp8_elem {
+    (E4m3) => {
+        $crate::fp8::E4m3
+    };
+    (E5m2) => {
+        $crate::fp8::E5m2
+    };
+}
+
+#[cfg(feature = "paged_attention_fp8")]
+macro_rules! export_paged_attention_fp8 {
+    ($dt:ident, $dtn:literal, $k:ident, $kn:literal, $h:literal, $b:literal) => {
+        const _: () = {
+            /// One fp8-cache variant; see the module docs.
+            ///
+            /// # Safety
+            /// Launched by the host's dispatch with this variant's geometry on validated buffers.
+            #[unsafe(export_name = pagedattn_layout::paged_attention_fp8_symbol!($dtn, $kn, $h, $b))]
+            pub unsafe extern "ptx-kernel" fn kernel(p: PagedAttentionParams) {
+                // SAFETY: forwarded from the entry point's contract.
+                unsafe { paged_attention::<elem!($dt), fp8_elem!($k), $h, $b>(&p) }
+            }
+        };
+    };
+}
+
+#[cfg(feature = "paged_attention_fp8")]
+pagedattn_layout::for_each_paged_attention_fp8_variant!(export_paged_attention_fp8);
 
 macro_rules! export_reduce {
     ($dt:ident, $dtn:literal) => {

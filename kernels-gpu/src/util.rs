@@ -46,6 +46,37 @@ pub unsafe extern "ptx-kernel" fn fill_uniform_bf16(p: FillParams) {
     unsafe { fill_uniform(p.ptr as *mut Bf16, p.n, p.seed, p.scale) }
 }
 
+/// `p[i] = encode(scale * hash_uniform(i, seed))`: fp8 codes (round to nearest even, saturating).
+///
+/// # Safety
+/// `p` is valid for `n` byte writes.
+#[inline(always)]
+unsafe fn fill_uniform_fp8(kind: Fp8Kind, p: *mut u8, n: u64, seed: u64, scale: f32) {
+    let stride = (grid_dim_x() * block_dim_x()) as u64;
+    let mut i = (block_idx_x() * block_dim_x() + thread_idx_x()) as u64;
+    while i < n {
+        // SAFETY: i < n.
+        unsafe { *p.add(i as usize) = fp8::encode(kind, scale * hash_uniform(i, seed), true) };
+        i += stride;
+    }
+}
+
+/// # Safety
+/// `p.ptr` is valid for `p.n` byte writes.
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn fill_uniform_e4m3(p: FillParams) {
+    // SAFETY: forwarded.
+    unsafe { fill_uniform_fp8(Fp8Kind::E4m3, p.ptr as *mut u8, p.n, p.seed, p.scale) }
+}
+
+/// # Safety
+/// `p.ptr` is valid for `p.n` byte writes.
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn fill_uniform_e5m2(p: FillParams) {
+    // SAFETY: forwarded.
+    unsafe { fill_uniform_fp8(Fp8Kind::E5m2, p.ptr as *mut u8, p.n, p.seed, p.scale) }
+}
+
 /// Reads `n_chunks` 16-byte chunks once (grid-stride, 16-byte loads) and writes one word per CTA
 /// (`out[blockIdx.x]`), so the reads cannot be optimised away. Launch with 256 threads.
 ///
@@ -101,6 +132,14 @@ pub unsafe extern "ptx-kernel" fn fp8_codec(p: Fp8CodecParams) {
     while i < 256 {
         // SAFETY: 256 decoded entries.
         unsafe { *(p.decoded as *mut f32).add(i) = fp8::decode(kind, i as u8, hw) };
+        if i.is_multiple_of(4) {
+            let w = (i as u32) | ((i as u32 + 1) << 8) | ((i as u32 + 2) << 16) | ((i as u32 + 3) << 24);
+            let v = fp8::decode4(kind, w, hw);
+            for e in 0..4 {
+                // SAFETY: i + e < 256 entries of decoded4.
+                unsafe { *(p.decoded4 as *mut f32).add(i + e) = v[e] * fp8::unit(kind, hw) };
+            }
+        }
         i += stride;
     }
     let mut i = first;

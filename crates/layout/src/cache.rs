@@ -33,8 +33,14 @@ pub const COPY_BLOCKS_THREADS: usize = 256;
 /// values `[tokens, head_size + 2]` (the padding spreads the token-fastest reads over the banks), then
 /// the tokens' blocks and offsets (`u32`, `[tokens]` each). `head_size` is a multiple of `x`.
 pub const fn reshape_tile_bytes(tokens: usize, head_size: usize, elem_bytes: usize) -> usize {
+    reshape_tile_index_offset(tokens, head_size, elem_bytes) + tokens * 8
+}
+
+/// Byte offset of the blocks/offsets arrays in a `reshape_and_cache` tile: after the key and value
+/// rows, rounded up to 4 bytes (fp8 rows have odd lengths).
+pub const fn reshape_tile_index_offset(tokens: usize, head_size: usize, elem_bytes: usize) -> usize {
     let x = 16 / elem_bytes;
-    tokens * ((2 * head_size + x + 2) * elem_bytes + 8)
+    (tokens * (2 * head_size + x + 2) * elem_bytes).next_multiple_of(4)
 }
 
 /// Tokens per `reshape_and_cache` CTA for a head size: [`RESHAPE_TILE_TOKENS`], or fewer when that
@@ -80,6 +86,12 @@ pub struct ReshapeAndCacheParams {
     pub maybe_status: u64,
     /// `num_blocks * block_size`: slots must be below it ([`crate::status::BAD_SLOT`] otherwise).
     pub num_slots: u64,
+    /// fp8 caches only (0 otherwise): `*const f32` per-tensor scales in device memory; the cache
+    /// stores `encode(key / k_scale)` and `encode(value / v_scale)` (round to nearest even,
+    /// saturating). A scale that is not finite and positive skips the launch's writes and raises
+    /// `BAD_SCALE`.
+    pub k_scale: u64,
+    pub v_scale: u64,
     pub num_tokens: u32,
     pub num_kv_heads: u32,
     pub head_size: u32,
@@ -101,7 +113,7 @@ pub struct ReshapeAndCacheParams {
     pub _pad: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<ReshapeAndCacheParams>() == 7 * 8 + 16 * 4);
+const _: () = assert!(core::mem::size_of::<ReshapeAndCacheParams>() == 9 * 8 + 16 * 4);
 const _: () = assert!(core::mem::align_of::<ReshapeAndCacheParams>() == 8);
 
 impl ReshapeAndCacheParams {
@@ -158,6 +170,12 @@ pub struct ReshapeAndCacheFlashParams {
     pub maybe_status: u64,
     /// `num_blocks * block_size`: slots must be below it ([`crate::status::BAD_SLOT`] otherwise).
     pub num_slots: u64,
+    /// fp8 caches only (0 otherwise): `*const f32` per-tensor scales in device memory; the cache
+    /// stores `encode(key / k_scale)` and `encode(value / v_scale)` (round to nearest even,
+    /// saturating). A scale that is not finite and positive skips the launch's writes and raises
+    /// `BAD_SCALE`.
+    pub k_scale: u64,
+    pub v_scale: u64,
     pub num_tokens: u32,
     pub num_kv_heads: u32,
     pub head_size: u32,
@@ -174,11 +192,13 @@ pub struct ReshapeAndCacheFlashParams {
     pub value_cache_stride_head: u32,
     /// 1 when every row (a head of a token, in the four tensors) starts on a 16-byte boundary and
     /// `head_size` is a whole number of 16-byte chunks: the kernel then copies 16 bytes at a time.
+    /// fp8 caches: 1 when every row of `key`/`value` holds whole 16-byte chunks at 16-byte
+    /// boundaries and every cache row starts on a `16 / element size`-byte boundary.
     pub vec16: u32,
     pub _pad: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<ReshapeAndCacheFlashParams>() == 7 * 8 + 16 * 4);
+const _: () = assert!(core::mem::size_of::<ReshapeAndCacheFlashParams>() == 9 * 8 + 16 * 4);
 const _: () = assert!(core::mem::align_of::<ReshapeAndCacheFlashParams>() == 8);
 
 impl ReshapeAndCacheFlashParams {

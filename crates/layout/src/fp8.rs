@@ -7,7 +7,7 @@
 //! values beyond the largest finite code and ±inf become that code with their sign; NaN stays NaN.
 
 /// An fp8 format.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Fp8Kind {
     E4m3,
     E5m2,

@@ -18,10 +18,10 @@ pub mod util;
 mod variants;
 
 pub use cache::{CopyBlocksParams, ReshapeAndCacheFlashParams, ReshapeAndCacheParams, SwapBlocksParams};
-pub use dtype::DType;
+pub use dtype::{DType, KvCacheDType};
 pub use fp8::Fp8Kind;
 pub use paged_attention::{
-    DEFAULT_PARTITION_SIZE, PagedAttentionGeometry, PagedAttentionParams, PagedAttentionReduceParams, REDUCE_THREADS,
+    BlockSparse, DEFAULT_PARTITION_SIZE, PagedAttentionGeometry, PagedAttentionParams, PagedAttentionReduceParams, REDUCE_THREADS,
 };
 pub use util::{FillParams, Fp8CodecParams, StreamReadParams};
 
@@ -31,6 +31,9 @@ pub const HEAD_SIZES: &[usize] = &[32, 64, 80, 96, 112, 120, 128, 192, 256];
 pub const BLOCK_SIZES: &[usize] = &[8, 16, 32, 64, 128, 256];
 /// Element types with a compiled variant.
 pub const DTYPES: &[DType] = &[DType::F32, DType::F16, DType::BF16];
+/// Head sizes with an fp8-cache variant: vLLM's key layout holds `head_size / 16` chunks of 16
+/// codes, so 120 has no fp8 layout.
+pub const FP8_HEAD_SIZES: &[usize] = &[32, 64, 80, 96, 112, 128, 192, 256];
 /// GPU architectures the builder compiles for, lowest first. Cubins for `sm_80` also run on sm_86/sm_89.
 pub const ARCHS: &[&str] = &["sm_80", "sm_90"];
 
@@ -44,11 +47,15 @@ pub enum KernelFamily {
     Cache,
     /// Device-side helpers: random fill, streaming-read probe (benchmarks and tests).
     Util,
+    /// `paged_attention` over fp8 caches (e4m3 / e5m2), every (dtype, head size, block size): a
+    /// module of its own, so that fp16-cache users never load it.
+    PagedAttentionFp8,
 }
 
 impl KernelFamily {
     /// Every family, in the order of the host's module table.
-    pub const ALL: [KernelFamily; 3] = [KernelFamily::PagedAttention, KernelFamily::Cache, KernelFamily::Util];
+    pub const ALL: [KernelFamily; 4] =
+        [KernelFamily::PagedAttention, KernelFamily::Cache, KernelFamily::Util, KernelFamily::PagedAttentionFp8];
 
     /// The family's name: the cargo feature of `pagedattn-kernels` that compiles it, and the stem of
     /// its PTX/cubin files.
@@ -57,6 +64,7 @@ impl KernelFamily {
             KernelFamily::PagedAttention => "paged_attention",
             KernelFamily::Cache => "cache",
             KernelFamily::Util => "util",
+            KernelFamily::PagedAttentionFp8 => "paged_attention_fp8",
         }
     }
 

@@ -19,7 +19,7 @@
 //! domain) and the sum `exp_sums[s][h][p]`, which `paged_attention_v2_reduce` combines:
 //! `out = sum_p w_p tmp_out_p / sum_p w_p`, `w_p = 2^(m_p - max_q m_q) * l_p`.
 
-use crate::DType;
+use crate::{DType, KvCacheDType};
 
 /// Kernel parameters of `paged_attention` (v1 and v2's partition kernel), passed by value. Pointers are device addresses (`u64`),
 /// strides are in elements.
@@ -48,6 +48,12 @@ pub struct PagedAttentionParams {
     pub exp_sums: u64,
     /// v2 only: f32 `[num_seqs, num_heads, max_num_partitions]` partial maxima (log2 domain).
     pub max_logits: u64,
+    /// fp8 caches only (0 otherwise): `*const f32` per-tensor dequantization scales in device
+    /// memory (read at every launch, so a captured graph follows their updates). A key is
+    /// `decode(code) · k_scale`, a value `decode(code) · v_scale`; a scale that is not finite and
+    /// positive gives NaN outputs and `BAD_SCALE`.
+    pub k_scale: u64,
+    pub v_scale: u64,
     /// Tokens per partition (a multiple of [`PagedAttentionGeometry::TILE`]), or 0 for v1.
     pub partition_size: u32,
     /// Partitions the workspace holds per (sequence, head) = the grid's z extent (v2); longer
@@ -71,9 +77,74 @@ pub struct PagedAttentionParams {
     /// Longest valid sequence: `max_num_blocks_per_seq * block_size`, or less when the caller
     /// declared a smaller bound (v2's workspace); longer device lengths are `BAD_SEQ_LEN`.
     pub max_seq_len: u32,
+    /// vLLM's block-sparse pattern ([`BlockSparse`]); `bs_vert_stride <= 1` is dense attention.
+    pub bs_vert_stride: u32,
+    /// Sparse block size in tokens (a positive multiple of the cache block size when sparse).
+    pub bs_block_size: u32,
+    pub bs_local_blocks: u32,
+    pub bs_head_sliding_step: i32,
+    pub bs_tp_rank: u32,
+    pub _pad: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<PagedAttentionParams>() == 11 * 8 + 16 * 4);
+/// vLLM's block-sparse attention pattern (runtime parameters, no extra variants). With sparse
+/// block size `S` (a multiple of the cache block size), the query's sparse block is
+/// `q_bs = (seq_len - 1) / S` and token `t`'s is `k_bs = t / S` (its cache block's first token over
+/// `S`, the same thing). Query head `h` (KV head `kvh`) attends the tokens whose `k_bs` satisfies
+/// `(k_bs + offset) % vert_stride == 0` or `k_bs > q_bs - local_blocks`, where
+/// `offset = (tp_rank * num_heads + h) * head_sliding_step + 1` if `head_sliding_step >= 0`, else
+/// `(tp_rank * num_kv_heads + kvh) * (-head_sliding_step) + 1`; other tokens get no weight.
+/// `vert_stride <= 1` is dense attention.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockSparse {
+    pub tp_rank: u32,
+    pub local_blocks: u32,
+    pub vert_stride: u32,
+    pub block_size: u32,
+    pub head_sliding_step: i32,
+}
+
+impl BlockSparse {
+    /// Whether the pattern masks anything (`vert_stride > 1`).
+    #[inline(always)]
+    pub fn is_sparse(&self) -> bool {
+        self.vert_stride > 1
+    }
+
+    /// `offset mod vert_stride` of query head `head` (of KV head `kv_head`) on this rank.
+    #[inline(always)]
+    pub fn offset(&self, num_heads: u32, num_kv_heads: u32, head: u32, kv_head: u32) -> u64 {
+        let vs = self.vert_stride.max(1) as u64;
+        let (idx, step) = if self.head_sliding_step >= 0 {
+            (self.tp_rank as u64 * num_heads as u64 + head as u64, self.head_sliding_step as u64)
+        } else {
+            (self.tp_rank as u64 * num_kv_heads as u64 + kv_head as u64, self.head_sliding_step.unsigned_abs() as u64)
+        };
+        ((idx % vs) * (step % vs) + 1) % vs
+    }
+
+    /// The residue `k_bs % vert_stride` whose sparse blocks head `head`'s vertical stripes keep:
+    /// `(vert_stride - offset) % vert_stride`.
+    #[inline(always)]
+    pub fn residue(&self, num_heads: u32, num_kv_heads: u32, head: u32, kv_head: u32) -> u32 {
+        let vs = self.vert_stride.max(1) as u64;
+        ((vs - self.offset(num_heads, num_kv_heads, head, kv_head)) % vs) as u32
+    }
+
+    /// The pattern of the params (dense when `bs_vert_stride <= 1`).
+    #[inline(always)]
+    pub fn of(p: &PagedAttentionParams) -> BlockSparse {
+        BlockSparse {
+            tp_rank: p.bs_tp_rank,
+            local_blocks: p.bs_local_blocks,
+            vert_stride: p.bs_vert_stride,
+            block_size: p.bs_block_size,
+            head_sliding_step: p.bs_head_sliding_step,
+        }
+    }
+}
+
+const _: () = assert!(core::mem::size_of::<PagedAttentionParams>() == 13 * 8 + 22 * 4);
 const _: () = assert!(core::mem::align_of::<PagedAttentionParams>() == 8);
 
 impl PagedAttentionParams {
@@ -140,6 +211,7 @@ pub const fn reduce_smem_bytes(max_num_partitions: usize) -> usize {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PagedAttentionGeometry {
     pub dtype: DType,
+    pub cache: KvCacheDType,
     pub head_size: usize,
     pub block_size: usize,
 }
@@ -152,22 +224,43 @@ impl PagedAttentionGeometry {
     /// Upper bound of [`Self::heads_per_cta`] (sizes fixed-length register arrays in the kernel).
     pub const MAX_HEADS_PER_CTA: usize = 8;
 
+    /// A cache of the query's dtype (`auto`).
     pub const fn new(dtype: DType, head_size: usize, block_size: usize) -> Self {
-        Self { dtype, head_size, block_size }
+        Self { dtype, cache: KvCacheDType::Auto, head_size, block_size }
+    }
+
+    /// A cache of `cache` elements.
+    pub const fn with_cache(dtype: DType, cache: KvCacheDType, head_size: usize, block_size: usize) -> Self {
+        Self { dtype, cache, head_size, block_size }
+    }
+
+    /// Cache elements per 16-byte key chunk (vLLM's `x`).
+    pub const fn key_x(&self) -> usize {
+        self.cache.x(self.dtype)
+    }
+
+    /// Consecutive tokens of one value dim a lane loads at once in `p·v`: a 16-byte chunk, or the
+    /// whole block when it is shorter (fp8 caches with 8-token blocks: 8-byte loads).
+    pub const fn value_x(&self) -> usize {
+        let x = self.key_x();
+        if self.block_size < x { self.block_size } else { x }
     }
 
     /// Query heads one CTA serves. Each lane accumulates `heads * head_size * chunks_per_row / 32`
-    /// output partials, so the product is capped to keep them in registers (64 floats).
+    /// output partials, so the product is capped to keep them in registers (64 floats). fp8 caches
+    /// (16-token chunks, 2 per row) get the heads of a 16-bit cache: with twice the heads, the
+    /// per-head scores, maxima and sums no longer fit beside the partials (ptxas spilled).
     pub const fn heads_per_cta(&self) -> usize {
-        let budget = 64 * 32 / self.value_chunks_per_row();
+        let ct = self.value_chunks_per_row();
+        let budget = 64 * 32 / if ct < 4 { 4 } else { ct };
         let h = budget / self.head_size;
         let h = if h > Self::MAX_HEADS_PER_CTA { Self::MAX_HEADS_PER_CTA } else { h };
         if h == 0 { 1 } else { h }
     }
 
-    /// 16-byte value chunks per head dim in one tile (`TILE / x`): lanes that share a dim in `p·v`.
+    /// Value chunks per head dim in one tile (`TILE / value_x`): lanes that share a dim in `p·v`.
     pub const fn value_chunks_per_row(&self) -> usize {
-        Self::TILE / self.dtype.x()
+        Self::TILE / self.value_x()
     }
 
     /// CTAs along the head axis for `num_heads` query heads over `num_kv_heads` KV heads.
@@ -181,7 +274,10 @@ impl PagedAttentionGeometry {
     /// - `p`: `[NUM_WARPS, heads_per_cta, TILE]` probabilities of the current tile;
     /// - `m`, `l`: `[NUM_WARPS, heads_per_cta]` running max and sum per warp;
     /// - `o`: `[NUM_WARPS, heads_per_cta, head_size]` per-warp outputs;
-    /// - `flag`: one word, set when a bad block id was skipped.
+    /// - `flag`: one word, set when a bad block id was skipped;
+    /// - `sparse`: block-sparse pattern: per head (`MAX_HEADS_PER_CTA` words) the residue
+    ///   `k_bs % vert_stride` of the sparse blocks its vertical stripes keep, then the sparse block
+    ///   size, `vert_stride`, `q_bs - local_blocks` (i32) and a spare word.
     pub const fn smem_words(&self) -> SmemCarve {
         let h = self.heads_per_cta();
         let q = 0;
@@ -190,7 +286,8 @@ impl PagedAttentionGeometry {
         let l = m + Self::NUM_WARPS * h;
         let o = l + Self::NUM_WARPS * h;
         let flag = o + Self::NUM_WARPS * h * self.head_size;
-        SmemCarve { q, p, m, l, o, flag, total: flag + 4 }
+        let sparse = flag + 4;
+        SmemCarve { q, p, m, l, o, flag, sparse, total: sparse + Self::MAX_HEADS_PER_CTA + 4 }
     }
 
     /// Dynamic shared memory per CTA.
@@ -208,33 +305,37 @@ pub struct SmemCarve {
     pub l: usize,
     pub o: usize,
     pub flag: usize,
+    pub sparse: usize,
     pub total: usize,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{BLOCK_SIZES, DTYPES, HEAD_SIZES};
+    use crate::{BLOCK_SIZES, DTYPES, FP8_HEAD_SIZES, HEAD_SIZES};
 
     #[test]
     fn geometry_fits_every_variant() {
-        for &dtype in DTYPES {
-            for &head_size in HEAD_SIZES {
-                for &block_size in BLOCK_SIZES {
-                    let g = PagedAttentionGeometry::new(dtype, head_size, block_size);
-                    // A tile never straddles two blocks unevenly.
-                    let t = PagedAttentionGeometry::TILE;
-                    assert!(t.is_multiple_of(block_size) || block_size.is_multiple_of(t));
-                    assert_eq!(DEFAULT_PARTITION_SIZE % t, 0);
-                    let h = g.heads_per_cta();
-                    assert!((1..=PagedAttentionGeometry::MAX_HEADS_PER_CTA).contains(&h));
-                    // p·v: lanes sharing a dim must tile the head exactly.
-                    let dims_per_pass = 32 / g.value_chunks_per_row();
-                    assert_eq!(head_size % dims_per_pass, 0, "{dtype} h{head_size}");
-                    // q·k: the head is a whole number of 16-byte chunks.
-                    assert_eq!(head_size % dtype.x(), 0);
-                    assert!(g.smem_bytes() <= 48 * 1024, "{dtype} h{head_size}: {} B", g.smem_bytes());
-                }
+        for cache in KvCacheDType::ALL {
+            let heads = if cache == KvCacheDType::Auto { HEAD_SIZES } else { FP8_HEAD_SIZES };
+            for (&dtype, &head_size, &block_size) in
+                DTYPES.iter().flat_map(|d| heads.iter().flat_map(move |h| BLOCK_SIZES.iter().map(move |b| (d, h, b))))
+            {
+                let g = PagedAttentionGeometry::with_cache(dtype, cache, head_size, block_size);
+                let x = g.key_x();
+                // A tile never straddles two blocks unevenly.
+                let t = PagedAttentionGeometry::TILE;
+                assert!(t.is_multiple_of(block_size) || block_size.is_multiple_of(t));
+                assert_eq!(DEFAULT_PARTITION_SIZE % t, 0);
+                let h = g.heads_per_cta();
+                assert!((1..=PagedAttentionGeometry::MAX_HEADS_PER_CTA).contains(&h));
+                // p·v: lanes sharing a dim must tile the head exactly.
+                let dims_per_pass = 32 / g.value_chunks_per_row();
+                assert_eq!(head_size % dims_per_pass, 0, "{dtype} h{head_size}");
+                // q·k: the head is a whole number of 16-byte chunks; p·v: chunks inside a block.
+                assert_eq!(head_size % x, 0);
+                assert_eq!(block_size % g.value_x(), 0);
+                assert!(g.smem_bytes() <= 48 * 1024, "{dtype} h{head_size}: {} B", g.smem_bytes());
             }
         }
     }

@@ -11,6 +11,13 @@ pub const BAD_SEQ_LEN: u32 = 1 << 1;
 /// A `slot_mapping` entry was `>= num_blocks * block_size` (negative entries are padding, not errors).
 pub const BAD_SLOT: u32 = 1 << 2;
 
+/// An fp8 cache scale (`k_scale` or `v_scale`, read from device memory) was not finite and positive.
+pub const BAD_SCALE: u32 = 1 << 3;
+
 /// Every flag with its name, for messages.
-pub const FLAGS: &[(u32, &str)] =
-    &[(BAD_BLOCK_ID, "block id out of range"), (BAD_SEQ_LEN, "sequence length out of range"), (BAD_SLOT, "slot out of range")];
+pub const FLAGS: &[(u32, &str)] = &[
+    (BAD_BLOCK_ID, "block id out of range"),
+    (BAD_SEQ_LEN, "sequence length out of range"),
+    (BAD_SLOT, "slot out of range"),
+    (BAD_SCALE, "fp8 scale not finite and positive"),
+];

@@ -23,13 +23,16 @@ pub struct StreamReadParams {
     pub out: u64,
 }
 
-/// `fp8_codec` (a test kernel): `decoded[c] = decode(kind, c)` for the 256 codes, and
+/// `fp8_codec` (a test kernel): `decoded[c] = decode(kind, c)` for the 256 codes, `decoded4[c]` the
+/// same through the attention kernels' four-at-a-time decode (times its unit), and
 /// `encoded[i] = encode(kind, input[i])` for `i < n`; `used_hardware[0]` says which path ran.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Fp8CodecParams {
     /// `[256]` f32.
     pub decoded: u64,
+    /// `[256]` f32.
+    pub decoded4: u64,
     /// `[n]` f32.
     pub input: u64,
     /// `[n]` u8.
@@ -44,7 +47,7 @@ pub struct Fp8CodecParams {
     pub _pad: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<Fp8CodecParams>() == 48);
+const _: () = assert!(core::mem::size_of::<Fp8CodecParams>() == 56);
 const _: () = assert!(core::mem::size_of::<FillParams>() == 32);
 const _: () = assert!(core::mem::size_of::<StreamReadParams>() == 24);
 

@@ -24,6 +24,40 @@ macro_rules! for_each_paged_attention_variant {
     };
 }
 
+/// Symbol of one fp8-cache `paged_attention` variant, e.g. `paged_attention_f16_e4m3_h128_b16`.
+#[macro_export]
+macro_rules! paged_attention_fp8_symbol {
+    ($dtn:literal, $kn:literal, $h:literal, $b:literal) => {
+        concat!("paged_attention_", $dtn, "_", $kn, "_h", stringify!($h), "_b", stringify!($b))
+    };
+}
+
+/// Calls `$cb!(DTYPE, "dtype", KIND, "kind", HEAD_SIZE, BLOCK_SIZE)` for every compiled
+/// fp8-cache `paged_attention` variant (`KIND`: `E4m3` or `E5m2`; heads: [`crate::FP8_HEAD_SIZES`]).
+#[macro_export]
+macro_rules! for_each_paged_attention_fp8_variant {
+    ($cb:ident) => {
+        $crate::__for_each_fp8_kind!($cb; [(F32, "f32") (F16, "f16") (BF16, "bf16")]; [(E4m3, "e4m3") (E5m2, "e5m2")]);
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __for_each_fp8_kind {
+    ($cb:ident; [$(($dt:ident, $dtn:literal))*]; $kinds:tt) => {
+        $( $crate::__for_each_fp8_kind!(@dt $cb; $dt, $dtn; $kinds); )*
+    };
+    (@dt $cb:ident; $dt:ident, $dtn:literal; [$(($k:ident, $kn:literal))*]) => {
+        $( $crate::__for_each_fp8_kind!(@heads $cb; $dt, $dtn, $k, $kn; [32 64 80 96 112 128 192 256]); )*
+    };
+    (@heads $cb:ident; $dt:ident, $dtn:literal, $k:ident, $kn:literal; [$($h:literal)*]) => {
+        $( $crate::__for_each_fp8_kind!(@blocks $cb; $dt, $dtn, $k, $kn, $h; [8 16 32 64 128 256]); )*
+    };
+    (@blocks $cb:ident; $dt:ident, $dtn:literal, $k:ident, $kn:literal, $h:literal; [$($b:literal)*]) => {
+        $( $cb!($dt, $dtn, $k, $kn, $h, $b); )*
+    };
+}
+
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __for_each_dtype {
@@ -72,5 +106,28 @@ macro_rules! for_each_cache_dtype {
         $cb!(F32, "f32");
         $cb!(F16, "f16");
         $cb!(BF16, "bf16");
+    };
+}
+
+/// Symbol of one fp8 cache kernel, e.g. `reshape_and_cache_flash_bf16_e4m3` (inputs of `bf16`,
+/// cache of e4m3 codes).
+#[macro_export]
+macro_rules! cache_fp8_symbol {
+    ($op:literal, $dtn:literal, $kn:literal) => {
+        concat!($op, "_", $dtn, "_", $kn)
+    };
+}
+
+/// Calls `$cb!(DTYPE, "dtype", KIND, "kind")` for every (input dtype, fp8 kind) of the quantizing
+/// cache kernels (`reshape_and_cache`, `reshape_and_cache_flash` into fp8 caches).
+#[macro_export]
+macro_rules! for_each_cache_fp8 {
+    ($cb:ident) => {
+        $cb!(F32, "f32", E4m3, "e4m3");
+        $cb!(F32, "f32", E5m2, "e5m2");
+        $cb!(F16, "f16", E4m3, "e4m3");
+        $cb!(F16, "f16", E5m2, "e5m2");
+        $cb!(BF16, "bf16", E4m3, "e4m3");
+        $cb!(BF16, "bf16", E5m2, "e5m2");
     };
 }

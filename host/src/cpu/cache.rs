@@ -4,7 +4,9 @@
 //! bits, NaN payloads included. Every op reads all its sources before it writes, so each copy sees
 //! the original contents.
 
-use crate::cache::{CacheLayout, CopyBlocksPlan, ReshapePlan, SwapBlocksPlan};
+use pagedattn_layout::KvCacheDType;
+
+use crate::cache::{CacheLayout, CopyBlocksPlan, Fp8Scales, ReshapePlan, SwapBlocksPlan};
 use crate::error::Result;
 use crate::tensor::Tensor;
 
@@ -51,7 +53,9 @@ fn indices(shape: &[usize]) -> Vec<Vec<usize>> {
 /// `reshape_and_cache` / `reshape_and_cache_flash`: for every token `t` with a slot `s >= 0`,
 /// `key[t][h][d]` goes to `key_cache[s / block_size][h][d / x][s % block_size][d % x]` (vLLM layout)
 /// or `key_cache[s / block_size][s % block_size][h][d]` (flash layout), and likewise the value to
-/// `value_cache[b][h][d][o]` or `value_cache[b][o][h][d]`. `slots` were validated.
+/// `value_cache[b][h][d][o]` or `value_cache[b][o][h][d]`. `slots` were validated. An fp8 cache
+/// gets `encode(x / scale)` of the input's exact value (f32 division, then round to nearest even,
+/// saturating), otherwise the input's bits.
 pub fn reshape_and_cache(
     plan: &ReshapePlan,
     key: &Tensor,
@@ -59,8 +63,9 @@ pub fn reshape_and_cache(
     key_cache: &mut Tensor,
     value_cache: &mut Tensor,
     slots: &[i64],
+    scales: Option<Fp8Scales>,
 ) -> Result<()> {
-    let (bs, x) = (plan.block_size, plan.dtype.x());
+    let (bs, x) = (plan.block_size, plan.cache.x(plan.dtype));
     // Storage indices: (key, key_cache) and (value, value_cache) of every element written.
     let (mut k_src, mut k_dst, mut v_src, mut v_dst) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (t, &s) in slots.iter().enumerate().take(plan.num_tokens) {
@@ -80,6 +85,18 @@ pub fn reshape_and_cache(
                 v_dst.push(v_at);
             }
         }
+    }
+    if let KvCacheDType::Fp8(kind) = plan.cache {
+        let sc = scales.expect("validated: fp8 caches come with scales");
+        let scale = |t: &Tensor| t.to_f64_vec()[0] as f32;
+        let quantize = |src: &Tensor, at: &[usize], s: f32| -> Vec<u64> {
+            let b = src.cpu_bytes().expect("validated: host tensor");
+            at.iter().map(|&i| kind.encode(src.dtype().read_f64(&b, i) as f32 / s) as u64).collect()
+        };
+        let (k_codes, v_codes) = (quantize(key, &k_src, scale(sc.k_scale)), quantize(value, &v_src, scale(sc.v_scale)));
+        write_bits(key_cache, &k_dst, &k_codes);
+        write_bits(value_cache, &v_dst, &v_codes);
+        return Ok(());
     }
     let (k_bits, v_bits) = (read_bits(key, &k_src), read_bits(value, &v_src));
     write_bits(key_cache, &k_dst, &k_bits);

@@ -3,14 +3,16 @@
 //! run on a device, and the device's caches compared bit for bit with the CPU backend's (a cache
 //! op only moves elements, so any difference is a bug).
 
-use pagedattn_layout::{BLOCK_SIZES, DTYPES, DType, HEAD_SIZES};
+use pagedattn_layout::{BLOCK_SIZES, DTYPES, DType, FP8_HEAD_SIZES, Fp8Kind, HEAD_SIZES, KvCacheDType};
 
 use crate::cache::CacheLayout;
 use crate::device::{Device, Gpu};
 use crate::error::{Error, Result};
 use crate::tensor::{ScalarType, Tensor, contiguous_strides};
 use crate::testing::Rng;
-use crate::{copy_blocks, reshape_and_cache, reshape_and_cache_flash, swap_blocks};
+use crate::{
+    Fp8Scales, copy_blocks, reshape_and_cache, reshape_and_cache_flash, reshape_and_cache_flash_fp8, reshape_and_cache_fp8, swap_blocks,
+};
 
 /// How a pair of key and value caches is laid out and allocated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -94,6 +96,8 @@ impl std::str::FromStr for KvLayout {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CacheShape {
     pub dtype: DType,
+    /// The caches' element type (`auto`: `dtype`).
+    pub cache: KvCacheDType,
     pub num_blocks: usize,
     pub block_size: usize,
     pub num_kv_heads: usize,
@@ -108,7 +112,12 @@ impl CacheShape {
 
     /// Bytes of one block of one cache.
     pub fn block_bytes(&self) -> usize {
-        self.block_elems() * self.dtype.size_bytes()
+        self.block_elems() * self.cache.size_bytes(self.dtype)
+    }
+
+    /// The caches' tensor dtype.
+    pub fn elem(&self) -> ScalarType {
+        self.cache.fp8().map_or(ScalarType::from(self.dtype), ScalarType::of_fp8)
     }
 }
 
@@ -162,19 +171,19 @@ impl KvCaches {
     /// New host caches of `layout`. `padded` (vLLM and NHD layouts only) puts them inside larger
     /// allocations with padded block and head (or slot) strides, 16 bytes in, keeping 16-byte rows.
     pub fn new(layout: KvLayout, shape: &CacheShape, padded: bool, fill: Fill, rng: &mut Rng) -> Result<KvCaches> {
-        let st = ScalarType::from(shape.dtype);
+        let st = shape.elem();
         KvCaches::build(layout, shape, padded, &mut |len| Ok(filled(st, len, fill, rng)))
     }
 
     /// New zeroed caches of `layout` in device memory (unpadded).
     pub fn zeros(gpu: &Gpu, layout: KvLayout, shape: &CacheShape) -> Result<KvCaches> {
-        let st = ScalarType::from(shape.dtype);
+        let st = shape.elem();
         KvCaches::build(layout, shape, false, &mut |len| gpu.zeros(st, &[len]))
     }
 
     /// Views of `layout` over flat allocations made by `alloc(elements)`.
     fn build(layout: KvLayout, shape: &CacheShape, padded: bool, alloc: &mut dyn FnMut(usize) -> Result<Tensor>) -> Result<KvCaches> {
-        let (nb, bs, h, d, x) = (shape.num_blocks, shape.block_size, shape.num_kv_heads, shape.head_size, shape.dtype.x());
+        let (nb, bs, h, d, x) = (shape.num_blocks, shape.block_size, shape.num_kv_heads, shape.head_size, shape.cache.x(shape.dtype));
         let mut make = |shape: &[usize], strides: &[usize], offset: usize, len: usize| alloc(len)?.view(shape, strides, offset);
         let contiguous = |shape: &[usize]| (contiguous_strides(shape), shape.iter().product::<usize>());
         let (key, value) = match layout {
@@ -368,11 +377,23 @@ fn place_table(device: &Device, t: &Tensor, on_device: bool, seed: u64) -> Resul
 // reshape_and_cache, reshape_and_cache_flash
 // ---------------------------------------------------------------------------------------------
 
-/// Runs the reshape op of `layout` (vLLM's or the flash layout) into `caches`.
-pub fn reshape(device: &Device, layout: CacheLayout, key: &Tensor, value: &Tensor, caches: &mut KvCaches, slots: &Tensor) -> Result<()> {
-    match layout {
-        CacheLayout::Vllm => reshape_and_cache(device, key, value, &mut caches.key, &mut caches.value, slots),
-        CacheLayout::Flash => reshape_and_cache_flash(device, key, value, &mut caches.key, &mut caches.value, slots),
+/// Runs the reshape op of `layout` (vLLM's or the flash layout) into `caches` (fp8 caches with
+/// `scales`).
+pub fn reshape(
+    device: &Device,
+    layout: CacheLayout,
+    key: &Tensor,
+    value: &Tensor,
+    caches: &mut KvCaches,
+    slots: &Tensor,
+    scales: Option<Fp8Scales>,
+) -> Result<()> {
+    let (kc, vc) = (&mut caches.key, &mut caches.value);
+    match (layout, scales) {
+        (CacheLayout::Vllm, None) => reshape_and_cache(device, key, value, kc, vc, slots),
+        (CacheLayout::Flash, None) => reshape_and_cache_flash(device, key, value, kc, vc, slots),
+        (CacheLayout::Vllm, Some(s)) => reshape_and_cache_fp8(device, key, value, kc, vc, slots, s),
+        (CacheLayout::Flash, Some(s)) => reshape_and_cache_flash_fp8(device, key, value, kc, vc, slots, s),
     }
 }
 
@@ -383,6 +404,8 @@ pub fn reshape(device: &Device, layout: CacheLayout, key: &Tensor, value: &Tenso
 pub struct ReshapeCase {
     pub layout: KvLayout,
     pub dtype: DType,
+    /// The caches' element type (fp8: quantized with [`ReshapeCase::FP8_SCALES`]).
+    pub cache: KvCacheDType,
     pub num_kv_heads: usize,
     pub head_size: usize,
     pub block_size: usize,
@@ -414,6 +437,8 @@ pub struct ReshapeInputs {
     /// `[num_tokens]` i64, host.
     pub slot_mapping: Tensor,
     pub num_blocks: usize,
+    /// fp8 caches: `[1]` f32 `k_scale`, `v_scale` (host).
+    pub scales: Option<(Tensor, Tensor)>,
 }
 
 impl std::fmt::Display for ReshapeCase {
@@ -425,10 +450,11 @@ impl std::fmt::Display for ReshapeCase {
         };
         write!(
             f,
-            "{} {} {} h{} b{} kv-heads {} tokens {lens}",
+            "{} {} {}{} h{} b{} kv-heads {} tokens {lens}",
             self.layout.reshape_op(),
             self.layout,
             self.dtype,
+            if self.cache == KvCacheDType::Auto { String::new() } else { format!(" -> {}", self.cache) },
             self.head_size,
             self.block_size,
             self.num_kv_heads
@@ -462,6 +488,7 @@ impl ReshapeCase {
         ReshapeCase {
             layout,
             dtype,
+            cache: KvCacheDType::Auto,
             num_kv_heads,
             head_size,
             block_size,
@@ -510,18 +537,31 @@ impl ReshapeCase {
         let len = self.kv_offset + rows * tok;
         let key = random_view(st, &[rows, h, d], &[tok, d, 1], self.kv_offset, len, &mut rng)?;
         let value = random_view(st, &[rows, h, d], &[tok, d, 1], self.kv_offset, len, &mut rng)?;
-        let shape = CacheShape { dtype: self.dtype, num_blocks, block_size: bs, num_kv_heads: h, head_size: d };
+        let shape = CacheShape { dtype: self.dtype, cache: self.cache, num_blocks, block_size: bs, num_kv_heads: h, head_size: d };
         let fill = if self.nan_caches { Fill::Nan } else { Fill::Random };
         let caches = KvCaches::new(self.layout, &shape, self.padded_caches, fill, &mut rng)?;
-        Ok(ReshapeInputs { key, value, caches, slot_mapping: Tensor::from_i64(&[slots.len()], &slots)?, num_blocks })
+        let scales = match self.cache {
+            KvCacheDType::Auto => None,
+            KvCacheDType::Fp8(_) => {
+                let (k, v) = Self::FP8_SCALES;
+                Some((Tensor::from_f32(DType::F32, &[1], &[k])?, Tensor::from_f32(DType::F32, &[1], &[v])?))
+            }
+        };
+        Ok(ReshapeInputs { key, value, caches, slot_mapping: Tensor::from_i64(&[slots.len()], &slots)?, num_blocks, scales })
     }
+
+    /// `(k_scale, v_scale)` of fp8 cases: inputs in [-1, 1) become codes up to ±8 and ±40, with
+    /// round-to-nearest ties and subnormals among them.
+    pub const FP8_SCALES: (f32, f32) = (0.125, 0.025);
 
     /// Runs the op on `device` over copies of `inp`; returns the caches (on `device`; synchronized).
     pub fn run(&self, device: &Device, inp: &ReshapeInputs) -> Result<KvCaches> {
         let (key, value) = (device.upload(&inp.key)?, device.upload(&inp.value)?);
         let mut caches = inp.caches.upload(device)?;
         let slots = place_table(device, &inp.slot_mapping, self.device_slots, self.seed)?;
-        reshape(device, self.layout.cache_layout(), &key, &value, &mut caches, &slots)?;
+        let scales = inp.scales.as_ref().map(|(k, v)| Ok::<_, Error>((device.upload(k)?, device.upload(v)?))).transpose()?;
+        let scales = scales.as_ref().map(|(k, v)| Fp8Scales { k_scale: k, v_scale: v });
+        reshape(device, self.layout.cache_layout(), &key, &value, &mut caches, &slots, scales)?;
         synchronize(device)?;
         Ok(caches)
     }
@@ -551,9 +591,36 @@ pub fn reshape_grid(flash: bool) -> Vec<ReshapeCase> {
                 cases.push(ReshapeCase {
                     layout,
                     dtype,
+                    cache: KvCacheDType::Auto,
                     num_kv_heads: [1, 2, 4, 8][i % 4],
                     head_size,
                     block_size,
+                    seq_lens: vec![1, 5 + i % 11, 17 + (i * 13) % 50],
+                    padding: 1 + i % 3,
+                    row_pad,
+                    kv_offset,
+                    padded_caches: matches!(layout, KvLayout::Vllm | KvLayout::Nhd) && i % 3 == 1,
+                    nan_caches: i.is_multiple_of(2),
+                    device_slots: i % 5 < 2,
+                    seed: 7000 + i as u64 + if flash { 1000 } else { 0 },
+                });
+                i += 1;
+            }
+        }
+    }
+    // fp8 caches: every dtype × kind × fp8 head size, block sizes and layouts rotated.
+    for &dtype in DTYPES {
+        for kind in Fp8Kind::ALL {
+            for &head_size in FP8_HEAD_SIZES {
+                let layout = if flash { KvLayout::FLASH[i % 4] } else { KvLayout::Vllm };
+                let (row_pad, kv_offset) = [(0, 0), (dtype.x(), 0), (0, dtype.x()), (3, 1)][i / 4 % 4];
+                cases.push(ReshapeCase {
+                    layout,
+                    dtype,
+                    cache: KvCacheDType::Fp8(kind),
+                    num_kv_heads: [1, 2, 4, 8][i % 4],
+                    head_size,
+                    block_size: BLOCK_SIZES[i % BLOCK_SIZES.len()],
                     seq_lens: vec![1, 5 + i % 11, 17 + (i * 13) % 50],
                     padding: 1 + i % 3,
                     row_pad,
@@ -623,6 +690,7 @@ impl std::fmt::Display for CopyBlocksCase {
 impl CopyBlocksCase {
     pub fn shape(&self) -> CacheShape {
         CacheShape {
+            cache: KvCacheDType::Auto,
             dtype: self.dtype,
             num_blocks: self.num_blocks,
             block_size: self.block_size,
@@ -820,6 +888,7 @@ impl SwapCase {
         }
         let mut rng = Rng::new(self.seed);
         let shape = |num_blocks| CacheShape {
+            cache: KvCacheDType::Auto,
             dtype: self.dtype,
             num_blocks,
             block_size: self.block_size,

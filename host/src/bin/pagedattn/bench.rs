@@ -5,13 +5,13 @@ use std::path::PathBuf;
 
 use clap::Args;
 use pagedattn::bench_cache::{self, CacheOp};
-use pagedattn::layout::DType;
+use pagedattn::layout::{DType, KvCacheDType};
 use pagedattn::testing::cache::{KvLayout, SwapDirection};
 use pagedattn::{Device, Version, bench};
 
 use crate::{
-    CliError, CliResult, Op, check_cache_shape, check_shape, check_status, gib, open_gpu, parse_dtype, progress_bar, resolve_layout,
-    write_json,
+    CliError, CliResult, Op, check_cache_shape, check_shape, check_status, gib, open_gpu, parse_dtype, parse_kv_cache_dtype, progress_bar,
+    resolve_layout, write_json,
 };
 
 #[derive(Args)]
@@ -21,6 +21,9 @@ pub struct BenchArgs {
     op: Op,
     #[arg(long, value_delimiter = ',', default_value = "f16,bf16", value_parser = parse_dtype)]
     dtype: Vec<DType>,
+    /// paged-attention: KV cache dtypes (auto = the query's; fp8_e4m3, fp8_e5m2).
+    #[arg(long, value_delimiter = ',', default_value = "auto", value_parser = parse_kv_cache_dtype)]
+    kv_cache_dtype: Vec<KvCacheDType>,
     /// paged-attention: sequences per batch.
     #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
     batch: Vec<usize>,
@@ -93,12 +96,16 @@ fn max_bytes(a: &BenchArgs) -> u64 {
 
 fn attention(a: &BenchArgs) -> CliResult {
     check_shape(a.head_size, a.block_size, a.num_heads, a.num_kv_heads)?;
+    for &c in &a.kv_cache_dtype {
+        crate::check_cache_dtype(c, a.head_size)?;
+    }
     if a.batch.contains(&0) || a.context.contains(&0) {
         return Err(CliError::Input("--batch and --context values must be positive".into()));
     }
     let mut device = Device::Gpu(open_gpu("benchmark")?);
     let cfg = bench::Config {
         dtypes: a.dtype.clone(),
+        caches: a.kv_cache_dtype.clone(),
         batches: a.batch.clone(),
         contexts: a.context.clone(),
         num_heads: a.num_heads,
@@ -137,13 +144,13 @@ fn attention(a: &BenchArgs) -> CliResult {
                     c.read_ms
                 );
                 println!(
-                    "{:<5} {:>6} {:>8} {:>7} {:>10} {:>10} {:>10} {:>10} {:>7} {:>7} {:>9}",
-                    "dtype", "batch", "context", "kernel", "KV MB", "cold µs", "hot µs", "cold GB/s", "% copy", "% read", "rel-L2"
+                    "{:<5} {:>8} {:>6} {:>8} {:>7} {:>10} {:>10} {:>10} {:>10} {:>7} {:>7} {:>9}",
+                    "dtype", "cache", "batch", "context", "kernel", "KV MB", "cold µs", "hot µs", "cold GB/s", "% copy", "% read", "rel-L2"
                 );
             });
         }
-        bench::Progress::Start { dtype, batch, context, version, .. } => {
-            pb.set_message(format!("{dtype} batch {batch} context {context} {version}"))
+        bench::Progress::Start { dtype, cache, batch, context, version, .. } => {
+            pb.set_message(format!("{dtype} {cache} batch {batch} context {context} {version}"))
         }
         bench::Progress::Done { point, .. } => {
             pb.suspend(|| println!("{}", attention_row(point)));
@@ -161,7 +168,7 @@ fn attention(a: &BenchArgs) -> CliResult {
         .points
         .iter()
         .filter(|p| p.measured.as_ref().is_some_and(|m| !m.correct))
-        .map(|p| format!("{} batch {} context {} {}", p.dtype, p.batch, p.context, p.version))
+        .map(|p| format!("{} {} batch {} context {} {}", p.dtype, p.cache, p.batch, p.context, p.version))
         .collect();
     if !bad.is_empty() {
         return Err(CliError::Failed(format!("spot check above tolerance: {}", bad.join("; "))));
@@ -174,7 +181,8 @@ fn attention_row(p: &bench::Point) -> String {
         (Some(m), Version::Auto) => format!("auto={}", m.ran),
         _ => p.version.to_string(),
     };
-    let head = format!("{:<5} {:>6} {:>8} {:>7} {:>10.1}", p.dtype, p.batch, p.context, kernel, p.kv_bytes as f64 / 1e6);
+    let head =
+        format!("{:<5} {:>8} {:>6} {:>8} {:>7} {:>10.1}", p.dtype, p.cache.name(), p.batch, p.context, kernel, p.kv_bytes as f64 / 1e6);
     match (&p.measured, &p.skipped) {
         (Some(m), _) => format!(
             "{head} {:>10.1} {:>10.1} {:>10.0} {:>6.1}% {:>6.1}% {:>8.1e}{}",

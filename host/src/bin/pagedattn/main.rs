@@ -13,7 +13,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use pagedattn::layout::{BLOCK_SIZES, DType, HEAD_SIZES};
+use pagedattn::layout::{BLOCK_SIZES, DType, FP8_HEAD_SIZES, HEAD_SIZES, KvCacheDType};
 use pagedattn::testing::cache::KvLayout;
 use pagedattn::{Device, Error, Gpu, ScalarType, Tensor};
 use safetensors::{Dtype, tensor::TensorView};
@@ -141,6 +141,18 @@ fn parse_dtype(s: &str) -> Result<DType, String> {
     DType::parse(s).ok_or_else(|| format!("unknown dtype `{s}` (f32, f16 or bf16)"))
 }
 
+fn parse_kv_cache_dtype(s: &str) -> Result<KvCacheDType, String> {
+    KvCacheDType::parse(s).ok_or_else(|| format!("unknown KV cache dtype `{s}` (auto, fp8, fp8_e4m3 or fp8_e5m2)"))
+}
+
+/// Rejects an fp8 cache with a head size that has no fp8 layout.
+fn check_cache_dtype(cache: KvCacheDType, head_size: usize) -> CliResult {
+    if cache != KvCacheDType::Auto && !FP8_HEAD_SIZES.contains(&head_size) {
+        return Err(CliError::Input(format!("--head-size {head_size} has no fp8 cache variant (one of {FP8_HEAD_SIZES:?})")));
+    }
+    Ok(())
+}
+
 /// Rejects shapes paged attention has no variant for before any work (and before `Case` divides by them).
 fn check_shape(head_size: usize, block_size: usize, num_heads: usize, num_kv_heads: usize) -> CliResult {
     if !HEAD_SIZES.contains(&head_size) {
@@ -244,12 +256,14 @@ fn gib(bytes: u64) -> String {
 }
 
 /// Element types that travel through safetensors files.
-const ST_DTYPES: [(ScalarType, Dtype); 5] = [
+const ST_DTYPES: [(ScalarType, Dtype); 7] = [
     (ScalarType::F32, Dtype::F32),
     (ScalarType::F16, Dtype::F16),
     (ScalarType::BF16, Dtype::BF16),
     (ScalarType::I32, Dtype::I32),
     (ScalarType::I64, Dtype::I64),
+    (ScalarType::Fp8E4m3, Dtype::F8_E4M3),
+    (ScalarType::Fp8E5m2, Dtype::F8_E5M2),
 ];
 
 /// Writes contiguous host tensors (each at offset 0 of its own storage) with metadata.

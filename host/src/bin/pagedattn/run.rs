@@ -8,17 +8,17 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use clap::Args;
-use pagedattn::layout::{DEFAULT_PARTITION_SIZE, DType, KernelFamily};
+use pagedattn::layout::{BlockSparse, DEFAULT_PARTITION_SIZE, DType, KernelFamily, KvCacheDType};
 use pagedattn::testing::cache::{
     self as cases, BitCheck, CopyBlocksCase, KvCaches, KvLayout, ReshapeCase, SwapCase, SwapDirection, compare_caches,
 };
 use pagedattn::testing::{Case, Inputs};
-use pagedattn::{Device, PagedAttentionWorkspace, Tensor, Version, paged_attention, swap_blocks};
+use pagedattn::{Device, Error, Fp8Scales, PagedAttentionWorkspace, Tensor, Version, paged_attention, swap_blocks};
 use safetensors::{SafeTensorError, SafeTensors};
 
 use crate::{
-    CliError, CliResult, Op, ST_DTYPES, check_cache_shape, check_shape, check_status, parse_dtype, pick_device, resolve_layout, size,
-    synchronize, write_safetensors,
+    CliError, CliResult, Op, ST_DTYPES, check_cache_dtype, check_cache_shape, check_shape, check_status, parse_dtype, parse_kv_cache_dtype,
+    pick_device, resolve_layout, size, synchronize, write_safetensors,
 };
 
 #[derive(Args)]
@@ -32,6 +32,10 @@ pub struct RunArgs {
     /// f32, f16 or bf16.
     #[arg(long, default_value = "f16", value_parser = parse_dtype)]
     dtype: DType,
+    /// paged-attention and reshape ops: KV cache dtype (auto = the query's/key's; fp8_e4m3 or
+    /// fp8_e5m2: quantized with the case's k_scale / v_scale).
+    #[arg(long, default_value = "auto", value_parser = parse_kv_cache_dtype)]
+    kv_cache_dtype: KvCacheDType,
     #[arg(long, default_value_t = 128)]
     head_size: usize,
     /// Tokens per cache block.
@@ -49,6 +53,10 @@ pub struct RunArgs {
     /// Add ALiBi slopes (paged-attention).
     #[arg(long)]
     alibi: bool,
+    /// paged-attention: vLLM's block-sparse pattern as `VERT_STRIDE,BLOCK_SIZE,LOCAL_BLOCKS[,HEAD_SLIDING_STEP[,TP_RANK]]`
+    /// (sparse block size in tokens, a multiple of --block-size; step 1 and rank 0 by default).
+    #[arg(long, value_name = "PATTERN", value_parser = parse_blocksparse)]
+    blocksparse: Option<BlockSparse>,
     /// paged-attention: v1, v2 or auto (the library's choice from the bounds; the summary says
     /// which ran).
     #[arg(long, default_value = "auto")]
@@ -158,6 +166,33 @@ fn write_file(path: &Path, tensors: &[(String, Tensor)], meta: HashMap<String, S
     write_safetensors(path, &refs, meta)
 }
 
+/// `VERT_STRIDE,BLOCK_SIZE,LOCAL_BLOCKS[,HEAD_SLIDING_STEP[,TP_RANK]]`.
+fn parse_blocksparse(s: &str) -> Result<BlockSparse, String> {
+    let v: Vec<&str> = s.split(',').map(str::trim).collect();
+    let num = |i: usize, default: i64| -> Result<i64, String> {
+        v.get(i).map_or(Ok(default), |x| x.parse::<i64>().map_err(|_| format!("`{x}` in --blocksparse is not an integer")))
+    };
+    if !(3..=5).contains(&v.len()) {
+        return Err("--blocksparse takes VERT_STRIDE,BLOCK_SIZE,LOCAL_BLOCKS[,HEAD_SLIDING_STEP[,TP_RANK]]".into());
+    }
+    let u = |i: usize, d: i64| -> Result<u32, String> {
+        u32::try_from(num(i, d)?).map_err(|_| format!("--blocksparse field {} out of range", i + 1))
+    };
+    Ok(BlockSparse {
+        vert_stride: u(0, 0)?,
+        block_size: u(1, 0)?,
+        local_blocks: u(2, 0)?,
+        head_sliding_step: i32::try_from(num(3, 1)?).map_err(|_| "--blocksparse head sliding step out of range".to_string())?,
+        tp_rank: u(4, 0)?,
+    })
+}
+
+impl RunArgs {
+    fn blocksparse(&self) -> Option<BlockSparse> {
+        self.blocksparse
+    }
+}
+
 fn base_meta(a: &RunArgs, device: &Device, case: String) -> HashMap<String, String> {
     HashMap::from([
         ("op".to_string(), a.op.name().to_string()),
@@ -199,22 +234,31 @@ fn load_inputs(path: &Path) -> CliResult<Inputs> {
         seq_lens: need("seq_lens")?,
         alibi_slopes: get("alibi_slopes")?,
         scale,
+        kv_scales: match (get("k_scale")?, get("v_scale")?) {
+            (Some(k), Some(v)) => Some((k, v)),
+            (None, None) => None,
+            _ => return Err(bad("give both k_scale and v_scale, or neither".into())),
+        },
+        blocksparse: None,
     })
 }
 
 fn run_attention(a: &RunArgs) -> CliResult {
     let (host, case) = match &a.input {
-        Some(path) => (load_inputs(path)?, None),
+        Some(path) => (Inputs { blocksparse: a.blocksparse, ..load_inputs(path)? }, None),
         None => {
             check_shape(a.head_size, a.block_size, a.num_heads, a.num_kv_heads)?;
+            check_cache_dtype(a.kv_cache_dtype, a.head_size)?;
             let case = Case {
                 dtype: a.dtype,
+                cache: a.kv_cache_dtype,
                 num_heads: a.num_heads,
                 num_kv_heads: a.num_kv_heads,
                 head_size: a.head_size,
                 block_size: a.block_size,
                 seq_lens: a.seq_lens.clone(),
                 alibi: a.alibi,
+                blocksparse: a.blocksparse(),
                 seed: a.seed,
             };
             (case.inputs()?, Some(case))
@@ -225,6 +269,7 @@ fn run_attention(a: &RunArgs) -> CliResult {
     let up = |t: &Tensor| device.upload(t);
     let (q, k, v) = (up(&host.query)?, up(&host.key_cache)?, up(&host.value_cache)?);
     let alibi = host.alibi_slopes.as_ref().map(up).transpose()?;
+    let scales = host.kv_scales.as_ref().map(|(k, v)| Ok::<_, Error>((up(k)?, up(v)?))).transpose()?;
     let args = pagedattn::PagedAttentionArgs {
         query: &q,
         key_cache: &k,
@@ -233,6 +278,9 @@ fn run_attention(a: &RunArgs) -> CliResult {
         seq_lens: &host.seq_lens,
         scale: host.scale,
         alibi_slopes: alibi.as_ref(),
+        k_scale: scales.as_ref().map(|s| &s.0),
+        v_scale: scales.as_ref().map(|s| &s.1),
+        blocksparse: host.blocksparse,
     };
     let mut out = device.nan(host.query.dtype(), host.query.shape())?;
     // The workspace is bounded by the longest sequence (the library checks host lengths against it).
@@ -240,7 +288,8 @@ fn run_attention(a: &RunArgs) -> CliResult {
     let max_seq_len = lens.iter().copied().max().unwrap_or(0).max(0) as usize;
     let dim = |i: usize| host.query.shape().get(i).copied().unwrap_or(0);
     let mut ws = PagedAttentionWorkspace::with_partition_size(&device, dim(0), dim(1), dim(2), max_seq_len, a.partition_size)?;
-    load(&device, KernelFamily::PagedAttention)?;
+    let fp8 = host.key_cache.dtype().fp8().is_some();
+    load(&device, if fp8 { KernelFamily::PagedAttentionFp8 } else { KernelFamily::PagedAttention })?;
     let t0 = Instant::now();
     let ran = paged_attention(&device, &mut out, &args, &mut ws, a.version)?;
     synchronize(&device)?;
@@ -268,6 +317,9 @@ fn run_attention(a: &RunArgs) -> CliResult {
         ]);
         if let Some(al) = &host.alibi_slopes {
             tensors.push(("alibi_slopes", al));
+        }
+        if let Some((k, v)) = &host.kv_scales {
+            tensors.extend([("k_scale", k), ("v_scale", v)]);
         }
     }
     write_safetensors(&a.output, &tensors, meta)?;
@@ -300,17 +352,21 @@ fn run_attention(a: &RunArgs) -> CliResult {
 
 fn run_reshape(a: &RunArgs, layout: KvLayout) -> CliResult {
     check_cache_shape(a.head_size, a.block_size, a.num_kv_heads)?;
+    check_cache_dtype(a.kv_cache_dtype, a.head_size)?;
     let mut case = ReshapeCase::new(layout, a.dtype, a.num_kv_heads, a.head_size, a.block_size, a.seq_lens.clone(), a.seed);
     case.padding = a.padding;
+    case.cache = a.kv_cache_dtype;
     let inp = case.inputs()?;
     let mut device = pick_device(a.cpu);
     let (key, value) = (device.upload(&inp.key)?, device.upload(&inp.value)?);
     let mut caches = inp.caches.upload(&device)?;
     // Device-resident slots, as in vLLM (the kernel guards them).
     let slots = device.upload(&inp.slot_mapping)?;
+    let scales = inp.scales.as_ref().map(|(k, v)| Ok::<_, Error>((device.upload(k)?, device.upload(v)?))).transpose()?;
+    let scales = scales.as_ref().map(|(k, v)| Fp8Scales { k_scale: k, v_scale: v });
     load(&device, KernelFamily::Cache)?;
     let t0 = Instant::now();
-    cases::reshape(&device, layout.cache_layout(), &key, &value, &mut caches, &slots)?;
+    cases::reshape(&device, layout.cache_layout(), &key, &value, &mut caches, &slots, scales)?;
     synchronize(&device)?;
     let ms = milliseconds(t0);
     let status = check_status(&mut device);
@@ -327,16 +383,20 @@ fn run_reshape(a: &RunArgs, layout: KvLayout) -> CliResult {
         ("slot_mapping".to_string(), inp.slot_mapping.to_cpu()?),
     ];
     tensors.extend(allocations);
+    if let Some((k, v)) = &inp.scales {
+        tensors.extend([("k_scale".to_string(), k.to_cpu()?), ("v_scale".to_string(), v.to_cpu()?)]);
+    }
     let mut meta = base_meta(a, &device, case.to_string());
     meta.insert("layout".into(), format!("{layout}: {}", layout.describe()));
     meta.insert("caches_before".into(), "NaN".into());
     write_file(&a.output, &tensors, meta)?;
 
     println!(
-        "{} | {} {layout} {}: {} tokens (+{} padding) x {h} KV heads x {d} -> {described} ({} blocks of {}) | {ms:.3} ms | {written} slots written, the rest NaN | {} | wrote {}",
+        "{} | {} {layout} {}{}: {} tokens (+{} padding) x {h} KV heads x {d} -> {described} ({} blocks of {}) | {ms:.3} ms | {written} slots written, the rest NaN | {} | wrote {}",
         device.name(),
         a.op.name(),
         a.dtype,
+        if case.cache == KvCacheDType::Auto { String::new() } else { format!(" -> {}", case.cache) },
         case.num_tokens() - case.padding,
         case.padding,
         inp.num_blocks,

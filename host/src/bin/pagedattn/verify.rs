@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use indicatif::ProgressBar;
-use pagedattn::layout::{DType, status};
+use pagedattn::layout::{DType, KvCacheDType, status};
 use pagedattn::paged_attention::validate;
 use pagedattn::testing::cache::{
     self as cases, BitCheck, CopyBlocksCase, KvLayout, ReshapeCase, SwapCase, check_copy_blocks, check_reshape, check_swap, compare_caches,
@@ -163,12 +163,14 @@ fn expect_flag(device: &mut Device, flag: u32, problems: &mut Vec<String>) -> pa
 fn run_guard(device: &mut Device, guard: Guard, version: Version) -> pagedattn::Result<CaseResult> {
     let case = Case {
         dtype: DType::F16,
+        cache: KvCacheDType::Auto,
         num_heads: 8,
         num_kv_heads: 2,
         head_size: 128,
         block_size: 16,
         seq_lens: vec![40, 100, 33],
         alibi: false,
+        blocksparse: None,
         seed: 4242,
     };
     let host = case.inputs()?;
@@ -287,11 +289,11 @@ fn run_cache_guard(device: &mut Device, guard: CacheGuard) -> pagedattn::Result<
             (bad[t1], bad[t2]) = (num_slots, i64::MAX);
             let n = bad.len();
             let mut want = inp.caches.to_cpu()?;
-            cases::reshape(&Device::Cpu, layout.cache_layout(), &inp.key, &inp.value, &mut want, &Tensor::from_i64(&[n], &good)?)?;
+            cases::reshape(&Device::Cpu, layout.cache_layout(), &inp.key, &inp.value, &mut want, &Tensor::from_i64(&[n], &good)?, None)?;
             let (key, value) = (device.upload(&inp.key)?, device.upload(&inp.value)?);
             let mut got = inp.caches.upload(device)?;
             let slots = device.upload(&Tensor::from_i64(&[n], &bad)?)?;
-            cases::reshape(device, layout.cache_layout(), &key, &value, &mut got, &slots)?;
+            cases::reshape(device, layout.cache_layout(), &key, &value, &mut got, &slots, None)?;
             synchronize(device)?;
             compare_caches(&got, &want)?
         }
@@ -355,6 +357,11 @@ impl Recorder {
     }
 }
 
+/// The name of a reshape op into an fp8 cache (its own group in the summary).
+fn fp8_op(op: &str) -> &'static str {
+    if op.contains("flash") { "reshape_and_cache_flash (fp8)" } else { "reshape_and_cache (fp8)" }
+}
+
 fn dtype_group(op: &str, dtype: DType) -> String {
     format!("{op} {dtype}")
 }
@@ -395,7 +402,11 @@ pub fn verify(a: VerifyArgs) -> CliResult {
         let name = attn_name(case, *version);
         rec.pb.set_message(name.clone());
         let tol = testing::tolerance(case.dtype);
-        let group = format!("paged_attention {version} {}", case.dtype);
+        let group = if case.cache == KvCacheDType::Auto {
+            format!("paged_attention {version} {}", case.dtype)
+        } else {
+            format!("paged_attention {version} {} {} cache", case.dtype, case.cache)
+        };
         let r = match testing::check_case(&device, case, *version) {
             Ok(e) => CaseResult {
                 name,
@@ -432,7 +443,8 @@ pub fn verify(a: VerifyArgs) -> CliResult {
     };
     for c in &reshape {
         rec.pb.set_message(c.to_string());
-        rec.record(bit_exact(c.to_string(), c.layout.reshape_op(), c.dtype, check_reshape(&device, c)));
+        let op = if c.cache == KvCacheDType::Auto { c.layout.reshape_op() } else { fp8_op(c.layout.reshape_op()) };
+        rec.record(bit_exact(c.to_string(), op, c.dtype, check_reshape(&device, c)));
     }
     for c in &copies {
         rec.pb.set_message(c.to_string());
