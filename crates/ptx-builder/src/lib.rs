@@ -235,8 +235,12 @@ impl PtxBuilder {
                         let mut out = Vec::new();
                         for family in families {
                             let name = family.clone().unwrap_or_else(|| crate_name.replace('-', "_"));
-                            let ptx =
-                                compile_ptx(toolchain, crate_path, &target_dir.join(arch), arch, family.as_deref(), &name, llvm_args)?;
+                            // A target dir per (arch, family): cargo keeps one fingerprint per crate
+                            // and target dir, whatever the features, so families sharing a dir
+                            // rebuilt each other on every run (all of them, every time the build
+                            // script ran). `core` is built once per family instead.
+                            let dir = target_dir.join(arch).join(&name);
+                            let ptx = compile_ptx(toolchain, crate_path, &dir, arch, family.as_deref(), &name, llvm_args)?;
                             let dst = copy_to.join(format!("{name}.{arch}.ptx"));
                             copy_if_changed(&ptx, &dst)?;
                             let (cubin, log) = match ptxas {
