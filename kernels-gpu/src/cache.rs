@@ -577,29 +577,6 @@ macro_rules! bits {
     };
 }
 
-/// The element type of a `DType` variant name.
-macro_rules! elem {
-    (F32) => {
-        f32
-    };
-    (F16) => {
-        f16
-    };
-    (BF16) => {
-        $crate::intrinsics::Bf16
-    };
-}
-
-/// The code type of an fp8 kind name.
-macro_rules! fp8_code {
-    (E4m3) => {
-        $crate::fp8::E4m3
-    };
-    (E5m2) => {
-        $crate::fp8::E5m2
-    };
-}
-
 macro_rules! export_cache_fp8_kernels {
     ($dt:ident, $dtn:literal, $k:ident, $kn:literal) => {
         const _: () = {
@@ -610,7 +587,7 @@ macro_rules! export_cache_fp8_kernels {
             #[unsafe(export_name = pagedattn_layout::cache_fp8_symbol!("reshape_and_cache", $dtn, $kn))]
             pub unsafe extern "ptx-kernel" fn kernel(p: ReshapeAndCacheParams) {
                 // SAFETY: forwarded from the entry point's contract.
-                unsafe { reshape_and_cache::<Quantize<elem!($dt), fp8_code!($k)>>(&p) }
+                unsafe { reshape_and_cache::<Quantize<elem!($dt), fp8_elem!($k)>>(&p) }
             }
         };
         const _: () = {
@@ -621,7 +598,7 @@ macro_rules! export_cache_fp8_kernels {
             #[unsafe(export_name = pagedattn_layout::cache_fp8_symbol!("reshape_and_cache_flash", $dtn, $kn))]
             pub unsafe extern "ptx-kernel" fn kernel(p: ReshapeAndCacheFlashParams) {
                 // SAFETY: forwarded from the entry point's contract.
-                unsafe { reshape_and_cache_flash_fp8::<elem!($dt), fp8_code!($k)>(&p) }
+                unsafe { reshape_and_cache_flash_fp8::<elem!($dt), fp8_elem!($k)>(&p) }
             }
         };
     };

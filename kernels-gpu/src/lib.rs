@@ -14,6 +14,31 @@
 // registers; iterator adapters (`iter_mut().enumerate().take(n)`) left arrays in local memory.
 #![allow(clippy::needless_range_loop)]
 
+/// The element type of a `DType` variant name, as the variant lists spell it (`F32`, `F16`, `BF16`).
+#[allow(unused_macros)]
+macro_rules! elem {
+    (F32) => {
+        f32
+    };
+    (F16) => {
+        f16
+    };
+    (BF16) => {
+        $crate::intrinsics::Bf16
+    };
+}
+
+/// The code type of an fp8 kind name (`E4m3`, `E5m2`).
+#[allow(unused_macros)]
+macro_rules! fp8_elem {
+    (E4m3) => {
+        $crate::fp8::E4m3
+    };
+    (E5m2) => {
+        $crate::fp8::E5m2
+    };
+}
+
 #[cfg(feature = "cache")]
 pub mod cache;
 pub mod fp8;

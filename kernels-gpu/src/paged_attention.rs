@@ -649,19 +649,6 @@ pub unsafe fn paged_attention_v2_reduce<T: Element>(r: &PagedAttentionReducePara
     }
 }
 
-/// Element type of a `DType` variant name (as the variant list spells it).
-macro_rules! elem {
-    (F32) => {
-        f32
-    };
-    (F16) => {
-        f16
-    };
-    (BF16) => {
-        $crate::intrinsics::Bf16
-    };
-}
-
 #[cfg(feature = "paged_attention")]
 macro_rules! export_paged_attention {
     ($dt:ident, $dtn:literal, $h:literal, $b:literal) => {
@@ -681,17 +668,6 @@ macro_rules! export_paged_attention {
 
 #[cfg(feature = "paged_attention")]
 pagedattn_layout::for_each_paged_attention_variant!(export_paged_attention);
-
-/// The cache element type of an fp8 kind.
-#[cfg(feature = "paged_attention_fp8")]
-macro_rules! fp8_elem {
-    (E4m3) => {
-        $crate::fp8::E4m3
-    };
-    (E5m2) => {
-        $crate::fp8::E5m2
-    };
-}
 
 #[cfg(feature = "paged_attention_fp8")]
 macro_rules! export_paged_attention_fp8 {

@@ -578,58 +578,47 @@ pub fn check_reshape(device: &Device, case: &ReshapeCase) -> Result<BitCheck> {
 /// The verification grid of one reshape op: every dtype × head size × block size (`flash`: the
 /// four flash layouts in turn), with GQA-style KV head counts (1, 2, 4, 8), runs of tokens crossing
 /// blocks, padding slots, strided and misaligned key/value rows, padded caches, NaN or random
-/// caches and host or device slots rotated across cases.
+/// caches and host or device slots rotated across cases; then the fp8 caches (both kinds, every
+/// input dtype and fp8 head size, block sizes rotated).
 pub fn reshape_grid(flash: bool) -> Vec<ReshapeCase> {
     let mut cases = Vec::new();
+    // Case `i` of the grid: the layout, KV head count, row padding/offset, cache padding and fill,
+    // slot placement and seed rotate with `i`.
+    let case = |i: usize, dtype: DType, cache: KvCacheDType, head_size: usize, block_size: usize| {
+        let layout = if flash { KvLayout::FLASH[i % 4] } else { KvLayout::Vllm };
+        let x = dtype.x();
+        let (row_pad, kv_offset) = [(0, 0), (x, 0), (0, x), (3, 1)][i / 4 % 4];
+        ReshapeCase {
+            layout,
+            dtype,
+            cache,
+            num_kv_heads: [1, 2, 4, 8][i % 4],
+            head_size,
+            block_size,
+            seq_lens: vec![1, 5 + i % 11, 17 + (i * 13) % 50],
+            padding: 1 + i % 3,
+            row_pad,
+            kv_offset,
+            padded_caches: matches!(layout, KvLayout::Vllm | KvLayout::Nhd) && i % 3 == 1,
+            nan_caches: i.is_multiple_of(2),
+            device_slots: i % 5 < 2,
+            seed: 7000 + i as u64 + if flash { 1000 } else { 0 },
+        }
+    };
     let mut i = 0usize;
     for &dtype in DTYPES {
-        let x = dtype.x();
         for &head_size in HEAD_SIZES {
             for &block_size in BLOCK_SIZES {
-                let layout = if flash { KvLayout::FLASH[i % 4] } else { KvLayout::Vllm };
-                let (row_pad, kv_offset) = [(0, 0), (x, 0), (0, x), (3, 1)][i / 4 % 4];
-                cases.push(ReshapeCase {
-                    layout,
-                    dtype,
-                    cache: KvCacheDType::Auto,
-                    num_kv_heads: [1, 2, 4, 8][i % 4],
-                    head_size,
-                    block_size,
-                    seq_lens: vec![1, 5 + i % 11, 17 + (i * 13) % 50],
-                    padding: 1 + i % 3,
-                    row_pad,
-                    kv_offset,
-                    padded_caches: matches!(layout, KvLayout::Vllm | KvLayout::Nhd) && i % 3 == 1,
-                    nan_caches: i.is_multiple_of(2),
-                    device_slots: i % 5 < 2,
-                    seed: 7000 + i as u64 + if flash { 1000 } else { 0 },
-                });
+                cases.push(case(i, dtype, KvCacheDType::Auto, head_size, block_size));
                 i += 1;
             }
         }
     }
-    // fp8 caches: every dtype × kind × fp8 head size, block sizes and layouts rotated.
+    // fp8 caches: every dtype × kind × fp8 head size, block sizes rotated.
     for &dtype in DTYPES {
         for kind in Fp8Kind::ALL {
             for &head_size in FP8_HEAD_SIZES {
-                let layout = if flash { KvLayout::FLASH[i % 4] } else { KvLayout::Vllm };
-                let (row_pad, kv_offset) = [(0, 0), (dtype.x(), 0), (0, dtype.x()), (3, 1)][i / 4 % 4];
-                cases.push(ReshapeCase {
-                    layout,
-                    dtype,
-                    cache: KvCacheDType::Fp8(kind),
-                    num_kv_heads: [1, 2, 4, 8][i % 4],
-                    head_size,
-                    block_size: BLOCK_SIZES[i % BLOCK_SIZES.len()],
-                    seq_lens: vec![1, 5 + i % 11, 17 + (i * 13) % 50],
-                    padding: 1 + i % 3,
-                    row_pad,
-                    kv_offset,
-                    padded_caches: matches!(layout, KvLayout::Vllm | KvLayout::Nhd) && i % 3 == 1,
-                    nan_caches: i.is_multiple_of(2),
-                    device_slots: i % 5 < 2,
-                    seed: 7000 + i as u64 + if flash { 1000 } else { 0 },
-                });
+                cases.push(case(i, dtype, KvCacheDType::Fp8(kind), head_size, BLOCK_SIZES[i % BLOCK_SIZES.len()]));
                 i += 1;
             }
         }
