@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use clap::Args;
 use cudarc::driver::sys;
 use pagedattn::dispatch::{self, KernelVariant};
-use pagedattn::layout::{DEFAULT_PARTITION_SIZE, DType, KernelFamily, PagedAttentionGeometry};
+use pagedattn::layout::{DEFAULT_PARTITION_SIZE, DType, KernelFamily, KvCacheDType, PagedAttentionGeometry};
 use pagedattn::{Gpu, Version, choose_version, ptx};
 use serde::Serialize;
 use serde_json::json;
@@ -102,15 +102,26 @@ fn group_line(kernel: &str, vs: &[&KernelVariant]) -> String {
     let dtypes = list(vs.iter().filter_map(|v| v.dtype));
     let heads = list(vs.iter().filter_map(|v| v.head_size));
     let blocks = list(vs.iter().filter_map(|v| v.block_size));
+    // fp8 caches: `_<kind>` after the dtype (optional where auto-cache variants share the kernel);
+    // kernels on fp8 codes alone (the fill) are named by the kind instead of a dtype.
+    let kinds = list(vs.iter().filter_map(|v| v.cache.fp8()).map(|k| &k.name()[4..]));
+    let auto = vs.iter().any(|v| v.cache == KvCacheDType::Auto);
+    let caches = list(vs.iter().map(|v| v.cache.name()));
+    let (dt, cache_sets) = match (kinds.is_empty(), auto, vs.iter().any(|v| v.cache.fp8().is_some() && v.dtype.is_none())) {
+        (true, _, _) => ("<dtype>".to_string(), String::new()),
+        (false, _, true) => ("<dtype|e4m3|e5m2>".to_string(), String::new()),
+        (false, true, false) => ("<dtype>[_<e4m3|e5m2>]".to_string(), format!(" x caches {{{caches}}}")),
+        (false, false, false) => ("<dtype>_<e4m3|e5m2>".to_string(), format!(" x caches {{{caches}}}")),
+    };
     let (pattern, sets) = match (dtypes.is_empty(), heads.is_empty()) {
         (false, false) => (
-            format!("{kernel}_<dtype>_h<head_size>_b<block_size>"),
-            format!("dtypes {{{dtypes}}} x head sizes {{{heads}}} x block sizes {{{blocks}}}"),
+            format!("{kernel}_{dt}_h<head_size>_b<block_size>"),
+            format!("dtypes {{{dtypes}}}{cache_sets} x head sizes {{{heads}}} x block sizes {{{blocks}}}"),
         ),
-        (false, true) => (format!("{kernel}_<dtype>"), format!("dtypes {{{dtypes}}}")),
+        (false, true) => (format!("{kernel}_{dt}"), format!("dtypes {{{dtypes}}}{cache_sets}")),
         _ => (kernel.to_string(), "one variant (works on bytes)".to_string()),
     };
-    format!("{:>4} x {pattern:<46} {sets}", vs.len())
+    format!("{:>4} x {pattern:<52} {sets}", vs.len())
 }
 
 pub fn info(a: InfoArgs) -> CliResult {
@@ -136,6 +147,7 @@ pub fn info(a: InfoArgs) -> CliResult {
                     "family": v.family.name(),
                     "kernel": v.kernel,
                     "dtype": v.dtype.map(|d| d.name()),
+                    "kv_cache_dtype": v.cache.name(),
                     "head_size": v.head_size,
                     "block_size": v.block_size,
                     "symbol": v.symbol,
@@ -144,7 +156,9 @@ pub fn info(a: InfoArgs) -> CliResult {
             .collect();
         let attention: Vec<_> = dispatch::paged_attention_variants()
             .iter()
-            .map(|v| json!({"dtype": v.dtype.name(), "head_size": v.head_size, "block_size": v.block_size, "symbol": v.symbol}))
+            .map(|v| {
+                json!({"dtype": v.dtype.name(), "kv_cache_dtype": v.cache.name(), "head_size": v.head_size, "block_size": v.block_size, "symbol": v.symbol})
+            })
             .collect();
         let v = json!({
             "gpu": gpu_info,
@@ -208,7 +222,7 @@ pub fn info(a: InfoArgs) -> CliResult {
         last = Some(family);
         println!("  {name:<16}{}", group_line(kernel, &vs));
     }
-    println!("  swap_blocks has no kernel: one cuMemcpyAsync per run of blocks adjacent in both caches.");
+    println!("  swap_blocks: one cuMemcpyAsync per run of blocks adjacent in both caches (up to 8 runs), else its kernel.");
 
     println!("\nPaged attention versions (one decode kernel per variant serves both):");
     println!("  v1    {V1}.");
