@@ -4,6 +4,7 @@
 #[macro_use]
 mod common;
 mod cache;
+mod flash_attn;
 mod fp8;
 mod paged_attention;
 mod validation;

@@ -47,6 +47,7 @@ pub mod cpu;
 pub mod device;
 pub mod dispatch;
 pub mod error;
+pub mod flash_attn;
 mod launch;
 pub mod paged_attention;
 pub mod ptx;
@@ -59,6 +60,7 @@ pub use cache::{
 };
 pub use device::{Device, Gpu};
 pub use error::{Error, Result};
+pub use flash_attn::{FlashAttnVarlenArgs, flash_attn_varlen_func, merge_attn_states};
 pub use paged_attention::{
     PagedAttentionArgs, PagedAttentionWorkspace, Version, choose_version, paged_attention, paged_attention_v1, paged_attention_v2,
 };

@@ -2,4 +2,5 @@
 //! no GPU is present). One file per kernel, named as in `kernels-gpu/src/`.
 
 pub mod cache;
+pub mod flash_attn;
 pub mod paged_attention;

@@ -1,0 +1,333 @@
+//! vLLM's FlashAttention backend call over a paged KV cache: [`flash_attn_varlen_func`] (one launch
+//! for a batch that mixes prefill chunks and decode tokens) and [`merge_attn_states`] (combining two
+//! partial attentions by their log-sum-exp, for cascade / shared-prefix attention).
+//!
+//! CPU reference: `cpu/flash_attn.rs`; tests: `tests/flash_attn.rs`. The GPU kernel (tensor cores) is
+//! the next step of issue 6: until it lands the GPU backend returns [`Error::Unsupported`] for this op.
+//!
+//! Masks follow FlashAttention: query `i` of a sequence with `sq` queries and `sk` keys sits at key
+//! position `d = i + sk - sq` (aligned bottom-right), and
+//! - `causal` keeps keys `j <= d`;
+//! - `window_size = (left, right)` keeps `d - left <= j <= d + right` (`-1`: unbounded on that side;
+//!   with `causal` the right bound is `d`);
+//! - `softcap > 0` replaces the scaled logit `s = softmax_scale · q·k` by `softcap · tanh(s / softcap)`;
+//! - ALiBi adds `-slope_h · |d - j|` to the (soft-capped) logit.
+//!
+//! A row with no visible key gives a zero output and an LSE of `-inf` (FlashAttention-2 reports `+inf`
+//! there; `-inf` is the log of the empty sum and merges correctly).
+
+use crate::cpu;
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::tensor::{ScalarType, Tensor};
+
+const OP: &str = "flash_attn_varlen_func";
+const MERGE: &str = "merge_attn_states";
+
+/// Inputs of [`flash_attn_varlen_func`], with vLLM's names.
+pub struct FlashAttnVarlenArgs<'a> {
+    /// `[total_q, num_heads, head_size]` f16 or bf16, the head dim contiguous.
+    pub q: &'a Tensor,
+    /// Key cache `[num_blocks, block_size, num_kv_heads, head_size]` of the query's dtype, the head dim
+    /// contiguous, any block/slot/head strides (so vLLM's combined `[2, num_blocks, ...]` tensor works).
+    pub k: &'a Tensor,
+    /// Value cache, the same shape and dtype as `k` (its own strides).
+    pub v: &'a Tensor,
+    /// Bound on every sequence's query count (the launch grid depends only on it).
+    pub max_seqlen_q: usize,
+    /// `[batch + 1]` i32: sequence `b` owns queries `cu_seqlens_q[b] .. cu_seqlens_q[b + 1]`.
+    pub cu_seqlens_q: &'a Tensor,
+    /// Bound on every sequence's key count.
+    pub max_seqlen_k: usize,
+    /// `[batch]` i32: keys of sequence `b` (its cached prefix plus its new tokens), at least 0.
+    pub seqused_k: &'a Tensor,
+    /// `None`: `1 / sqrt(head_size)`.
+    pub softmax_scale: Option<f32>,
+    pub causal: bool,
+    /// `(left, right)`; `-1` is unbounded on that side.
+    pub window_size: (i32, i32),
+    /// `0`: none; else the logit bound (finite, positive).
+    pub softcap: f32,
+    /// `[num_heads]` f32.
+    pub alibi_slopes: Option<&'a Tensor>,
+    /// `[batch, max_blocks]` i32: the physical blocks of each sequence's keys.
+    pub block_table: &'a Tensor,
+}
+
+/// Sizes derived from validated arguments.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct VarlenPlan {
+    pub dtype: ScalarType,
+    pub batch: usize,
+    pub total_q: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_size: usize,
+    pub num_blocks: usize,
+    pub block_size: usize,
+    pub max_blocks: usize,
+    pub scale: f32,
+    /// `(left, right)` with causality folded in: `None` is unbounded.
+    pub window: (Option<usize>, Option<usize>),
+}
+
+/// `out[t, h, :] = softmax(mask(s))·V` for every query token `t` of every sequence (see the module
+/// docs for the masks), reading keys and values of sequence `b` from its blocks in `block_table`;
+/// with `softmax_lse`, also `lse[h, t] = ln Σ_j exp(s_j)` over the visible keys (natural log).
+///
+/// `out` is `[total_q, num_heads, head_size]` of the query's dtype (the head dim contiguous);
+/// `softmax_lse` is `[num_heads, total_q]` f32.
+pub fn flash_attn_varlen_func(
+    device: &Device,
+    out: &mut Tensor,
+    softmax_lse: Option<&mut Tensor>,
+    args: &FlashAttnVarlenArgs,
+) -> Result<()> {
+    let plan = validate(device, out, softmax_lse.as_deref(), args)?;
+    match device {
+        Device::Cpu => cpu::flash_attn::run(&plan, out, softmax_lse, args),
+        Device::Gpu(_) => Err(Error::Unsupported {
+            op: OP,
+            what: "device",
+            got: "GPU".into(),
+            supported: "the CPU backend (the tensor-core kernel is not built yet)".into(),
+        }),
+    }
+}
+
+fn shape_err(op: &'static str, tensor: &'static str, t: &Tensor, expected: String) -> Error {
+    Error::Shape { op, tensor, got: t.shape().to_vec(), expected }
+}
+
+fn layout_err(op: &'static str, tensor: &'static str, t: &Tensor, why: &str) -> Error {
+    Error::Layout { op, tensor, strides: t.strides().to_vec(), offset: t.offset(), why: why.into() }
+}
+
+fn value_err(what: &'static str, got: impl ToString, why: &str) -> Error {
+    Error::Value { op: OP, what, got: got.to_string(), why: why.into() }
+}
+
+/// Everything the host can check without reading device memory, plus host-resident tables.
+pub fn validate(device: &Device, out: &Tensor, lse: Option<&Tensor>, a: &FlashAttnVarlenArgs) -> Result<VarlenPlan> {
+    let q = a.q;
+    let dtype = q.dtype();
+    if !matches!(dtype, ScalarType::F16 | ScalarType::BF16) {
+        return Err(Error::DType { op: OP, tensor: "q", got: dtype, expected: "f16 or bf16".into() });
+    }
+    let &[total_q, num_heads, head_size] = q.shape() else {
+        return Err(shape_err(OP, "q", q, "[total_q, num_heads, head_size]".into()));
+    };
+    if !crate::layout::HEAD_SIZES.contains(&head_size) {
+        return Err(Error::Unsupported {
+            op: OP,
+            what: "head_size",
+            got: head_size.to_string(),
+            supported: format!("{:?}", crate::layout::HEAD_SIZES),
+        });
+    }
+    let &[num_blocks, block_size, num_kv_heads, kd] = a.k.shape() else {
+        return Err(shape_err(OP, "k", a.k, "[num_blocks, block_size, num_kv_heads, head_size]".into()));
+    };
+    if kd != head_size {
+        return Err(shape_err(OP, "k", a.k, format!("[num_blocks, block_size, num_kv_heads, {head_size}]")));
+    }
+    if a.v.shape() != a.k.shape() {
+        return Err(shape_err(OP, "v", a.v, format!("{:?} (the key cache's)", a.k.shape())));
+    }
+    if block_size == 0 || !block_size.is_multiple_of(8) || block_size > 256 {
+        return Err(Error::Unsupported {
+            op: OP,
+            what: "block_size",
+            got: block_size.to_string(),
+            supported: "multiples of 8 up to 256".into(),
+        });
+    }
+    if num_kv_heads == 0 || !num_heads.is_multiple_of(num_kv_heads) {
+        return Err(value_err(
+            "num_heads / num_kv_heads",
+            format!("{num_heads} / {num_kv_heads}"),
+            "num_heads must be a multiple of num_kv_heads",
+        ));
+    }
+    for (name, t) in [("k", a.k), ("v", a.v)] {
+        if t.dtype() != dtype {
+            return Err(Error::DType { op: OP, tensor: name, got: t.dtype(), expected: format!("{dtype} (the query's)") });
+        }
+        if t.strides()[3] != 1 {
+            return Err(layout_err(OP, name, t, "the head dim must be contiguous"));
+        }
+    }
+    if out.dtype() != dtype || out.shape() != q.shape() {
+        return Err(shape_err(OP, "out", out, format!("{:?} {dtype} (the query's)", q.shape())));
+    }
+    for (name, t) in [("q", q), ("out", out)] {
+        if t.strides()[2] != 1 {
+            return Err(layout_err(OP, name, t, "the head dim must be contiguous"));
+        }
+    }
+    if let Some(l) = lse
+        && (l.dtype() != ScalarType::F32 || l.shape() != [num_heads, total_q])
+    {
+        return Err(shape_err(OP, "softmax_lse", l, format!("[{num_heads}, {total_q}] f32")));
+    }
+    let cu = a.cu_seqlens_q;
+    if cu.dtype() != ScalarType::I32 || cu.shape().len() != 1 || cu.shape()[0] == 0 {
+        return Err(shape_err(OP, "cu_seqlens_q", cu, "[batch + 1] i32".into()));
+    }
+    let batch = cu.shape()[0] - 1;
+    for (name, t, shape) in [("seqused_k", a.seqused_k, vec![batch])] {
+        if t.dtype() != ScalarType::I32 || t.shape() != shape.as_slice() {
+            return Err(shape_err(OP, name, t, format!("[{batch}] i32")));
+        }
+    }
+    let bt = a.block_table;
+    if bt.dtype() != ScalarType::I32 || bt.shape().len() != 2 || bt.shape()[0] != batch {
+        return Err(shape_err(OP, "block_table", bt, format!("[{batch}, max_blocks] i32")));
+    }
+    let max_blocks = bt.shape()[1];
+    if a.max_seqlen_k > max_blocks * block_size {
+        return Err(value_err("max_seqlen_k", a.max_seqlen_k, "exceeds the block table's capacity (max_blocks × block_size)"));
+    }
+    if let Some(al) = a.alibi_slopes
+        && (al.dtype() != ScalarType::F32 || al.shape() != [num_heads])
+    {
+        return Err(shape_err(OP, "alibi_slopes", al, format!("[{num_heads}] f32")));
+    }
+    let scale = a.softmax_scale.unwrap_or(1.0 / (head_size as f32).sqrt());
+    if !scale.is_finite() {
+        return Err(value_err("softmax_scale", scale, "must be finite"));
+    }
+    if !(a.softcap.is_finite() && a.softcap >= 0.0) {
+        return Err(value_err("softcap", a.softcap, "must be 0 (off) or finite and positive"));
+    }
+    let (left, right) = a.window_size;
+    if left < -1 || right < -1 {
+        return Err(value_err("window_size", format!("({left}, {right})"), "each side is -1 (unbounded) or at least 0"));
+    }
+    let window = (usize::try_from(left).ok(), if a.causal { Some(0) } else { usize::try_from(right).ok() });
+
+    // Placement: tensors on the op's device; tables may be host data (checked here).
+    let on_gpu = matches!(device, Device::Gpu(_));
+    let mut placed = vec![("q", q), ("k", a.k), ("v", a.v), ("out", out)];
+    if let Some(l) = lse {
+        placed.push(("softmax_lse", l));
+    }
+    if let Some(al) = a.alibi_slopes {
+        placed.push(("alibi_slopes", al));
+    }
+    if !on_gpu {
+        placed.extend([("cu_seqlens_q", cu), ("seqused_k", a.seqused_k), ("block_table", bt)]);
+    }
+    for (name, t) in placed {
+        let here = if on_gpu { t.is_gpu() } else { t.is_cpu() };
+        if !here {
+            return Err(Error::Device { op: OP, tensor: name, got: t.storage().location(), expected: if on_gpu { "GPU" } else { "CPU" } });
+        }
+    }
+
+    let plan = VarlenPlan { dtype, batch, total_q, num_heads, num_kv_heads, head_size, num_blocks, block_size, max_blocks, scale, window };
+    if cu.is_host() {
+        check_cu_seqlens(&cu.to_i32_vec(), total_q, a.max_seqlen_q)?;
+    }
+    if a.seqused_k.is_host() {
+        let used = a.seqused_k.to_i32_vec();
+        for (b, &k) in used.iter().enumerate() {
+            if k < 0 || k as usize > a.max_seqlen_k {
+                return Err(Error::HostData {
+                    op: OP,
+                    what: format!("seqused_k[{b}] = {k} is outside 0..={} (max_seqlen_k)", a.max_seqlen_k),
+                });
+            }
+            if bt.is_host() {
+                let table = bt.to_i32_vec();
+                for blk in 0..(k as usize).div_ceil(block_size) {
+                    let id = table[b * max_blocks + blk];
+                    if id < 0 || id as usize >= num_blocks {
+                        return Err(Error::HostData { op: OP, what: format!("block_table[{b}][{blk}] = {id} is outside 0..{num_blocks}") });
+                    }
+                }
+            }
+        }
+    }
+    Ok(plan)
+}
+
+/// `cu_seqlens_q` starts at 0, never decreases, ends at `total_q`, and no sequence has more than
+/// `max_seqlen_q` queries.
+fn check_cu_seqlens(cu: &[i32], total_q: usize, max_seqlen_q: usize) -> Result<()> {
+    if cu[0] != 0 {
+        return Err(Error::HostData { op: OP, what: format!("cu_seqlens_q[0] = {} (must be 0)", cu[0]) });
+    }
+    for b in 0..cu.len() - 1 {
+        let n = cu[b + 1] as i64 - cu[b] as i64;
+        if n < 0 || n as usize > max_seqlen_q {
+            return Err(Error::HostData {
+                op: OP,
+                what: format!("sequence {b} has {n} queries (cu_seqlens_q[{b}..={}]), outside 0..={max_seqlen_q} (max_seqlen_q)", b + 1),
+            });
+        }
+    }
+    let last = *cu.last().expect("non-empty");
+    if last as i64 != total_q as i64 {
+        return Err(Error::HostData { op: OP, what: format!("cu_seqlens_q[batch] = {last}, but q has {total_q} tokens") });
+    }
+    Ok(())
+}
+
+/// Combines two partial attentions over disjoint key sets (vLLM's `merge_attn_states`): with
+/// `m = max(lse_p, lse_s)`, `w_p = exp(lse_p - m)`, `w_s = exp(lse_s - m)`,
+/// `out = (w_p · out_p + w_s · out_s) / (w_p + w_s)` and `lse = m + ln(w_p + w_s)`, per (token, head).
+/// Both `-inf` (no visible key on either side) gives 0 and `-inf`.
+///
+/// `prefix_output`, `suffix_output`, `output`: `[num_tokens, num_heads, head_size]` (f32, f16 or bf16,
+/// one dtype); `prefix_lse`, `suffix_lse`, `output_lse`: `[num_heads, num_tokens]` f32.
+pub fn merge_attn_states(
+    device: &Device,
+    output: &mut Tensor,
+    output_lse: Option<&mut Tensor>,
+    prefix_output: &Tensor,
+    prefix_lse: &Tensor,
+    suffix_output: &Tensor,
+    suffix_lse: &Tensor,
+) -> Result<()> {
+    let d = prefix_output.dtype();
+    if d.float().is_none() {
+        return Err(Error::DType { op: MERGE, tensor: "prefix_output", got: d, expected: "f32, f16 or bf16".into() });
+    }
+    let &[num_tokens, num_heads, _] = prefix_output.shape() else {
+        return Err(shape_err(MERGE, "prefix_output", prefix_output, "[num_tokens, num_heads, head_size]".into()));
+    };
+    for (name, t) in [("suffix_output", suffix_output), ("output", &*output)] {
+        if t.dtype() != d || t.shape() != prefix_output.shape() {
+            return Err(shape_err(MERGE, name, t, format!("{:?} {d} (prefix_output's)", prefix_output.shape())));
+        }
+    }
+    let lse_shape = [num_heads, num_tokens];
+    let lses: Vec<(&'static str, &Tensor)> = [("prefix_lse", prefix_lse), ("suffix_lse", suffix_lse)]
+        .into_iter()
+        .chain(output_lse.as_deref().map(|t| ("output_lse", t)))
+        .collect();
+    for (name, t) in &lses {
+        if t.dtype() != ScalarType::F32 || t.shape() != lse_shape {
+            return Err(shape_err(MERGE, name, t, format!("{lse_shape:?} f32")));
+        }
+    }
+    match device {
+        Device::Cpu => {
+            for (name, t) in
+                [("prefix_output", prefix_output), ("suffix_output", suffix_output), ("output", &*output)].into_iter().chain(lses)
+            {
+                if !t.is_cpu() {
+                    return Err(Error::Device { op: MERGE, tensor: name, got: t.storage().location(), expected: "CPU" });
+                }
+            }
+            cpu::flash_attn::merge(output, output_lse, prefix_output, prefix_lse, suffix_output, suffix_lse)
+        }
+        Device::Gpu(_) => Err(Error::Unsupported {
+            op: MERGE,
+            what: "device",
+            got: "GPU".into(),
+            supported: "the CPU backend (the GPU kernel is not built yet)".into(),
+        }),
+    }
+}

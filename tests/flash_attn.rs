@@ -1,0 +1,303 @@
+//! `flash_attn_varlen_func` and `merge_attn_states` on the CPU backend: the reference against a dense
+//! formula written out here, the masks' definitions case by case, merging, and argument validation.
+
+use pagedattn::flash_attn::{FlashAttnVarlenArgs, flash_attn_varlen_func, merge_attn_states};
+use pagedattn::layout::DType;
+use pagedattn::testing::Rng;
+use pagedattn::{Device, Error, ScalarType, Tensor};
+
+const OP: &str = "flash_attn_varlen_func";
+
+/// A batch: per sequence (new queries, keys), a paged cache holding every key, shuffled blocks.
+struct Batch {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu: Tensor,
+    used: Tensor,
+    table: Tensor,
+    alibi: Option<Tensor>,
+    seqs: Vec<(usize, usize)>,
+    max_q: usize,
+    max_k: usize,
+}
+
+impl Batch {
+    fn new(dtype: DType, heads: (usize, usize), head_size: usize, block_size: usize, seqs: &[(usize, usize)], seed: u64) -> Batch {
+        let mut rng = Rng::new(seed);
+        let (nh, nkv) = heads;
+        let total_q: usize = seqs.iter().map(|s| s.0).sum();
+        let max_blocks = seqs.iter().map(|s| s.1.div_ceil(block_size)).max().unwrap_or(0).max(1);
+        let used_blocks: usize = seqs.iter().map(|s| s.1.div_ceil(block_size)).sum();
+        let num_blocks = used_blocks + 2;
+        let mut perm: Vec<i32> = (0..num_blocks as i32).collect();
+        rng.shuffle(&mut perm);
+        let mut table = vec![-1i32; seqs.len() * max_blocks];
+        let mut next = 0;
+        for (b, s) in seqs.iter().enumerate() {
+            for blk in 0..s.1.div_ceil(block_size) {
+                table[b * max_blocks + blk] = perm[next];
+                next += 1;
+            }
+        }
+        let mut rand = |n: usize| (0..n).map(|_| rng.uniform()).collect::<Vec<f32>>();
+        let cache = num_blocks * block_size * nkv * head_size;
+        let mut cu = vec![0i32];
+        for s in seqs {
+            cu.push(cu.last().unwrap() + s.0 as i32);
+        }
+        Batch {
+            q: Tensor::from_f32(dtype, &[total_q, nh, head_size], &rand(total_q * nh * head_size)).unwrap(),
+            k: Tensor::from_f32(dtype, &[num_blocks, block_size, nkv, head_size], &rand(cache)).unwrap(),
+            v: Tensor::from_f32(dtype, &[num_blocks, block_size, nkv, head_size], &rand(cache)).unwrap(),
+            cu: Tensor::from_i32(&[seqs.len() + 1], &cu).unwrap(),
+            used: Tensor::from_i32(&[seqs.len()], &seqs.iter().map(|s| s.1 as i32).collect::<Vec<_>>()).unwrap(),
+            table: Tensor::from_i32(&[seqs.len(), max_blocks], &table).unwrap(),
+            alibi: None,
+            seqs: seqs.to_vec(),
+            max_q: seqs.iter().map(|s| s.0).max().unwrap_or(0),
+            max_k: seqs.iter().map(|s| s.1).max().unwrap_or(0),
+        }
+    }
+
+    fn args(&self) -> FlashAttnVarlenArgs<'_> {
+        FlashAttnVarlenArgs {
+            q: &self.q,
+            k: &self.k,
+            v: &self.v,
+            max_seqlen_q: self.max_q,
+            cu_seqlens_q: &self.cu,
+            max_seqlen_k: self.max_k,
+            seqused_k: &self.used,
+            softmax_scale: None,
+            causal: false,
+            window_size: (-1, -1),
+            softcap: 0.0,
+            alibi_slopes: self.alibi.as_ref(),
+            block_table: &self.table,
+        }
+    }
+
+    /// Runs on the CPU backend: (out, lse) as f64.
+    fn run(&self, a: &FlashAttnVarlenArgs) -> pagedattn::Result<(Vec<f64>, Vec<f64>)> {
+        let mut out = Tensor::nan(self.q.dtype(), self.q.shape());
+        let mut lse = Tensor::nan(ScalarType::F32, &[self.q.shape()[1], self.q.shape()[0]]);
+        flash_attn_varlen_func(&Device::Cpu, &mut out, Some(&mut lse), a)?;
+        Ok((out.to_f64_vec(), lse.to_f64_vec()))
+    }
+
+    /// Key `j` of sequence `b`, KV head `kvh` (through the table), as f64 rows.
+    fn key_value(&self, b: usize, j: usize, kvh: usize) -> (Vec<f64>, Vec<f64>) {
+        let bs = self.k.shape()[1];
+        let blk = self.table.to_i32_vec()[b * self.table.shape()[1] + j / bs] as usize;
+        let hs = self.k.shape()[3];
+        let row = |t: &Tensor| (0..hs).map(|e| t.get_f64(&[blk, j % bs, kvh, e])).collect::<Vec<f64>>();
+        (row(&self.k), row(&self.v))
+    }
+
+    /// The dense formula, written here: for each query the list of visible keys comes from `keep`,
+    /// the logit from `logit` (given the plain scaled dot product and the offset `d - j`).
+    fn dense(&self, keep: impl Fn(i64, i64) -> bool, logit: impl Fn(usize, f64, i64) -> f64) -> (Vec<f64>, Vec<f64>) {
+        let &[total_q, nh, hs] = self.q.shape() else { panic!() };
+        let nkv = self.k.shape()[2];
+        let scale = 1.0 / (hs as f64).sqrt() as f32 as f64;
+        let (mut out, mut lse) = (vec![0f64; total_q * nh * hs], vec![f64::NEG_INFINITY; nh * total_q]);
+        let mut t = 0;
+        for (b, &(sq, sk)) in self.seqs.iter().enumerate() {
+            for i in 0..sq {
+                let d = (i + sk) as i64 - sq as i64;
+                for h in 0..nh {
+                    let kvh = h / (nh / nkv);
+                    let q: Vec<f64> = (0..hs).map(|e| self.q.get_f64(&[t, h, e])).collect();
+                    let mut num = vec![0f64; hs];
+                    let (mut m, mut rows) = (f64::NEG_INFINITY, Vec::new());
+                    for j in 0..sk {
+                        if !keep(d, j as i64) {
+                            continue;
+                        }
+                        let (kr, vr) = self.key_value(b, j, kvh);
+                        let s = logit(h, scale * q.iter().zip(&kr).map(|(a, b)| a * b).sum::<f64>(), d - j as i64);
+                        m = m.max(s);
+                        rows.push((s, vr));
+                    }
+                    if rows.is_empty() {
+                        continue;
+                    }
+                    let z: f64 = rows.iter().map(|(s, _)| (s - m).exp()).sum();
+                    for (s, vr) in &rows {
+                        for e in 0..hs {
+                            num[e] += (s - m).exp() / z * vr[e];
+                        }
+                    }
+                    out[(t * nh + h) * hs..][..hs].copy_from_slice(&num);
+                    lse[h * total_q + t] = m + z.ln();
+                }
+                t += 1;
+            }
+        }
+        (out, lse)
+    }
+}
+
+/// Outputs rounded to `dtype` against f64: per element within the dtype's rounding.
+fn assert_close(got: &[f64], want: &[f64], dtype: DType, what: &str) {
+    let tol = match dtype {
+        DType::F16 => 2f64.powi(-10),
+        DType::BF16 => 2f64.powi(-7),
+        DType::F32 => 1e-6,
+    };
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= tol * w.abs().max(1e-3) + 1e-6, "{what}: element {i}: {g} vs {w}");
+    }
+}
+
+fn assert_lse(got: &[f64], want: &[f64], what: &str) {
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        if *w == f64::NEG_INFINITY {
+            assert_eq!(*g, f64::NEG_INFINITY, "{what}: lse {i}");
+        } else {
+            assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "{what}: lse {i}: {g} vs {w}");
+        }
+    }
+}
+
+/// Which keys `j` a query at key position `d` sees.
+type Keep = Box<dyn Fn(i64, i64) -> bool>;
+
+fn mixed(dtype: DType, seed: u64) -> Batch {
+    // Prefill with a cached prefix, a plain prefill, decode tokens, an empty sequence, more queries
+    // than keys (rows before the first key see nothing under causal masks).
+    Batch::new(dtype, (8, 2), 64, 16, &[(37, 100), (50, 50), (1, 70), (0, 5), (1, 1), (20, 12)], seed)
+}
+
+#[test]
+fn cpu_masks_match_the_dense_formula() {
+    for (n, dtype) in [DType::F16, DType::BF16].into_iter().enumerate() {
+        let mut batch = mixed(dtype, 10 + n as u64);
+        let plain = |_: usize, s: f64, _: i64| s;
+        let cases: Vec<(&str, bool, (i32, i32), Keep)> = vec![
+            ("full", false, (-1, -1), Box::new(|_, _| true)),
+            ("causal", true, (-1, -1), Box::new(|d, j| j <= d)),
+            ("window (8, 3)", false, (8, 3), Box::new(|d, j| j >= d - 8 && j <= d + 3)),
+            ("causal window 5", true, (5, -1), Box::new(|d, j| j >= d - 5 && j <= d)),
+            ("window (0, 0)", false, (0, 0), Box::new(|d, j| j == d)),
+            ("right only (-1, 2)", false, (-1, 2), Box::new(|d, j| j <= d + 2)),
+        ];
+        for (name, causal, window_size, keep) in &cases {
+            let a = FlashAttnVarlenArgs { causal: *causal, window_size: *window_size, ..batch.args() };
+            let (out, lse) = batch.run(&a).unwrap();
+            let (want, want_lse) = batch.dense(keep, plain);
+            assert_close(&out, &want, dtype, &format!("{dtype} {name}"));
+            assert_lse(&lse, &want_lse, &format!("{dtype} {name}"));
+        }
+        // Soft-cap, then ALiBi on the capped logit.
+        let a = FlashAttnVarlenArgs { softcap: 0.5, causal: true, ..batch.args() };
+        let (out, lse) = batch.run(&a).unwrap();
+        let (want, want_lse) = batch.dense(|d, j| j <= d, |_, s, _| 0.5 * (s / 0.5).tanh());
+        assert_close(&out, &want, dtype, "softcap");
+        assert_lse(&lse, &want_lse, "softcap");
+        let slopes: Vec<f32> = (0..8).map(|h| 0.5f32.powi(h + 1)).collect();
+        batch.alibi = Some(Tensor::from_f32(DType::F32, &[8], &slopes).unwrap());
+        let a = FlashAttnVarlenArgs { softcap: 2.0, window_size: (30, 4), ..batch.args() };
+        let (out, lse) = batch.run(&a).unwrap();
+        let (want, want_lse) =
+            batch.dense(|d, j| j >= d - 30 && j <= d + 4, |h, s, off| 2.0 * (s / 2.0).tanh() - slopes[h] as f64 * off.abs() as f64);
+        assert_close(&out, &want, dtype, "softcap + alibi + window");
+        assert_lse(&lse, &want_lse, "softcap + alibi + window");
+    }
+}
+
+/// Rows with no visible key (causal rows before the first key; an empty window) are 0 with LSE -inf.
+#[test]
+fn cpu_rows_without_keys_are_zero_with_minus_inf_lse() {
+    let batch = Batch::new(DType::F16, (4, 4), 32, 16, &[(10, 4)], 3);
+    let (out, lse) = batch.run(&FlashAttnVarlenArgs { causal: true, ..batch.args() }).unwrap();
+    // d = i + 4 - 10 < 0 for the first 6 queries.
+    for t in 0..10 {
+        for h in 0..4 {
+            let row = &out[(t * 4 + h) * 32..][..32];
+            let l = lse[h * 10 + t];
+            if t < 6 {
+                assert!(row.iter().all(|&v| v == 0.0) && l == f64::NEG_INFINITY, "query {t} head {h}");
+            } else {
+                assert!(row.iter().any(|&v| v != 0.0) && l.is_finite(), "query {t} head {h}");
+            }
+        }
+    }
+}
+
+/// Attention over all keys equals the merge of attention over the first keys and over the rest.
+#[test]
+fn cpu_merge_of_split_keys_is_the_whole() {
+    let (bs, p, sk, sq) = (16, 48, 100, 5);
+    let whole = Batch::new(DType::BF16, (8, 2), 64, bs, &[(sq, sk)], 21);
+    // Exact (f64) attention of the query over a key set, stored as f32: the merge is checked, not
+    // the rounding of its inputs.
+    let exact = |a: &FlashAttnVarlenArgs| {
+        let out = Tensor::nan(whole.q.dtype(), whole.q.shape());
+        let plan = pagedattn::flash_attn::validate(&Device::Cpu, &out, None, a).unwrap();
+        let (o, l) = pagedattn::cpu::flash_attn::reference(&plan, a);
+        let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<_>>();
+        (Tensor::from_f32(DType::F32, out.shape(), &f32s(&o)).unwrap(), Tensor::from_f32(DType::F32, &[8, sq], &f32s(&l)).unwrap())
+    };
+    let (want, want_lse) = exact(&whole.args());
+    // Prefix: the first p keys; suffix: the rest, through the table's later blocks.
+    let table = whole.table.to_i32_vec();
+    let prefix_table = Tensor::from_i32(&[1, p / bs], &table[..p / bs]).unwrap();
+    let suffix_table = Tensor::from_i32(&[1, table.len() - p / bs], &table[p / bs..]).unwrap();
+    let (used_p, used_s) = (Tensor::from_i32(&[1], &[p as i32]).unwrap(), Tensor::from_i32(&[1], &[(sk - p) as i32]).unwrap());
+    let (po, pl) = exact(&FlashAttnVarlenArgs { seqused_k: &used_p, block_table: &prefix_table, max_seqlen_k: p, ..whole.args() });
+    let (so, sl) = exact(&FlashAttnVarlenArgs { seqused_k: &used_s, block_table: &suffix_table, max_seqlen_k: sk - p, ..whole.args() });
+    let mut out = Tensor::nan(ScalarType::F32, po.shape());
+    let mut lse = Tensor::nan(ScalarType::F32, &[8, sq]);
+    merge_attn_states(&Device::Cpu, &mut out, Some(&mut lse), &po, &pl, &so, &sl).unwrap();
+    assert_close(&out.to_f64_vec(), &want.to_f64_vec(), DType::F32, "merged");
+    assert_lse(&lse.to_f64_vec(), &want_lse.to_f64_vec(), "merged");
+    // A side with LSE -inf contributes nothing; both -inf give 0 and -inf.
+    let none = Tensor::from_f32(DType::F32, &[8, sq], &vec![f32::NEG_INFINITY; 8 * sq]).unwrap();
+    merge_attn_states(&Device::Cpu, &mut out, Some(&mut lse), &po, &pl, &so, &none).unwrap();
+    assert_eq!(out.to_f64_vec(), po.to_f64_vec());
+    merge_attn_states(&Device::Cpu, &mut out, Some(&mut lse), &po, &none, &so, &none).unwrap();
+    assert!(out.to_f64_vec().iter().all(|&v| v == 0.0) && lse.to_f64_vec().iter().all(|&v| v == f64::NEG_INFINITY));
+}
+
+#[test]
+fn cpu_bad_arguments_are_typed_errors() {
+    let b = mixed(DType::F16, 5);
+    let run = |a: &FlashAttnVarlenArgs| b.run(a).map(drop);
+    let bad_cu = Tensor::from_i32(&[7], &[0, 37, 87, 88, 88, 89, 108]).unwrap();
+    expect_err!(run(&FlashAttnVarlenArgs { cu_seqlens_q: &bad_cu, ..b.args() }), Error::HostData { op: OP, what } => assert!(what.contains("cu_seqlens_q[batch]"), "{what}"));
+    let shrinking = Tensor::from_i32(&[7], &[0, 37, 30, 88, 88, 89, 109]).unwrap();
+    expect_err!(run(&FlashAttnVarlenArgs { cu_seqlens_q: &shrinking, ..b.args() }), Error::HostData { op: OP, .. });
+    expect_err!(run(&FlashAttnVarlenArgs { max_seqlen_q: 36, ..b.args() }), Error::HostData { op: OP, what } => assert!(what.contains("max_seqlen_q"), "{what}"));
+    let long = Tensor::from_i32(&[6], &[100, 50, 70, 5, 1, 101]).unwrap();
+    expect_err!(run(&FlashAttnVarlenArgs { seqused_k: &long, ..b.args() }), Error::HostData { op: OP, what } => assert!(what.contains("seqused_k[5]"), "{what}"));
+    let mut table = b.table.to_i32_vec();
+    table[1] = 999;
+    let bad_table = Tensor::from_i32(b.table.shape(), &table).unwrap();
+    expect_err!(run(&FlashAttnVarlenArgs { block_table: &bad_table, ..b.args() }), Error::HostData { op: OP, what } => assert!(what.contains("999"), "{what}"));
+    expect_err!(run(&FlashAttnVarlenArgs { max_seqlen_k: 10_000, ..b.args() }), Error::Value { op: OP, what: "max_seqlen_k", .. });
+    expect_err!(run(&FlashAttnVarlenArgs { window_size: (-2, 0), ..b.args() }), Error::Value { op: OP, what: "window_size", .. });
+    for softcap in [-1.0, f32::NAN, f32::INFINITY] {
+        expect_err!(run(&FlashAttnVarlenArgs { softcap, ..b.args() }), Error::Value { op: OP, what: "softcap", .. });
+    }
+    expect_err!(
+        run(&FlashAttnVarlenArgs { softmax_scale: Some(f32::NAN), ..b.args() }),
+        Error::Value { op: OP, what: "softmax_scale", .. }
+    );
+    let q32 = Tensor::from_f32(DType::F32, b.q.shape(), &vec![0.5; b.q.numel()]).unwrap();
+    expect_err!(run(&FlashAttnVarlenArgs { q: &q32, ..b.args() }), Error::DType { op: OP, tensor: "q", .. });
+    let k_bf16 = Tensor::from_f32(DType::BF16, b.k.shape(), &vec![0.5; b.k.numel()]).unwrap();
+    expect_err!(run(&FlashAttnVarlenArgs { k: &k_bf16, ..b.args() }), Error::DType { op: OP, tensor: "k", .. });
+    let slopes = Tensor::from_f32(DType::F32, &[3], &[1.0; 3]).unwrap();
+    expect_err!(run(&FlashAttnVarlenArgs { alibi_slopes: Some(&slopes), ..b.args() }), Error::Shape { op: OP, tensor: "alibi_slopes", .. });
+    let mut out = Tensor::nan(b.q.dtype(), &[3, 8, 64]);
+    expect_err!(flash_attn_varlen_func(&Device::Cpu, &mut out, None, &b.args()), Error::Shape { op: OP, tensor: "out", .. });
+    let mut out = Tensor::nan(b.q.dtype(), b.q.shape());
+    let mut lse = Tensor::nan(ScalarType::F32, &[b.q.shape()[0], 8]);
+    expect_err!(
+        flash_attn_varlen_func(&Device::Cpu, &mut out, Some(&mut lse), &b.args()),
+        Error::Shape { op: OP, tensor: "softmax_lse", .. }
+    );
+}
