@@ -301,3 +301,30 @@ fn cpu_bad_arguments_are_typed_errors() {
         Error::Shape { op: OP, tensor: "softmax_lse", .. }
     );
 }
+
+/// The tensor-core building blocks (`cp.async`, `ldmatrix` plain and transposed, `mma.sync.m16n8k16`
+/// for f16 and bf16) give `A · Kᵀ` and `A · V` on random tiles, checked against f64 on the rounded
+/// inputs: the fragment layouts the varlen kernel relies on.
+#[test]
+fn gpu_mma_fragments_match_cpu() {
+    let Some(mut device) = gpu_or_skip!() else { return };
+    let gpu = crate::common::gpu_of(&mut device);
+    let mut rng = Rng::new(99);
+    for bf16 in [false, true] {
+        let mut fill = |n: usize| (0..n).map(|_| rng.uniform()).collect::<Vec<f32>>();
+        let (a, k, v): ([f32; 256], [f32; 128], [f32; 128]) =
+            (fill(256).try_into().unwrap(), fill(128).try_into().unwrap(), fill(128).try_into().unwrap());
+        let round = |x: f32| if bf16 { half::bf16::from_f32(x).to_f64() } else { half::f16::from_f32(x).to_f64() };
+        let (qk, pv) = pagedattn::util::mma_probe(gpu, bf16, &a, &k, &v).unwrap();
+        for r in 0..16 {
+            for c in 0..8 {
+                let want_qk: f64 = (0..16).map(|e| round(a[r * 16 + e]) * round(k[c * 16 + e])).sum();
+                let want_pv: f64 = (0..16).map(|e| round(a[r * 16 + e]) * round(v[e * 8 + c])).sum();
+                for (what, got, want) in [("A·Kᵀ", qk[r * 8 + c], want_qk), ("A·V", pv[r * 8 + c], want_pv)] {
+                    assert!((got as f64 - want).abs() <= 1e-5 * want.abs().max(1.0), "bf16 {bf16}: {what}[{r}][{c}] = {got}, want {want}");
+                }
+            }
+        }
+    }
+    crate::common::note("gpu_mma_fragments_match_cpu: cp.async + ldmatrix (+ .trans) + mma.sync m16n8k16 f16 and bf16 match f64");
+}

@@ -146,6 +146,9 @@ pub const STREAM_READ: &str = "stream_read";
 /// Symbol of the fp8 conversion test kernel (util family).
 pub const FP8_CODEC: &str = "fp8_codec";
 
+/// Symbol of the tensor-core fragment test kernel (util family).
+pub const MMA_PROBE: &str = "mma_probe";
+
 /// Symbol of `copy_blocks` (one variant: it moves bytes, whatever the dtype).
 pub const COPY_BLOCKS: &str = "copy_blocks";
 
@@ -220,6 +223,7 @@ pub fn kernel_variants() -> &'static [KernelVariant] {
         }
         table.push(of(KernelFamily::Util, "stream_read", None, STREAM_READ));
         table.push(of(KernelFamily::Util, "fp8_codec", None, FP8_CODEC));
+        table.push(of(KernelFamily::Util, "mma_probe", None, MMA_PROBE));
         table
     })
 }

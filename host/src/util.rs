@@ -3,7 +3,7 @@
 
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
 use pagedattn_layout::util::UTIL_THREADS;
-use pagedattn_layout::{FillParams, Fp8CodecParams, Fp8Kind, KernelFamily, StreamReadParams, hash_uniform};
+use pagedattn_layout::{FillParams, Fp8CodecParams, Fp8Kind, KernelFamily, MmaProbeParams, StreamReadParams, hash_uniform};
 
 use crate::device::Gpu;
 use crate::error::{Error, Result};
@@ -113,4 +113,31 @@ pub fn fp8_codec(gpu: &Gpu, kind: Fp8Kind, hardware: bool, input: &[f32]) -> Res
         encoded,
         used_hardware: stream.clone_dtoh(&used)?[0] != 0,
     })
+}
+
+/// Runs the tensor-core probe (the `mma_probe` test kernel, one warp) on `a` `[16][16]`, `k`
+/// `[8][16]`, `v` `[16][8]` (rounded to f16, or bf16 when `bf16`): returns `(A · Kᵀ, A · V)`, each
+/// `[16][8]` f32 row-major, computed with `cp.async`, `ldmatrix` and `mma.sync`. Synchronizes.
+pub fn mma_probe(gpu: &Gpu, bf16: bool, a: &[f32; 256], k: &[f32; 128], v: &[f32; 128]) -> Result<(Vec<f32>, Vec<f32>)> {
+    let stream = gpu.stream();
+    let halves = |x: &[f32]| -> Vec<u16> {
+        x.iter().map(|&f| if bf16 { half::bf16::from_f32(f).to_bits() } else { half::f16::from_f32(f).to_bits() }).collect()
+    };
+    let (a_d, k_d, v_d) = (stream.clone_htod(&halves(a))?, stream.clone_htod(&halves(k))?, stream.clone_htod(&halves(v))?);
+    let (mut qk, mut pv) = (stream.alloc_zeros::<f32>(128)?, stream.alloc_zeros::<f32>(128)?);
+    let params = MmaProbeParams {
+        a: a_d.device_ptr(stream).0,
+        k: k_d.device_ptr(stream).0,
+        v: v_d.device_ptr(stream).0,
+        qk: qk.device_ptr_mut(stream).0,
+        pv: pv.device_ptr_mut(stream).0,
+        bf16: bf16 as u32,
+        _pad: 0,
+    };
+    let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 1024 };
+    let f = gpu.function(KernelFamily::Util, dispatch::MMA_PROBE)?;
+    // SAFETY: `MmaProbeParams` is the kernel's parameter; the buffers hold 256 / 128 / 128 halves
+    // (cudarc allocations are 256-byte aligned) and 128 + 128 floats; one warp, 1024 B shared.
+    unsafe { launch::launch(stream, &f, cfg, &params) }?;
+    Ok((stream.clone_dtoh(&qk)?, stream.clone_dtoh(&pv)?))
 }

@@ -7,8 +7,8 @@
 //! The CPU reference of each kernel is `host/src/cpu/<same name>.rs`, its tests `tests/<same name>.rs`.
 #![no_std]
 #![feature(abi_ptx, f16, core_intrinsics, gpu_intrinsics, gpu_launch_sized_workgroup_mem, link_llvm_intrinsics, stdarch_nvptx)]
-// fp8 `cvt` through inline asm, only in builds for arches that have it.
-#![cfg_attr(target_feature = "sm_89", feature(asm_experimental_arch))]
+// Inline asm: tensor cores (sm_80+) and fp8 `cvt` (sm_89+ builds only).
+#![feature(asm_experimental_arch)]
 #![allow(internal_features)]
 // Index loops over register arrays with compile-time bounds are the idiom that LLVM fully unrolls into
 // registers; iterator adapters (`iter_mut().enumerate().take(n)`) left arrays in local memory.
@@ -45,6 +45,7 @@ pub mod fp8;
 pub mod intrinsics;
 #[cfg(any(feature = "paged_attention", feature = "paged_attention_fp8"))]
 pub mod paged_attention;
+pub mod tensor_core;
 #[cfg(feature = "util")]
 pub mod util;
 

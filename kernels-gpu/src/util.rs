@@ -4,7 +4,9 @@
 
 use crate::fp8;
 use crate::intrinsics::{Bf16, Chunk, Element, block_dim_x, block_idx_x, grid_dim_x, load_chunk, thread_idx_x, warp_sum};
-use pagedattn_layout::{FillParams, Fp8CodecParams, Fp8Kind, StreamReadParams, hash_uniform};
+use crate::intrinsics::{dynamic_smem_chunks, sync_threads};
+use crate::tensor_core::{self as tc, Bf16 as TcBf16, F16 as TcF16, MmaElem};
+use pagedattn_layout::{FillParams, Fp8CodecParams, Fp8Kind, MmaProbeParams, StreamReadParams, hash_uniform};
 
 /// `p[i] = scale * hash_uniform(i, seed)` for `i < n`, converted to `T` with round-to-nearest-even.
 /// Any grid; grid-stride loop.
@@ -151,5 +153,55 @@ pub unsafe extern "ptx-kernel" fn fp8_codec(p: Fp8CodecParams) {
     if first == 0 {
         // SAFETY: one word.
         unsafe { *(p.used_hardware as *mut u32) = (hw && fp8::HARDWARE) as u32 };
+    }
+}
+
+/// Test kernel of the tensor-core fragments (see `MmaProbeParams`). Launch one warp and 1024 bytes
+/// of dynamic shared memory.
+///
+/// # Safety
+/// `a` holds 256 halves, `k` and `v` 128 each (16-byte aligned); `qk` and `pv` 128 f32 each.
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn mma_probe(p: MmaProbeParams) {
+    // SAFETY: forwarded.
+    unsafe { if p.bf16 != 0 { mma_probe_of::<TcBf16>(&p) } else { mma_probe_of::<TcF16>(&p) } }
+}
+
+/// # Safety
+/// As [`mma_probe`].
+#[inline(always)]
+unsafe fn mma_probe_of<E: MmaElem>(p: &MmaProbeParams) {
+    let lane = thread_idx_x();
+    // Shared tiles, in 16-byte chunks: A (32 chunks: row r = chunks 2r, 2r + 1), K (16: the same
+    // rows of 2 chunks), V (16: one chunk per row).
+    let smem = dynamic_smem_chunks();
+    // SAFETY: the launch gives 64 chunks; the global buffers have the sizes above.
+    unsafe {
+        let (a_s, k_s, v_s) = (smem, smem.add(32), smem.add(48));
+        tc::cp_async_16(a_s.add(lane), (p.a as *const Chunk).add(lane));
+        if lane < 16 {
+            tc::cp_async_16(k_s.add(lane), (p.k as *const Chunk).add(lane));
+        } else {
+            tc::cp_async_16(v_s.add(lane - 16), (p.v as *const Chunk).add(lane - 16));
+        }
+        tc::cp_async_commit();
+        tc::cp_async_wait_all();
+        sync_threads();
+        let half = |c: *mut Chunk, i: usize| (c as *const u16).add(i);
+        // A: lane l addresses row l % 16, column block l / 16.
+        let a = tc::ldmatrix_x4(half(a_s, (lane % 16) * 16 + (lane / 16) * 8));
+        // Kᵀ: lanes 0-7 rows 0-7 at column 0, lanes 8-15 the same rows at column 8.
+        let kb = tc::ldmatrix_x2(half(k_s, (lane % 8) * 16 + ((lane / 8) % 2) * 8));
+        // V: lanes 0-15 rows 0-15 (transposed on load).
+        let vb = tc::ldmatrix_x2_trans(half(v_s, (lane % 16) * 8));
+        let qk = tc::mma_16816::<E>(a, kb, [0.0; 4]);
+        let pv = tc::mma_16816::<E>(a, vb, [0.0; 4]);
+        let (g, t) = (lane / 4, lane % 4);
+        for (out, d) in [(p.qk as *mut f32, qk), (p.pv as *mut f32, pv)] {
+            *out.add(g * 8 + 2 * t) = d[0];
+            *out.add(g * 8 + 2 * t + 1) = d[1];
+            *out.add((g + 8) * 8 + 2 * t) = d[2];
+            *out.add((g + 8) * 8 + 2 * t + 1) = d[3];
+        }
     }
 }

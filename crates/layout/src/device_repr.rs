@@ -1,8 +1,8 @@
 //! cudarc's `DeviceRepr` for the params structs (host only, behind the `cudarc` feature).
 
 use crate::{
-    CopyBlocksParams, FillParams, Fp8CodecParams, PagedAttentionParams, PagedAttentionReduceParams, ReshapeAndCacheFlashParams,
-    ReshapeAndCacheParams, StreamReadParams, SwapBlocksParams,
+    CopyBlocksParams, FillParams, Fp8CodecParams, MmaProbeParams, PagedAttentionParams, PagedAttentionReduceParams,
+    ReshapeAndCacheFlashParams, ReshapeAndCacheParams, StreamReadParams, SwapBlocksParams,
 };
 
 // SAFETY: `PagedAttentionParams` is `#[repr(C)]`, `Copy`, made only of `u64`/`u32`/`f32` fields with
@@ -16,6 +16,8 @@ unsafe impl cudarc::driver::DeviceRepr for FillParams {}
 unsafe impl cudarc::driver::DeviceRepr for Fp8CodecParams {}
 // SAFETY: as above.
 unsafe impl cudarc::driver::DeviceRepr for StreamReadParams {}
+// SAFETY: as above.
+unsafe impl cudarc::driver::DeviceRepr for MmaProbeParams {}
 // SAFETY: as above.
 unsafe impl cudarc::driver::DeviceRepr for PagedAttentionReduceParams {}
 

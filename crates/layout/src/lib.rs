@@ -23,7 +23,7 @@ pub use fp8::Fp8Kind;
 pub use paged_attention::{
     BlockSparse, DEFAULT_PARTITION_SIZE, PagedAttentionGeometry, PagedAttentionParams, PagedAttentionReduceParams, REDUCE_THREADS,
 };
-pub use util::{FillParams, Fp8CodecParams, StreamReadParams};
+pub use util::{FillParams, Fp8CodecParams, MmaProbeParams, StreamReadParams};
 
 /// Head sizes with a compiled variant (vLLM's list).
 pub const HEAD_SIZES: &[usize] = &[32, 64, 80, 96, 112, 120, 128, 192, 256];

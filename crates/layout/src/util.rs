@@ -47,6 +47,23 @@ pub struct Fp8CodecParams {
     pub _pad: u32,
 }
 
+/// `mma_probe` (a test kernel, one warp): with `A` `[16][16]`, `K` `[8][16]` and `V` `[16][8]`
+/// row-major (f16, or bf16 when `bf16` is set), staged through shared memory with `cp.async` and
+/// loaded with `ldmatrix`, writes `qk = A · Kᵀ` and `pv = A · V` (`[16][8]` f32) computed by
+/// `mma.sync.m16n8k16`: the fragment layouts the attention kernels build on.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct MmaProbeParams {
+    pub a: u64,
+    pub k: u64,
+    pub v: u64,
+    pub qk: u64,
+    pub pv: u64,
+    pub bf16: u32,
+    pub _pad: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<MmaProbeParams>() == 48);
 const _: () = assert!(core::mem::size_of::<Fp8CodecParams>() == 56);
 const _: () = assert!(core::mem::size_of::<FillParams>() == 32);
 const _: () = assert!(core::mem::size_of::<StreamReadParams>() == 24);
