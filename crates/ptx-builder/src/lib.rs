@@ -245,7 +245,7 @@ impl PtxBuilder {
                             copy_if_changed(&ptx, &dst)?;
                             let (cubin, log) = match ptxas {
                                 Some(ptxas) => {
-                                    let (c, l) = assemble(ptxas, &dst, arch)?;
+                                    let (c, l) = assemble_cached(ptxas, &dst, arch, &dir)?;
                                     (Some(c), Some(l))
                                 }
                                 None => (None, None),
@@ -514,6 +514,27 @@ fn stable_linker(target_dir: &Path) -> Result<PathBuf, BuildError> {
 }
 
 /// `ptxas -v -arch=<arch>` → `<ptx stem>.cubin` + `.ptxas.txt`; skipped when the cubin is newer.
+/// [`assemble`], reusing the cubin and log of the last assembly in `cache_dir` (the family's nested
+/// target dir) when the PTX is byte-identical: each caller of the builder (the host's build script
+/// under `cargo build` and under `cargo clippy`, `cargo xtask kernels`) writes to an output dir of its
+/// own, and ptxas on the fp8 family alone takes minutes.
+fn assemble_cached(ptxas: &Path, ptx: &Path, arch: &str, cache_dir: &Path) -> Result<(PathBuf, PathBuf), BuildError> {
+    let (cubin, log) = (ptx.with_extension("cubin"), ptx.with_extension("ptxas.txt"));
+    let (c_ptx, c_cubin, c_log) =
+        (cache_dir.join("assembled.ptx"), cache_dir.join("assembled.cubin"), cache_dir.join("assembled.ptxas.txt"));
+    let text = std::fs::read(ptx)?;
+    if std::fs::read(&c_ptx).is_ok_and(|old| old == text) && c_cubin.is_file() && c_log.is_file() {
+        write_if_changed(&cubin, &std::fs::read(&c_cubin)?)?;
+        write_if_changed(&log, &std::fs::read(&c_log)?)?;
+        return Ok((cubin, log));
+    }
+    let (cubin, log) = assemble(ptxas, ptx, arch)?;
+    std::fs::copy(&cubin, &c_cubin)?;
+    std::fs::copy(&log, &c_log)?;
+    std::fs::write(&c_ptx, &text)?;
+    Ok((cubin, log))
+}
+
 fn assemble(ptxas: &Path, ptx: &Path, arch: &str) -> Result<(PathBuf, PathBuf), BuildError> {
     let cubin = ptx.with_extension("cubin");
     let log = ptx.with_extension("ptxas.txt");
