@@ -81,6 +81,24 @@ pub fn paged_attention(dtype: DType, cache: KvCacheDType, head_size: usize, bloc
         })
 }
 
+/// The `flash_attn_varlen` variant for `(dtype, head_size)` (f16/bf16, `FLASH_HEAD_SIZES`).
+pub fn flash_attn(dtype: DType, head_size: usize) -> Result<&'static str> {
+    macro_rules! arm {
+        ($dt:ident, $dtn:literal, $h:literal) => {
+            if dtype == DType::$dt && head_size == $h {
+                return Ok(pagedattn_layout::flash_attn_symbol!($dtn, $h));
+            }
+        };
+    }
+    pagedattn_layout::for_each_flash_attn_variant!(arm);
+    Err(Error::Unsupported {
+        op: "flash_attn_varlen_func",
+        what: "(dtype, head_size) on the GPU",
+        got: format!("({dtype}, {head_size})"),
+        supported: format!("f16, bf16 x {:?}", pagedattn_layout::FLASH_HEAD_SIZES),
+    })
+}
+
 /// The symbol of the v2 reduce kernel for `dtype`.
 pub fn paged_attention_v2_reduce(dtype: DType) -> &'static str {
     match dtype {
@@ -198,6 +216,15 @@ pub fn kernel_variants() -> &'static [KernelVariant] {
                 symbol: v.symbol,
             })
             .collect();
+        macro_rules! push_flash {
+            ($dt:ident, $dtn:literal, $h:literal) => {
+                table.push(KernelVariant {
+                    head_size: Some($h),
+                    ..of(KernelFamily::FlashAttn, "flash_attn_varlen", Some(DType::$dt), pagedattn_layout::flash_attn_symbol!($dtn, $h))
+                });
+            };
+        }
+        pagedattn_layout::for_each_flash_attn_variant!(push_flash);
         for family in [KernelFamily::PagedAttention, KernelFamily::PagedAttentionFp8] {
             for &d in DTYPES {
                 table.push(of(family, "paged_attention_v2_reduce", Some(d), paged_attention_v2_reduce(d)));

@@ -2,8 +2,8 @@
 //! for a batch that mixes prefill chunks and decode tokens) and [`merge_attn_states`] (combining two
 //! partial attentions by their log-sum-exp, for cascade / shared-prefix attention).
 //!
-//! CPU reference: `cpu/flash_attn.rs`; tests: `tests/flash_attn.rs`. The GPU kernel (tensor cores) is
-//! the next step of issue 6: until it lands the GPU backend returns [`Error::Unsupported`] for this op.
+//! Kernel: `kernels-gpu/src/flash_attn.rs` (tensor cores); CPU reference: `cpu/flash_attn.rs`;
+//! tests: `tests/flash_attn.rs`. `merge_attn_states` runs on the CPU backend only so far.
 //!
 //! Masks follow FlashAttention: query `i` of a sequence with `sq` queries and `sk` keys sits at key
 //! position `d = i + sk - sq` (aligned bottom-right), and
@@ -16,10 +16,14 @@
 //! A row with no visible key gives a zero output and an LSE of `-inf` (FlashAttention-2 reports `+inf`
 //! there; `-inf` is the log of the empty sum and merges correctly).
 
-use crate::cpu;
-use crate::device::Device;
+use cudarc::driver::LaunchConfig;
+use cudarc::driver::sys::CUfunction_attribute;
+use pagedattn_layout::{FlashAttnGeometry, FlashAttnVarlenParams, KernelFamily};
+
+use crate::device::{Device, Gpu};
 use crate::error::{Error, Result};
 use crate::tensor::{ScalarType, Tensor};
+use crate::{cpu, dispatch, launch};
 
 const OP: &str = "flash_attn_varlen_func";
 const MERGE: &str = "merge_attn_states";
@@ -84,15 +88,91 @@ pub fn flash_attn_varlen_func(
     args: &FlashAttnVarlenArgs,
 ) -> Result<()> {
     let plan = validate(device, out, softmax_lse.as_deref(), args)?;
+    if plan.total_q == 0 || plan.num_heads == 0 || plan.batch == 0 {
+        return Ok(());
+    }
     match device {
         Device::Cpu => cpu::flash_attn::run(&plan, out, softmax_lse, args),
-        Device::Gpu(_) => Err(Error::Unsupported {
-            op: OP,
-            what: "device",
-            got: "GPU".into(),
-            supported: "the CPU backend (the tensor-core kernel is not built yet)".into(),
-        }),
+        Device::Gpu(gpu) => launch_gpu(gpu, &plan, out, softmax_lse, args),
     }
+}
+
+fn launch_gpu(gpu: &Gpu, plan: &VarlenPlan, out: &mut Tensor, lse: Option<&mut Tensor>, a: &FlashAttnVarlenArgs) -> Result<()> {
+    let dtype = plan.dtype.float().expect("validated: f16 or bf16");
+    let symbol = dispatch::flash_attn(dtype, plan.head_size)?;
+    // 16-byte loads of q, k and v rows; 4-byte stores of out: the device bases are 256-byte aligned.
+    let aligned = |t: &Tensor, axes: usize, bytes: usize| {
+        (t.offset() * 2).is_multiple_of(bytes) && t.strides()[..axes].iter().all(|s| (s * 2).is_multiple_of(bytes))
+    };
+    for (name, t, axes, bytes) in [("q", a.q, 2, 16), ("k", a.k, 3, 16), ("v", a.v, 3, 16), ("out", &*out, 2, 4)] {
+        if !aligned(t, axes, bytes) {
+            return Err(Error::Layout {
+                op: OP,
+                tensor: name,
+                strides: t.strides().to_vec(),
+                offset: t.offset(),
+                why: format!("the GPU kernel needs every row {bytes}-byte aligned (offset and strides)"),
+            });
+        }
+    }
+    let upload = |t: &Tensor| -> Result<Option<Tensor>> { if t.is_host() { Ok(Some(t.to_gpu(gpu.stream())?)) } else { Ok(None) } };
+    let (cu_d, used_d, bt_d) = (upload(a.cu_seqlens_q)?, upload(a.seqused_k)?, upload(a.block_table)?);
+    let (cu, used, bt) =
+        (cu_d.as_ref().unwrap_or(a.cu_seqlens_q), used_d.as_ref().unwrap_or(a.seqused_k), bt_d.as_ref().unwrap_or(a.block_table));
+    let ptr = |t: &Tensor| t.device_ptr().expect("validated: on the GPU");
+    let to_i32 = |w: Option<usize>| w.map_or(-1, |v| v.min(i32::MAX as usize) as i32);
+    let (ks, vs) = (a.k.strides(), a.v.strides());
+    let params = FlashAttnVarlenParams {
+        out: ptr(out),
+        q: ptr(a.q),
+        k_cache: ptr(a.k),
+        v_cache: ptr(a.v),
+        cu_seqlens_q: ptr(cu),
+        seqused_k: ptr(used),
+        block_table: ptr(bt),
+        alibi_slopes: a.alibi_slopes.map(ptr).unwrap_or(0),
+        softmax_lse: lse.as_deref().map(ptr).unwrap_or(0),
+        maybe_status: gpu.status_ptr(),
+        batch: plan.batch as u32,
+        num_heads: plan.num_heads as u32,
+        num_kv_heads: plan.num_kv_heads as u32,
+        block_size: plan.block_size as u32,
+        max_blocks: plan.max_blocks as u32,
+        num_blocks: plan.num_blocks as u32,
+        total_q: plan.total_q as u32,
+        max_seqlen_q: a.max_seqlen_q as u32,
+        max_seqlen_k: a.max_seqlen_k as u32,
+        q_stride_token: a.q.strides()[0] as u32,
+        q_stride_head: a.q.strides()[1] as u32,
+        out_stride_token: out.strides()[0] as u32,
+        out_stride_head: out.strides()[1] as u32,
+        k_stride_block: ks[0] as u32,
+        k_stride_slot: ks[1] as u32,
+        k_stride_head: ks[2] as u32,
+        v_stride_block: vs[0] as u32,
+        v_stride_slot: vs[1] as u32,
+        v_stride_head: vs[2] as u32,
+        block_table_stride: bt.strides()[0] as u32,
+        scale: plan.scale,
+        softcap: a.softcap,
+        window_left: to_i32(plan.window.0),
+        window_right: to_i32(plan.window.1),
+    };
+    let smem = FlashAttnGeometry::smem_bytes(plan.head_size);
+    let cfg = LaunchConfig {
+        grid_dim: (a.max_seqlen_q.div_ceil(FlashAttnGeometry::BLOCK_M).max(1) as u32, plan.num_heads as u32, plan.batch as u32),
+        block_dim: (FlashAttnGeometry::NUM_THREADS as u32, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    let func = gpu.function(KernelFamily::FlashAttn, symbol)?;
+    if smem > 48 * 1024 {
+        func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)?;
+    }
+    // SAFETY: `FlashAttnVarlenParams` is the kernel's parameter type; `validate` checked every shape,
+    // dtype and size, the checks above the kernel's alignment needs; host tables were checked and
+    // their device copies live until the stream-ordered free after the kernel; device-side
+    // lengths and block ids are guarded in the kernel.
+    unsafe { launch::launch(gpu.stream(), &func, cfg, &params) }
 }
 
 fn shape_err(op: &'static str, tensor: &'static str, t: &Tensor, expected: String) -> Error {

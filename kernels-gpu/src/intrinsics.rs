@@ -150,6 +150,15 @@ pub fn exp2(x: f32) -> f32 {
     core::intrinsics::exp2f32(x)
 }
 
+/// `log2(x)` on the SFU (`lg2.approx.f32`).
+#[inline(always)]
+pub fn log2(x: f32) -> f32 {
+    let r: f32;
+    // SAFETY: register-only; not `pure` (house rule for device asm).
+    unsafe { core::arch::asm!("lg2.approx.f32 {r}, {x};", r = out(reg32) r, x = in(reg32) x, options(nomem, nostack)) };
+    r
+}
+
 /// Fused `a * b + c` (plain `a * b + c` is never contracted).
 #[inline(always)]
 pub fn fma(a: f32, b: f32, c: f32) -> f32 {

@@ -41,6 +41,8 @@ macro_rules! fp8_elem {
 
 #[cfg(feature = "cache")]
 pub mod cache;
+#[cfg(feature = "flash_attn")]
+pub mod flash_attn;
 pub mod fp8;
 pub mod intrinsics;
 #[cfg(any(feature = "paged_attention", feature = "paged_attention_fp8"))]

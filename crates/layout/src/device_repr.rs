@@ -1,7 +1,7 @@
 //! cudarc's `DeviceRepr` for the params structs (host only, behind the `cudarc` feature).
 
 use crate::{
-    CopyBlocksParams, FillParams, Fp8CodecParams, MmaProbeParams, PagedAttentionParams, PagedAttentionReduceParams,
+    CopyBlocksParams, FillParams, FlashAttnVarlenParams, Fp8CodecParams, MmaProbeParams, PagedAttentionParams, PagedAttentionReduceParams,
     ReshapeAndCacheFlashParams, ReshapeAndCacheParams, StreamReadParams, SwapBlocksParams,
 };
 
@@ -30,3 +30,5 @@ unsafe impl cudarc::driver::DeviceRepr for ReshapeAndCacheFlashParams {}
 unsafe impl cudarc::driver::DeviceRepr for CopyBlocksParams {}
 // SAFETY: as above.
 unsafe impl cudarc::driver::DeviceRepr for SwapBlocksParams {}
+// SAFETY: as above, mirrored by `kernels-gpu/src/flash_attn.rs`.
+unsafe impl cudarc::driver::DeviceRepr for FlashAttnVarlenParams {}

@@ -11,6 +11,7 @@ pub mod cache;
 #[cfg(feature = "cudarc")]
 mod device_repr;
 mod dtype;
+pub mod flash_attn;
 pub mod fp8;
 pub mod paged_attention;
 pub mod status;
@@ -19,6 +20,7 @@ mod variants;
 
 pub use cache::{CopyBlocksParams, ReshapeAndCacheFlashParams, ReshapeAndCacheParams, SwapBlocksParams};
 pub use dtype::{DType, KvCacheDType};
+pub use flash_attn::{FLASH_HEAD_SIZES, FlashAttnGeometry, FlashAttnVarlenParams};
 pub use fp8::Fp8Kind;
 pub use paged_attention::{
     BlockSparse, DEFAULT_PARTITION_SIZE, PagedAttentionGeometry, PagedAttentionParams, PagedAttentionReduceParams, REDUCE_THREADS,
@@ -50,12 +52,14 @@ pub enum KernelFamily {
     /// `paged_attention` over fp8 caches (e4m3 / e5m2), every (dtype, head size, block size): a
     /// module of its own, so that fp16-cache users never load it.
     PagedAttentionFp8,
+    /// `flash_attn_varlen_func` (tensor cores), every (dtype f16/bf16, head size).
+    FlashAttn,
 }
 
 impl KernelFamily {
     /// Every family, in the order of the host's module table.
-    pub const ALL: [KernelFamily; 4] =
-        [KernelFamily::PagedAttention, KernelFamily::Cache, KernelFamily::Util, KernelFamily::PagedAttentionFp8];
+    pub const ALL: [KernelFamily; 5] =
+        [KernelFamily::PagedAttention, KernelFamily::Cache, KernelFamily::Util, KernelFamily::PagedAttentionFp8, KernelFamily::FlashAttn];
 
     /// The family's name: the cargo feature of `pagedattn-kernels` that compiles it, and the stem of
     /// its PTX/cubin files.
@@ -65,6 +69,7 @@ impl KernelFamily {
             KernelFamily::Cache => "cache",
             KernelFamily::Util => "util",
             KernelFamily::PagedAttentionFp8 => "paged_attention_fp8",
+            KernelFamily::FlashAttn => "flash_attn",
         }
     }
 

@@ -131,3 +131,28 @@ macro_rules! for_each_cache_fp8 {
         $cb!(BF16, "bf16", E5m2, "e5m2");
     };
 }
+
+/// Symbol of one varlen variant, e.g. `flash_attn_varlen_bf16_h128`.
+#[macro_export]
+macro_rules! flash_attn_symbol {
+    ($dtn:literal, $h:literal) => {
+        concat!("flash_attn_varlen_", $dtn, "_h", stringify!($h))
+    };
+}
+
+/// Calls `$cb!(DTYPE, "dtype", HEAD_SIZE)` for every varlen variant (heads: [`crate::FLASH_HEAD_SIZES`]).
+#[macro_export]
+macro_rules! for_each_flash_attn_variant {
+    ($cb:ident) => {
+        $crate::__for_each_flash_head!($cb; F16, "f16"; [32 64 80 96 112 128 192 256]);
+        $crate::__for_each_flash_head!($cb; BF16, "bf16"; [32 64 80 96 112 128 192 256]);
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __for_each_flash_head {
+    ($cb:ident; $dt:ident, $dtn:literal; [$($h:literal)*]) => {
+        $( $cb!($dt, $dtn, $h); )*
+    };
+}

@@ -22,37 +22,51 @@ pub fn reference(plan: &VarlenPlan, a: &FlashAttnVarlenArgs) -> (Vec<f64>, Vec<f
     let table = a.block_table.to_i32_vec();
     let alibi = a.alibi_slopes.map(Tensor::to_f64_vec);
     let (scale, softcap) = (plan.scale as f64, a.softcap as f64);
+    // One read lock per tensor: the query rows, and each sequence's keys and values gathered per KV
+    // head into dense [sk][head_size] rows (through the block table and the caches' strides).
+    // A combined KV cache (two views of one storage) is read through one guard: a second read lock
+    // of it on this thread could wait behind a writer.
+    let (qb, kb) = (a.q.host_bytes().expect("validated"), a.k.host_bytes().expect("validated"));
+    let v_guard = (!a.v.shares_storage(a.k)).then(|| a.v.host_bytes().expect("validated"));
+    let vb: &[u8] = v_guard.as_deref().unwrap_or(&kb);
+    let read = |t: &Tensor, bytes: &[u8], idx: &[usize]| t.dtype().read_f64(bytes, t.storage_index(idx));
     let mut out = vec![0f64; plan.total_q * nh * hs];
     let mut lse = vec![f64::NEG_INFINITY; nh * plan.total_q];
     for b in 0..plan.batch {
         let (q0, sq, sk) = (cu[b] as usize, (cu[b + 1] - cu[b]) as usize, used[b] as usize);
         let block = |j: usize| table[b * plan.max_blocks + j / bs] as usize;
-        for i in 0..sq {
-            let t = q0 + i;
-            let d = i as i64 + sk as i64 - sq as i64;
-            let keys: Vec<usize> = (0..sk).filter(|&j| visible(d, j as i64, plan.window)).collect();
-            for h in 0..nh {
-                let kvh = h / group;
-                let logits: Vec<f64> = keys
-                    .iter()
-                    .map(|&j| {
-                        let dot: f64 = (0..hs).map(|e| a.q.get_f64(&[t, h, e]) * a.k.get_f64(&[block(j), j % bs, kvh, e])).sum();
-                        let s = scale * dot;
-                        let s = if softcap > 0.0 { softcap * (s / softcap).tanh() } else { s };
-                        s - alibi.as_ref().map_or(0.0, |sl| sl[h] * (d - j as i64).abs() as f64)
-                    })
-                    .collect();
-                if keys.is_empty() {
+        for kvh in 0..plan.num_kv_heads {
+            let gather = |t: &Tensor, bytes: &[u8]| -> Vec<f64> {
+                (0..sk).flat_map(|j| (0..hs).map(move |e| (j, e))).map(|(j, e)| read(t, bytes, &[block(j), j % bs, kvh, e])).collect()
+            };
+            let (keys, values) = (gather(a.k, &kb), gather(a.v, vb));
+            for i in 0..sq {
+                let t = q0 + i;
+                let d = i as i64 + sk as i64 - sq as i64;
+                let visible: Vec<usize> = (0..sk).filter(|&j| visible(d, j as i64, plan.window)).collect();
+                if visible.is_empty() {
                     continue;
                 }
-                let m = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                let w: Vec<f64> = logits.iter().map(|s| (s - m).exp()).collect();
-                let sum: f64 = w.iter().sum();
-                lse[h * plan.total_q + t] = m + sum.ln();
-                let o = &mut out[(t * nh + h) * hs..][..hs];
-                for (&j, wj) in keys.iter().zip(&w) {
-                    for (e, oe) in o.iter_mut().enumerate() {
-                        *oe += wj / sum * a.v.get_f64(&[block(j), j % bs, kvh, e]);
+                for h in kvh * group..(kvh + 1) * group {
+                    let q: Vec<f64> = (0..hs).map(|e| read(a.q, &qb, &[t, h, e])).collect();
+                    let logits: Vec<f64> = visible
+                        .iter()
+                        .map(|&j| {
+                            let dot: f64 = q.iter().zip(&keys[j * hs..(j + 1) * hs]).map(|(x, y)| x * y).sum();
+                            let s = scale * dot;
+                            let s = if softcap > 0.0 { softcap * (s / softcap).tanh() } else { s };
+                            s - alibi.as_ref().map_or(0.0, |sl| sl[h] * (d - j as i64).abs() as f64)
+                        })
+                        .collect();
+                    let m = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let w: Vec<f64> = logits.iter().map(|s| (s - m).exp()).collect();
+                    let sum: f64 = w.iter().sum();
+                    lse[h * plan.total_q + t] = m + sum.ln();
+                    let o = &mut out[(t * nh + h) * hs..][..hs];
+                    for (&j, wj) in visible.iter().zip(&w) {
+                        for (oe, ve) in o.iter_mut().zip(&values[j * hs..(j + 1) * hs]) {
+                            *oe += wj / sum * ve;
+                        }
                     }
                 }
             }

@@ -1,0 +1,87 @@
+//! `flash_attn_varlen_func` over a paged KV cache: params and launch geometry (kernel in
+//! `kernels-gpu/src/flash_attn.rs`).
+//!
+//! Layouts (elements): `q`, `out` `[total_q, num_heads, head_size]` (token and head strides given);
+//! `k_cache`, `v_cache` `[num_blocks, block_size, num_kv_heads, head_size]` (block, slot and head
+//! strides given, per cache); `cu_seqlens_q` `[batch + 1]`, `seqused_k` `[batch]`, `block_table`
+//! `[batch, max_blocks]` (row stride given), all i32; `softmax_lse` `[num_heads, total_q]` f32.
+
+/// Kernel parameters, passed by value. Pointers are device addresses (`u64`, 0 when absent).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct FlashAttnVarlenParams {
+    pub out: u64,
+    pub q: u64,
+    pub k_cache: u64,
+    pub v_cache: u64,
+    pub cu_seqlens_q: u64,
+    pub seqused_k: u64,
+    pub block_table: u64,
+    /// `[num_heads]` f32, or 0.
+    pub alibi_slopes: u64,
+    /// `[num_heads, total_q]` f32, or 0.
+    pub softmax_lse: u64,
+    /// `*mut u32` status word, or 0.
+    pub maybe_status: u64,
+    pub batch: u32,
+    pub num_heads: u32,
+    pub num_kv_heads: u32,
+    pub block_size: u32,
+    pub max_blocks: u32,
+    pub num_blocks: u32,
+    pub total_q: u32,
+    /// Bounds the host fixed (the grid's x extent comes from `max_seqlen_q`); device data beyond
+    /// them is `BAD_SEQ_LEN`.
+    pub max_seqlen_q: u32,
+    pub max_seqlen_k: u32,
+    pub q_stride_token: u32,
+    pub q_stride_head: u32,
+    pub out_stride_token: u32,
+    pub out_stride_head: u32,
+    pub k_stride_block: u32,
+    pub k_stride_slot: u32,
+    pub k_stride_head: u32,
+    pub v_stride_block: u32,
+    pub v_stride_slot: u32,
+    pub v_stride_head: u32,
+    pub block_table_stride: u32,
+    /// `softmax_scale` (natural units: soft-cap and ALiBi apply before the kernel moves to log2).
+    pub scale: f32,
+    /// 0: off.
+    pub softcap: f32,
+    /// Window bounds with causality folded in (`right = 0` when causal); -1: unbounded.
+    pub window_left: i32,
+    pub window_right: i32,
+}
+
+const _: () = assert!(core::mem::size_of::<FlashAttnVarlenParams>() == 10 * 8 + 24 * 4);
+
+/// Launch geometry of the varlen kernel: a CTA of [`Self::NUM_WARPS`] warps takes [`Self::BLOCK_M`]
+/// queries (16 per warp, the rows of one `mma.m16n8k16` tile) of one sequence and one query head
+/// and walks the visible keys [`Self::BLOCK_N`] at a time. Grid `(ceil(max_seqlen_q / BLOCK_M),
+/// num_heads, batch)`.
+pub struct FlashAttnGeometry;
+
+impl FlashAttnGeometry {
+    pub const NUM_WARPS: usize = 4;
+    pub const NUM_THREADS: usize = Self::NUM_WARPS * 32;
+    pub const BLOCK_M: usize = 16 * Self::NUM_WARPS;
+    pub const BLOCK_N: usize = 64;
+    /// Halves of padding per shared-memory row: rows of `head_size + 8` halves start 16 bytes apart
+    /// in the bank cycle, so the eight rows an `ldmatrix` reads hit distinct banks.
+    pub const ROW_PAD: usize = 8;
+
+    /// Shared-memory row length (halves) for `head_size`.
+    pub const fn row(head_size: usize) -> usize {
+        head_size + Self::ROW_PAD
+    }
+
+    /// Dynamic shared memory: Q `[BLOCK_M][row]`, K and V `[BLOCK_N][row]` halves, then a flag word
+    /// (16 bytes kept).
+    pub const fn smem_bytes(head_size: usize) -> usize {
+        (Self::BLOCK_M + 2 * Self::BLOCK_N) * Self::row(head_size) * 2 + 16
+    }
+}
+
+/// Head sizes of the varlen kernel (multiples of 16: whole `k` steps of the mma).
+pub const FLASH_HEAD_SIZES: &[usize] = &[32, 64, 80, 96, 112, 128, 192, 256];

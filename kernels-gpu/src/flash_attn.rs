@@ -1,0 +1,292 @@
+//! `flash_attn_varlen_func` over a paged KV cache, on tensor cores (FlashAttention-2's scheme).
+//!
+//! Grid `(ceil(max_seqlen_q / BLOCK_M), num_heads, batch)`, `NUM_THREADS` threads,
+//! `smem_bytes(HEAD_SIZE)` of dynamic shared memory (`pagedattn_layout::FlashAttnGeometry`). A CTA
+//! takes `BLOCK_M` = 64 queries of one sequence and one query head; warp `w` owns query rows
+//! `16w .. 16w + 16` of the tile. The CTA walks the keys its rows can see (causal and window bounds
+//! cut the range) `BLOCK_N` = 64 at a time:
+//! - K and V rows are gathered through the block table into shared memory with `cp.async` (rows past
+//!   the sequence's keys are zeros);
+//! - `S = Q·Kᵀ` with `mma.sync.m16n8k16` (Q and K fragments from `ldmatrix`), f32 accumulators;
+//! - per element: scale, soft-cap (`softcap · tanh(s / softcap)`), ALiBi (`-slope · |d - j|`), the
+//!   masks (`j < seqused_k`, causal/window around `d = i + seqused_k - seqlen_q`), then log2 units;
+//! - online softmax per row (a row's 64 values live in the 4 lanes of a quad: max and sum by two
+//!   shuffles), rows without a visible key so far keep max −∞ and contribute nothing;
+//! - `O += P·V`: the probabilities, rounded to the input type, are already in the A-fragment layout
+//!   (two adjacent 8-column accumulator tiles form one 16-column A tile); V fragments come from
+//!   `ldmatrix.trans`.
+//!
+//! Finally `O / l` is written (rows without a visible key: 0) and, when asked, the natural-log LSE
+//! (`-inf` for those rows). Device data is guarded: bad `cu_seqlens_q` / `seqused_k` skip the
+//! sequence and raise `BAD_SEQ_LEN`; a block id outside `0..num_blocks` is never read (zeros
+//! instead), raises `BAD_BLOCK_ID` and makes the CTA's outputs NaN.
+
+use crate::intrinsics::{
+    Chunk, atomic_or, block_idx_x, block_idx_y, block_idx_z, dynamic_smem_chunks, exp2, fmax, log2, shfl_xor, store_chunk, sync_threads,
+    thread_idx_x,
+};
+use crate::tensor_core::{self as tc, MmaElem};
+use pagedattn_layout::{FlashAttnGeometry as Geo, FlashAttnVarlenParams, status};
+
+const BM: usize = Geo::BLOCK_M;
+const BN: usize = Geo::BLOCK_N;
+const NT: usize = Geo::NUM_THREADS;
+const LOG2E: f32 = core::f32::consts::LOG2_E;
+const LN2: f32 = core::f32::consts::LN_2;
+
+/// `tanh(x)` from `ex2` (saturates to ±1 for large |x|).
+#[inline(always)]
+fn tanh(x: f32) -> f32 {
+    1.0 - 2.0 / (exp2(2.0 * LOG2E * x) + 1.0)
+}
+
+/// # Safety
+/// Launched with the geometry above on buffers the host validated (16-byte aligned rows of q, k, v;
+/// 4-byte aligned rows of out).
+#[inline(always)]
+pub unsafe fn flash_attn_varlen<E: MmaElem, const D: usize>(p: &FlashAttnVarlenParams) {
+    const { assert!(D.is_multiple_of(16) && D <= 256) };
+    let row = Geo::row(D);
+    let chunks = D / 8;
+    let (mt, h, b) = (block_idx_x(), block_idx_y(), block_idx_z());
+    let tid = thread_idx_x();
+    let (warp, lane) = (tid / 32, tid % 32);
+    let (g, t) = (lane / 4, lane % 4);
+
+    // SAFETY: b < batch (grid); cu_seqlens_q has batch + 1 entries, seqused_k batch.
+    let (c0, c1, sk_raw) = unsafe {
+        (*(p.cu_seqlens_q as *const i32).add(b), *(p.cu_seqlens_q as *const i32).add(b + 1), *(p.seqused_k as *const i32).add(b))
+    };
+    if c0 < 0 || c1 < c0 || c1 as u32 > p.total_q || (c1 - c0) as u32 > p.max_seqlen_q || sk_raw < 0 || sk_raw as u32 > p.max_seqlen_k {
+        if mt == 0 && h == 0 && tid == 0 && p.maybe_status != 0 {
+            // SAFETY: a non-null status pointer is a device u32.
+            unsafe { atomic_or(p.maybe_status as *mut u32, status::BAD_SEQ_LEN) };
+        }
+        return;
+    }
+    let (q0, sq, sk) = (c0 as usize, (c1 - c0) as usize, sk_raw as usize);
+    let m0 = mt * BM;
+    if m0 >= sq {
+        return;
+    }
+    let kvh = h / (p.num_heads / p.num_kv_heads) as usize;
+    let (left, right) = (p.window_left, p.window_right);
+
+    let smem = dynamic_smem_chunks() as *mut u16;
+    // SAFETY: the launch-sized carve-up (Q, K, V tiles of `row`-half rows, then the flag word);
+    // `row` halves are a multiple of 16 bytes, so every tile row is 16-byte aligned.
+    let (q_s, k_s, v_s, flag_s) =
+        unsafe { (smem, smem.add(BM * row), smem.add((BM + BN) * row), smem.add((BM + 2 * BN) * row) as *mut u32) };
+    if tid == 0 {
+        // SAFETY: the flag word.
+        unsafe { *flag_s = 0 };
+    }
+
+    // Q tile (rows past the sequence: zeros).
+    let q = p.q as *const u16;
+    let mut c = tid;
+    while c < BM * chunks {
+        let (r, cc) = (c / chunks, c % chunks);
+        // SAFETY: row r of the Q tile; a row below sq is the query's head row, 16-byte aligned (host).
+        unsafe {
+            let dst = q_s.add(r * row + cc * 8);
+            if m0 + r < sq {
+                let src = q.add((q0 + m0 + r) * p.q_stride_token as usize + h * p.q_stride_head as usize + cc * 8);
+                tc::cp_async_16(dst, src);
+            } else {
+                store_chunk(dst, Chunk([0; 4]));
+            }
+        }
+        c += NT;
+    }
+    tc::cp_async_commit();
+
+    // The keys any row of this tile can see.
+    let last = if m0 + BM < sq { m0 + BM } else { sq } - 1;
+    let (d_lo, d_hi) = (m0 as i64 + sk as i64 - sq as i64, last as i64 + sk as i64 - sq as i64);
+    let j_lo = if left >= 0 { (d_lo - left as i64).max(0) } else { 0 } as usize;
+    let j_hi = if right >= 0 { (d_hi + right as i64 + 1).clamp(0, sk as i64) } else { sk as i64 } as usize;
+
+    let scale = p.scale;
+    let softcap = p.softcap;
+    let slope = if p.alibi_slopes != 0 {
+        // SAFETY: `[num_heads]` slopes.
+        unsafe { *(p.alibi_slopes as *const f32).add(h) }
+    } else {
+        0.0
+    };
+    // This lane's two query rows (tile-local g and g + 8 of the warp's 16) and their positions.
+    let rows = [warp * 16 + g, warp * 16 + g + 8];
+    let d_of = |r: usize| (m0 + r) as i64 + sk as i64 - sq as i64;
+
+    let mut o = [[0f32; 4]; 32];
+    let (mut m_run, mut l_run) = ([f32::NEG_INFINITY; 2], [0f32; 2]);
+    let (k_cache, v_cache) = (p.k_cache as *const u16, p.v_cache as *const u16);
+    let table = p.block_table as *const i32;
+    let bs = p.block_size as usize;
+
+    let mut n0 = j_lo / BN * BN;
+    while n0 < j_hi {
+        sync_threads();
+        // K and V rows n0 .. n0 + BN through the block table (rows past the keys: zeros).
+        let mut c = tid;
+        while c < BN * chunks {
+            let (r, cc) = (c / chunks, c % chunks);
+            let j = n0 + r;
+            // SAFETY: row r of the K/V tiles; j < sk <= max_blocks * block_size, so the table entry
+            // exists (row stride validated); a block id is used only when in range.
+            unsafe {
+                let (kd, vd) = (k_s.add(r * row + cc * 8), v_s.add(r * row + cc * 8));
+                let blk = if j < sk { *table.add(b * p.block_table_stride as usize + j / bs) } else { -1 };
+                if j < sk && blk >= 0 && (blk as u32) < p.num_blocks {
+                    let (blk, slot) = (blk as usize, j % bs);
+                    let ko = blk * p.k_stride_block as usize + slot * p.k_stride_slot as usize + kvh * p.k_stride_head as usize + cc * 8;
+                    let vo = blk * p.v_stride_block as usize + slot * p.v_stride_slot as usize + kvh * p.v_stride_head as usize + cc * 8;
+                    tc::cp_async_16(kd, k_cache.add(ko));
+                    tc::cp_async_16(vd, v_cache.add(vo));
+                } else {
+                    if j < sk {
+                        *flag_s = 1;
+                    }
+                    store_chunk(kd, Chunk([0; 4]));
+                    store_chunk(vd, Chunk([0; 4]));
+                }
+            }
+            c += NT;
+        }
+        tc::cp_async_commit();
+        tc::cp_async_wait_all();
+        sync_threads();
+
+        // S = Q·Kᵀ for the warp's 16 rows × 64 keys (8 tiles of 8 keys).
+        let mut s = [[0f32; 4]; BN / 8];
+        for kk in 0..D / 16 {
+            // SAFETY: ldmatrix rows inside the Q and K tiles (16-byte aligned), all lanes together.
+            unsafe {
+                let a = tc::ldmatrix_x4(q_s.add((warp * 16 + lane % 16) * row + kk * 16 + (lane / 16) * 8));
+                for nt in 0..BN / 8 {
+                    let kb = tc::ldmatrix_x2(k_s.add((nt * 8 + lane % 8) * row + kk * 16 + ((lane / 8) % 2) * 8));
+                    s[nt] = tc::mma_16816::<E>(a, kb, s[nt]);
+                }
+            }
+        }
+        // Logits in log2 units, masked.
+        let mut mx = [f32::NEG_INFINITY; 2];
+        for nt in 0..BN / 8 {
+            for e in 0..4 {
+                let (ri, j) = (e / 2, (n0 + nt * 8 + 2 * t + e % 2) as i64);
+                let (i, d) = (m0 + rows[ri], d_of(rows[ri]));
+                let visible = i < sq && j < sk as i64 && (left < 0 || j >= d - left as i64) && (right < 0 || j <= d + right as i64);
+                let mut x = s[nt][e] * scale;
+                if softcap > 0.0 {
+                    x = softcap * tanh(x / softcap);
+                }
+                x -= slope * ((d - j).abs() as f32);
+                let x = if visible { x * LOG2E } else { f32::NEG_INFINITY };
+                s[nt][e] = x;
+                mx[ri] = fmax(mx[ri], x);
+            }
+        }
+        for ri in 0..2 {
+            mx[ri] = fmax(mx[ri], shfl_xor(mx[ri], 1));
+            mx[ri] = fmax(mx[ri], shfl_xor(mx[ri], 2));
+            let m_new = fmax(m_run[ri], mx[ri]);
+            let corr = if m_new == f32::NEG_INFINITY { 1.0 } else { exp2(m_run[ri] - m_new) };
+            m_run[ri] = m_new;
+            l_run[ri] *= corr;
+            for nt in 0..D / 8 {
+                o[nt][2 * ri] *= corr;
+                o[nt][2 * ri + 1] *= corr;
+            }
+        }
+        for nt in 0..BN / 8 {
+            for e in 0..4 {
+                let ri = e / 2;
+                let pe = if m_run[ri] == f32::NEG_INFINITY { 0.0 } else { exp2(s[nt][e] - m_run[ri]) };
+                s[nt][e] = pe;
+                l_run[ri] += pe;
+            }
+        }
+        // O += P·V: P's accumulator tiles 2k, 2k + 1 are the A fragment of keys 16k .. 16k + 16.
+        for ks in 0..BN / 16 {
+            let (lo, hi) = (s[2 * ks], s[2 * ks + 1]);
+            let a =
+                [tc::pack2::<E>(lo[0], lo[1]), tc::pack2::<E>(lo[2], lo[3]), tc::pack2::<E>(hi[0], hi[1]), tc::pack2::<E>(hi[2], hi[3])];
+            for nt in 0..D / 8 {
+                // SAFETY: ldmatrix rows inside the V tile, all lanes together.
+                let vb = unsafe { tc::ldmatrix_x2_trans(v_s.add((ks * 16 + lane % 16) * row + nt * 8)) };
+                o[nt] = tc::mma_16816::<E>(a, vb, o[nt]);
+            }
+        }
+        n0 += BN;
+    }
+    tc::cp_async_wait_all();
+    sync_threads();
+
+    // SAFETY: the flag word, written before the barrier.
+    let bad = unsafe { *flag_s } != 0;
+    if bad && tid == 0 && p.maybe_status != 0 {
+        // SAFETY: a non-null status pointer is a device u32.
+        unsafe { atomic_or(p.maybe_status as *mut u32, status::BAD_BLOCK_ID) };
+    }
+    let out = p.out as *mut u32;
+    for ri in 0..2 {
+        let l = l_run[ri] + shfl_xor(l_run[ri], 1);
+        let l = l + shfl_xor(l, 2);
+        let i = m0 + rows[ri];
+        if i >= sq {
+            continue;
+        }
+        let inv = if bad {
+            f32::NAN
+        } else if l > 0.0 {
+            1.0 / l
+        } else {
+            0.0
+        };
+        let base = (q0 + i) * p.out_stride_token as usize + h * p.out_stride_head as usize;
+        for nt in 0..D / 8 {
+            // SAFETY: two halves of the row's dims nt*8 + 2t (4-byte aligned: the host checked
+            // even strides and offset).
+            unsafe { *out.add((base + nt * 8 + 2 * t) / 2) = tc::pack2::<E>(o[nt][2 * ri] * inv, o[nt][2 * ri + 1] * inv) };
+        }
+        if t == 0 && p.softmax_lse != 0 {
+            let lse = if bad {
+                f32::NAN
+            } else if l > 0.0 {
+                (m_run[ri] + log2(l)) * LN2
+            } else {
+                f32::NEG_INFINITY
+            };
+            // SAFETY: `[num_heads, total_q]`, q0 + i < total_q.
+            unsafe { *(p.softmax_lse as *mut f32).add(h * p.total_q as usize + q0 + i) = lse };
+        }
+    }
+}
+
+macro_rules! tc_elem {
+    (F16) => {
+        $crate::tensor_core::F16
+    };
+    (BF16) => {
+        $crate::tensor_core::Bf16
+    };
+}
+
+macro_rules! export_flash_attn {
+    ($dt:ident, $dtn:literal, $h:literal) => {
+        const _: () = {
+            /// One varlen variant; see the module docs.
+            ///
+            /// # Safety
+            /// Launched by the host's dispatch with this variant's geometry on validated buffers.
+            #[unsafe(export_name = pagedattn_layout::flash_attn_symbol!($dtn, $h))]
+            pub unsafe extern "ptx-kernel" fn kernel(p: FlashAttnVarlenParams) {
+                // SAFETY: forwarded from the entry point's contract.
+                unsafe { flash_attn_varlen::<tc_elem!($dt), $h>(&p) }
+            }
+        };
+    };
+}
+
+pagedattn_layout::for_each_flash_attn_variant!(export_flash_attn);
