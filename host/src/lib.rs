@@ -42,6 +42,7 @@
 
 pub mod bench;
 pub mod bench_cache;
+pub mod bench_varlen;
 pub mod cache;
 pub mod cpu;
 pub mod device;

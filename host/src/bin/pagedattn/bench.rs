@@ -85,6 +85,7 @@ pub fn bench(a: BenchArgs) -> CliResult {
         Op::ReshapeAndCacheFlash => cache(&a, CacheOp::ReshapeAndCacheFlash, layout),
         Op::CopyBlocks => cache(&a, CacheOp::CopyBlocks, layout),
         Op::SwapBlocks => cache(&a, CacheOp::SwapBlocks, layout),
+        Op::FlashAttnVarlen => varlen(&a),
     }
 }
 
@@ -197,6 +198,41 @@ fn attention_row(p: &bench::Point) -> String {
         (None, Some(why)) => format!("{head}  skipped: {why}"),
         (None, None) => head,
     }
+}
+
+// ------------------------------------------------------------------------------ varlen attention
+
+/// The scenarios (32 q / 8 KV heads, head 128, `--block-size`), one line each.
+fn varlen(a: &BenchArgs) -> CliResult {
+    let device = Device::Gpu(open_gpu("benchmark")?);
+    println!(
+        "flash_attn_varlen_func on {}: 32 heads / 8 KV heads, head 128, block {}, {} timed runs after {} warm-up; TFLOP/s = 4 · 128 · 32 · visible pairs / time",
+        device.name(),
+        a.block_size,
+        a.iters,
+        a.warmup
+    );
+    println!("{:<5} {:<58} {:>14} {:>10} {:>10} {:>9} {:>9}", "dtype", "scenario", "pairs", "cold µs", "hot µs", "cold TF/s", "hot TF/s");
+    let points = pagedattn::bench_varlen::run(&device, &a.dtype, a.block_size, a.iters as usize, a.warmup as usize, |p| {
+        println!(
+            "{:<5} {:<58} {:>14} {:>10.1} {:>10.1} {:>9.1} {:>9.1}{}",
+            p.dtype,
+            p.scenario.name,
+            p.pairs,
+            p.cold_us,
+            p.hot_us,
+            p.cold_tflops,
+            p.hot_tflops,
+            if p.finite { "" } else { " non-finite output!" }
+        )
+    })?;
+    if let Some(path) = &a.json {
+        write_json(path, &points)?;
+    }
+    if points.iter().any(|p| !p.finite) {
+        return Err(CliError::Failed("non-finite outputs".into()));
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------- cache ops

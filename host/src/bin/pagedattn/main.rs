@@ -62,6 +62,8 @@ enum Op {
     CopyBlocks,
     /// swap_blocks: blocks between caches, GPU and pinned host memory (`--direction`, `--pairs`).
     SwapBlocks,
+    /// flash_attn_varlen_func: mixed prefill/decode batches over a paged cache (bench only so far).
+    FlashAttnVarlen,
 }
 
 impl Op {
@@ -73,6 +75,7 @@ impl Op {
             Op::ReshapeAndCacheFlash => "reshape_and_cache_flash",
             Op::CopyBlocks => "copy_blocks",
             Op::SwapBlocks => "swap_blocks",
+            Op::FlashAttnVarlen => "flash_attn_varlen_func",
         }
     }
 }

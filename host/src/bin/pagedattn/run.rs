@@ -106,6 +106,9 @@ pub fn run(a: RunArgs) -> CliResult {
         Op::ReshapeAndCache | Op::ReshapeAndCacheFlash => run_reshape(&a, layout),
         Op::CopyBlocks => run_copy_blocks(&a, layout),
         Op::SwapBlocks => run_swap_blocks(&a, layout),
+        Op::FlashAttnVarlen => Err(CliError::Input(
+            "run --op flash-attn-varlen is not wired yet: `pagedattn bench --op flash-attn-varlen` times it, the tests check it".into(),
+        )),
     }
 }
 
