@@ -24,39 +24,18 @@ struct Batch {
 
 impl Batch {
     fn new(dtype: DType, heads: (usize, usize), head_size: usize, block_size: usize, seqs: &[(usize, usize)], seed: u64) -> Batch {
-        let mut rng = Rng::new(seed);
-        let (nh, nkv) = heads;
-        let total_q: usize = seqs.iter().map(|s| s.0).sum();
-        let max_blocks = seqs.iter().map(|s| s.1.div_ceil(block_size)).max().unwrap_or(0).max(1);
-        let used_blocks: usize = seqs.iter().map(|s| s.1.div_ceil(block_size)).sum();
-        let num_blocks = used_blocks + 2;
-        let mut perm: Vec<i32> = (0..num_blocks as i32).collect();
-        rng.shuffle(&mut perm);
-        let mut table = vec![-1i32; seqs.len() * max_blocks];
-        let mut next = 0;
-        for (b, s) in seqs.iter().enumerate() {
-            for blk in 0..s.1.div_ceil(block_size) {
-                table[b * max_blocks + blk] = perm[next];
-                next += 1;
-            }
-        }
-        let mut rand = |n: usize| (0..n).map(|_| rng.uniform()).collect::<Vec<f32>>();
-        let cache = num_blocks * block_size * nkv * head_size;
-        let mut cu = vec![0i32];
-        for s in seqs {
-            cu.push(cu.last().unwrap() + s.0 as i32);
-        }
+        let i = pagedattn::testing::varlen_inputs(dtype, heads, head_size, block_size, seqs, seed).unwrap();
         Batch {
-            q: Tensor::from_f32(dtype, &[total_q, nh, head_size], &rand(total_q * nh * head_size)).unwrap(),
-            k: Tensor::from_f32(dtype, &[num_blocks, block_size, nkv, head_size], &rand(cache)).unwrap(),
-            v: Tensor::from_f32(dtype, &[num_blocks, block_size, nkv, head_size], &rand(cache)).unwrap(),
-            cu: Tensor::from_i32(&[seqs.len() + 1], &cu).unwrap(),
-            used: Tensor::from_i32(&[seqs.len()], &seqs.iter().map(|s| s.1 as i32).collect::<Vec<_>>()).unwrap(),
-            table: Tensor::from_i32(&[seqs.len(), max_blocks], &table).unwrap(),
+            q: i.q,
+            k: i.k,
+            v: i.v,
+            cu: i.cu_seqlens_q,
+            used: i.seqused_k,
+            table: i.block_table,
             alibi: None,
             seqs: seqs.to_vec(),
-            max_q: seqs.iter().map(|s| s.0).max().unwrap_or(0),
-            max_k: seqs.iter().map(|s| s.1).max().unwrap_or(0),
+            max_q: i.max_seqlen_q,
+            max_k: i.max_seqlen_k,
         }
     }
 

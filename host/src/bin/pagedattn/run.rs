@@ -50,9 +50,15 @@ pub struct RunArgs {
     /// tokens, written from a random position of its first block on (reshape ops).
     #[arg(long, value_delimiter = ',', default_value = "1,17,100,1000")]
     seq_lens: Vec<usize>,
-    /// Add ALiBi slopes (paged-attention).
+    /// Add ALiBi slopes (paged-attention, flash-attn-varlen).
     #[arg(long)]
     alibi: bool,
+    /// flash-attn-varlen: cached keys before each sequence's new tokens (`--seq-lens`).
+    #[arg(long, default_value_t = 0)]
+    prefix: usize,
+    /// flash-attn-varlen: causal mask (bottom-right aligned).
+    #[arg(long)]
+    causal: bool,
     /// paged-attention: vLLM's block-sparse pattern as `VERT_STRIDE,BLOCK_SIZE,LOCAL_BLOCKS[,HEAD_SLIDING_STEP[,TP_RANK]]`
     /// (sparse block size in tokens, a multiple of --block-size; step 1 and rank 0 by default).
     #[arg(long, value_name = "PATTERN", value_parser = parse_blocksparse)]
@@ -106,9 +112,7 @@ pub fn run(a: RunArgs) -> CliResult {
         Op::ReshapeAndCache | Op::ReshapeAndCacheFlash => run_reshape(&a, layout),
         Op::CopyBlocks => run_copy_blocks(&a, layout),
         Op::SwapBlocks => run_swap_blocks(&a, layout),
-        Op::FlashAttnVarlen => Err(CliError::Input(
-            "run --op flash-attn-varlen is not wired yet: `pagedattn bench --op flash-attn-varlen` times it, the tests check it".into(),
-        )),
+        Op::FlashAttnVarlen => run_varlen(&a),
     }
 }
 
@@ -347,6 +351,104 @@ fn run_attention(a: &RunArgs) -> CliResult {
         ms,
         first.join(", "),
         a.output.display(),
+    );
+    Ok(status?)
+}
+
+// ----------------------------------------------------------------------------- varlen attention
+
+/// The op's arguments over `inp`'s tables with the given tensors.
+fn varlen_args<'a>(
+    inp: &'a pagedattn::testing::VarlenInputs,
+    q: &'a Tensor,
+    k: &'a Tensor,
+    v: &'a Tensor,
+    alibi_slopes: Option<&'a Tensor>,
+    causal: bool,
+) -> pagedattn::FlashAttnVarlenArgs<'a> {
+    pagedattn::FlashAttnVarlenArgs {
+        q,
+        k,
+        v,
+        max_seqlen_q: inp.max_seqlen_q,
+        cu_seqlens_q: &inp.cu_seqlens_q,
+        max_seqlen_k: inp.max_seqlen_k,
+        seqused_k: &inp.seqused_k,
+        softmax_scale: None,
+        causal,
+        window_size: (-1, -1),
+        softcap: 0.0,
+        alibi_slopes,
+        block_table: &inp.block_table,
+    }
+}
+
+/// `flash_attn_varlen_func` on a random batch (`--seq-lens` new tokens on `--prefix` cached ones),
+/// on the GPU compared with the float64 CPU reference.
+fn run_varlen(a: &RunArgs) -> CliResult {
+    if !matches!(a.dtype, DType::F16 | DType::BF16) {
+        return Err(CliError::Input(format!("--dtype {}: flash-attn-varlen takes f16 or bf16", a.dtype)));
+    }
+    if a.num_kv_heads == 0 || !a.num_heads.is_multiple_of(a.num_kv_heads) || a.block_size == 0 {
+        return Err(CliError::Input("--num-heads must be a multiple of --num-kv-heads; --block-size positive".into()));
+    }
+    let seqs: Vec<(usize, usize)> = a.seq_lens.iter().map(|&n| (n, n + a.prefix)).collect();
+    let inp = pagedattn::testing::varlen_inputs(a.dtype, (a.num_heads, a.num_kv_heads), a.head_size, a.block_size, &seqs, a.seed)?;
+    let alibi = a
+        .alibi
+        .then(|| Tensor::from_f32(DType::F32, &[a.num_heads], &(0..a.num_heads).map(|h| 0.5f32.powi(h as i32 % 8 + 1)).collect::<Vec<_>>()))
+        .transpose()?;
+    let args = |q, k, v, al| varlen_args(&inp, q, k, v, al, a.causal);
+    let mut device = pick_device(a.cpu);
+    let up = |t: &Tensor| device.upload(t);
+    let (q, k, v) = (up(&inp.q)?, up(&inp.k)?, up(&inp.v)?);
+    let al = alibi.as_ref().map(up).transpose()?;
+    let total_q = inp.q.shape()[0];
+    let mut out = device.nan(inp.q.dtype(), inp.q.shape())?;
+    let mut lse = device.nan(pagedattn::ScalarType::F32, &[a.num_heads, total_q])?;
+    load(&device, KernelFamily::FlashAttn)?;
+    let t0 = Instant::now();
+    pagedattn::flash_attn_varlen_func(&device, &mut out, Some(&mut lse), &args(&q, &k, &v, al.as_ref()))?;
+    synchronize(&device)?;
+    let ms = milliseconds(t0);
+    let status = check_status(&mut device);
+    let (out, lse) = (out.to_cpu()?, lse.to_cpu()?);
+    let check = if matches!(device, Device::Gpu(_)) {
+        let host = args(&inp.q, &inp.k, &inp.v, alibi.as_ref());
+        let plan = pagedattn::flash_attn::validate(&Device::Cpu, &Tensor::nan(inp.q.dtype(), inp.q.shape()), None, &host)?;
+        let (want, _) = pagedattn::cpu::flash_attn::reference(&plan, &host);
+        let e = pagedattn::testing::compare(&out.to_f64_vec(), &want);
+        format!("vs float64 reference: rel-L2 {:.2e}, max |err| {:.2e}", e.rel_l2, e.max_abs)
+    } else {
+        "CPU backend (float64 reference)".to_string()
+    };
+    let mut tensors: Vec<(String, Tensor)> = vec![
+        ("out".into(), out),
+        ("softmax_lse".into(), lse),
+        ("q".into(), inp.q.to_cpu()?),
+        ("k_cache".into(), inp.k.to_cpu()?),
+        ("v_cache".into(), inp.v.to_cpu()?),
+        ("cu_seqlens_q".into(), inp.cu_seqlens_q.to_cpu()?),
+        ("seqused_k".into(), inp.seqused_k.to_cpu()?),
+        ("block_table".into(), inp.block_table.to_cpu()?),
+    ];
+    if let Some(al) = &alibi {
+        tensors.push(("alibi_slopes".into(), al.to_cpu()?));
+    }
+    let mut meta = base_meta(a, &device, format!("{seqs:?} (new, keys) causal {}", a.causal));
+    meta.insert("causal".into(), a.causal.to_string());
+    write_file(&a.output, &tensors, meta)?;
+    println!(
+        "{} | flash_attn_varlen_func {} heads {}/{} h{} b{} seqs (new, keys) {seqs:?}{}{} | {ms:.3} ms | {check} | wrote {}",
+        device.name(),
+        a.dtype,
+        a.num_heads,
+        a.num_kv_heads,
+        a.head_size,
+        a.block_size,
+        if a.causal { " causal" } else { "" },
+        if a.alibi { " alibi" } else { "" },
+        a.output.display()
     );
     Ok(status?)
 }
