@@ -99,6 +99,15 @@ pub fn flash_attn(dtype: DType, head_size: usize) -> Result<&'static str> {
     })
 }
 
+/// The `merge_attn_states` variant for `dtype`.
+pub fn merge_attn_states(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => pagedattn_layout::merge_attn_states_symbol!("f32"),
+        DType::F16 => pagedattn_layout::merge_attn_states_symbol!("f16"),
+        DType::BF16 => pagedattn_layout::merge_attn_states_symbol!("bf16"),
+    }
+}
+
 /// The symbol of the v2 reduce kernel for `dtype`.
 pub fn paged_attention_v2_reduce(dtype: DType) -> &'static str {
     match dtype {

@@ -3,7 +3,7 @@
 //! partial attentions by their log-sum-exp, for cascade / shared-prefix attention).
 //!
 //! Kernel: `kernels-gpu/src/flash_attn.rs` (tensor cores); CPU reference: `cpu/flash_attn.rs`;
-//! tests: `tests/flash_attn.rs`. `merge_attn_states` runs on the CPU backend only so far.
+//! tests: `tests/flash_attn.rs`. `merge_attn_states`: the same three places.
 //!
 //! Masks follow FlashAttention: query `i` of a sequence with `sq` queries and `sk` keys sits at key
 //! position `d = i + sk - sq` (aligned bottom-right), and
@@ -18,7 +18,7 @@
 
 use cudarc::driver::LaunchConfig;
 use cudarc::driver::sys::CUfunction_attribute;
-use pagedattn_layout::{FlashAttnGeometry, FlashAttnVarlenParams, KernelFamily};
+use pagedattn_layout::{FlashAttnGeometry, FlashAttnVarlenParams, KernelFamily, MERGE_THREADS, MergeAttnStatesParams};
 
 use crate::device::{Device, Gpu};
 use crate::error::{Error, Result};
@@ -357,10 +357,12 @@ fn check_cu_seqlens(cu: &[i32], total_q: usize, max_seqlen_q: usize) -> Result<(
 /// Combines two partial attentions over disjoint key sets (vLLM's `merge_attn_states`): with
 /// `m = max(lse_p, lse_s)`, `w_p = exp(lse_p - m)`, `w_s = exp(lse_s - m)`,
 /// `out = (w_p · out_p + w_s · out_s) / (w_p + w_s)` and `lse = m + ln(w_p + w_s)`, per (token, head).
-/// Both `-inf` (no visible key on either side) gives 0 and `-inf`.
+/// An LSE of `+inf` (FlashAttention-2's mark of a row without keys) counts as `-inf`; a side of
+/// weight 0 is not read (its output may hold anything); both sides `-inf` give 0 and `-inf`.
 ///
 /// `prefix_output`, `suffix_output`, `output`: `[num_tokens, num_heads, head_size]` (f32, f16 or bf16,
-/// one dtype); `prefix_lse`, `suffix_lse`, `output_lse`: `[num_heads, num_tokens]` f32.
+/// one dtype; on the GPU the head dim contiguous); `prefix_lse`, `suffix_lse`, `output_lse`:
+/// `[num_heads, num_tokens]` f32. `output` may be one of the inputs.
 pub fn merge_attn_states(
     device: &Device,
     output: &mut Tensor,
@@ -371,10 +373,10 @@ pub fn merge_attn_states(
     suffix_lse: &Tensor,
 ) -> Result<()> {
     let d = prefix_output.dtype();
-    if d.float().is_none() {
+    let Some(dtype) = d.float() else {
         return Err(Error::DType { op: MERGE, tensor: "prefix_output", got: d, expected: "f32, f16 or bf16".into() });
-    }
-    let &[num_tokens, num_heads, _] = prefix_output.shape() else {
+    };
+    let &[num_tokens, num_heads, head_size] = prefix_output.shape() else {
         return Err(shape_err(MERGE, "prefix_output", prefix_output, "[num_tokens, num_heads, head_size]".into()));
     };
     for (name, t) in [("suffix_output", suffix_output), ("output", &*output)] {
@@ -383,31 +385,74 @@ pub fn merge_attn_states(
         }
     }
     let lse_shape = [num_heads, num_tokens];
-    let lses: Vec<(&'static str, &Tensor)> = [("prefix_lse", prefix_lse), ("suffix_lse", suffix_lse)]
-        .into_iter()
-        .chain(output_lse.as_deref().map(|t| ("output_lse", t)))
-        .collect();
-    for (name, t) in &lses {
+    for (name, t) in
+        [("prefix_lse", prefix_lse), ("suffix_lse", suffix_lse)].into_iter().chain(output_lse.as_deref().map(|t| ("output_lse", t)))
+    {
         if t.dtype() != ScalarType::F32 || t.shape() != lse_shape {
             return Err(shape_err(MERGE, name, t, format!("{lse_shape:?} f32")));
         }
     }
+    let on_gpu = matches!(device, Device::Gpu(_));
+    for (name, t) in [
+        ("prefix_output", prefix_output),
+        ("suffix_output", suffix_output),
+        ("output", &*output),
+        ("prefix_lse", prefix_lse),
+        ("suffix_lse", suffix_lse),
+    ]
+    .into_iter()
+    .chain(output_lse.as_deref().map(|t| ("output_lse", t)))
+    {
+        if !(if on_gpu { t.is_gpu() } else { t.is_cpu() }) {
+            return Err(Error::Device {
+                op: MERGE,
+                tensor: name,
+                got: t.storage().location(),
+                expected: if on_gpu { "GPU" } else { "CPU" },
+            });
+        }
+    }
+    if num_tokens == 0 || num_heads == 0 {
+        return Ok(());
+    }
     match device {
-        Device::Cpu => {
-            for (name, t) in
-                [("prefix_output", prefix_output), ("suffix_output", suffix_output), ("output", &*output)].into_iter().chain(lses)
-            {
-                if !t.is_cpu() {
-                    return Err(Error::Device { op: MERGE, tensor: name, got: t.storage().location(), expected: "CPU" });
+        Device::Cpu => cpu::flash_attn::merge(output, output_lse, prefix_output, prefix_lse, suffix_output, suffix_lse),
+        Device::Gpu(gpu) => {
+            for (name, t) in [("prefix_output", prefix_output), ("suffix_output", suffix_output), ("output", &*output)] {
+                if t.strides()[2] != 1 {
+                    return Err(layout_err(MERGE, name, t, "the GPU kernel needs the head dim contiguous"));
                 }
             }
-            cpu::flash_attn::merge(output, output_lse, prefix_output, prefix_lse, suffix_output, suffix_lse)
+            let u32_pair = |t: &Tensor| [t.strides()[0] as u32, t.strides()[1] as u32];
+            let ptr = |t: &Tensor| t.device_ptr().expect("checked: on the GPU");
+            let params = MergeAttnStatesParams {
+                output: ptr(output),
+                output_lse: output_lse.as_deref().map(ptr).unwrap_or(0),
+                prefix_output: ptr(prefix_output),
+                prefix_lse: ptr(prefix_lse),
+                suffix_output: ptr(suffix_output),
+                suffix_lse: ptr(suffix_lse),
+                num_tokens: num_tokens as u32,
+                num_heads: num_heads as u32,
+                head_size: head_size as u32,
+                out_strides: u32_pair(output),
+                prefix_strides: u32_pair(prefix_output),
+                suffix_strides: u32_pair(suffix_output),
+                out_lse_strides: output_lse.as_deref().map(u32_pair).unwrap_or_default(),
+                prefix_lse_strides: u32_pair(prefix_lse),
+                suffix_lse_strides: u32_pair(suffix_lse),
+                _pad: 0,
+            };
+            let cfg = LaunchConfig {
+                grid_dim: (num_tokens as u32, num_heads as u32, 1),
+                block_dim: (MERGE_THREADS as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let func = gpu.function(KernelFamily::FlashAttn, dispatch::merge_attn_states(dtype))?;
+            // SAFETY: `MergeAttnStatesParams` is the kernel's parameter type; every tensor is on this
+            // GPU with the checked shapes, dtypes and strides (head dim contiguous), which bound every
+            // index the kernel forms from its grid.
+            unsafe { launch::launch(gpu.stream(), &func, cfg, &params) }
         }
-        Device::Gpu(_) => Err(Error::Unsupported {
-            op: MERGE,
-            what: "device",
-            got: "GPU".into(),
-            supported: "the CPU backend (the GPU kernel is not built yet)".into(),
-        }),
     }
 }

@@ -657,6 +657,19 @@ impl Tensor {
         dtype.write_f64(&mut b, i, v);
     }
 
+    /// Stores `values` (row-major over the view, rounded to the dtype) into the view (host tensors).
+    pub fn set_from_f64(&mut self, values: &[f64]) {
+        assert_eq!(values.len(), self.numel(), "set_from_f64: one value per element");
+        let dtype = self.dtype;
+        let storage: &Storage = &self.storage;
+        let mut b = storage.lock_write().unwrap_or_else(|e| panic!("set_from_f64 needs a host tensor: {e}"));
+        let mut k = 0;
+        self.for_each_storage_index(|i| {
+            dtype.write_f64(&mut b, i, values[k]);
+            k += 1;
+        });
+    }
+
     /// The view's elements in row-major order as f64 (host tensors).
     pub fn to_f64_vec(&self) -> Vec<f64> {
         let b = self.host_read("to_f64_vec");

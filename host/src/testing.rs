@@ -3,6 +3,9 @@
 //! same for the KV-cache ops (bit-exact against the CPU backend).
 
 pub mod cache;
+pub mod varlen;
+
+pub use varlen::{VarlenInputs, varlen_inputs};
 
 use pagedattn_layout::{BlockSparse, DType, KvCacheDType};
 
@@ -372,63 +375,4 @@ pub fn grid(long: bool) -> Vec<Case> {
         }
     }
     cases
-}
-
-/// Host inputs of a `flash_attn_varlen_func` batch (see [`varlen_inputs`]).
-pub struct VarlenInputs {
-    /// `[total_q, num_heads, head_size]`.
-    pub q: Tensor,
-    /// `[num_blocks, block_size, num_kv_heads, head_size]` each.
-    pub k: Tensor,
-    pub v: Tensor,
-    /// `[batch + 1]`, `[batch]`, `[batch, max_blocks]` i32.
-    pub cu_seqlens_q: Tensor,
-    pub seqused_k: Tensor,
-    pub block_table: Tensor,
-    pub max_seqlen_q: usize,
-    pub max_seqlen_k: usize,
-}
-
-/// A random batch for `flash_attn_varlen_func`: per sequence `(new queries, keys)` (keys include the
-/// new tokens, so `keys - new` is the cached prefix), uniform values, the sequences' blocks shuffled
-/// over the cache (two spare blocks), unused table entries -1.
-pub fn varlen_inputs(
-    dtype: DType,
-    heads: (usize, usize),
-    head_size: usize,
-    block_size: usize,
-    seqs: &[(usize, usize)],
-    seed: u64,
-) -> Result<VarlenInputs> {
-    let mut rng = Rng::new(seed);
-    let (nh, nkv) = heads;
-    let total_q: usize = seqs.iter().map(|s| s.0).sum();
-    let max_blocks = seqs.iter().map(|s| s.1.div_ceil(block_size)).max().unwrap_or(0).max(1);
-    let num_blocks = seqs.iter().map(|s| s.1.div_ceil(block_size)).sum::<usize>() + 2;
-    let mut perm: Vec<i32> = (0..num_blocks as i32).collect();
-    rng.shuffle(&mut perm);
-    let mut table = vec![-1i32; seqs.len() * max_blocks];
-    let mut next = 0;
-    for (b, s) in seqs.iter().enumerate() {
-        for blk in 0..s.1.div_ceil(block_size) {
-            table[b * max_blocks + blk] = perm[next];
-            next += 1;
-        }
-    }
-    let mut rand = |n: usize| (0..n).map(|_| rng.uniform()).collect::<Vec<f32>>();
-    let cache = num_blocks * block_size * nkv * head_size;
-    let mut cu = vec![0i32];
-    for s in seqs {
-        cu.push(cu.last().copied().unwrap_or(0) + s.0 as i32);
-    }
-    Ok(VarlenInputs {
-        q: Tensor::from_f32(dtype, &[total_q, nh, head_size], &rand(total_q * nh * head_size))?,
-        k: Tensor::from_f32(dtype, &[num_blocks, block_size, nkv, head_size], &rand(cache))?,
-        v: Tensor::from_f32(dtype, &[num_blocks, block_size, nkv, head_size], &rand(cache))?,
-        cu_seqlens_q: Tensor::from_i32(&[seqs.len() + 1], &cu)?,
-        seqused_k: Tensor::from_i32(&[seqs.len()], &seqs.iter().map(|s| s.1 as i32).collect::<Vec<_>>())?,
-        block_table: Tensor::from_i32(&[seqs.len(), max_blocks], &table)?,
-        max_seqlen_q: seqs.iter().map(|s| s.0).max().unwrap_or(0),
-        max_seqlen_k: seqs.iter().map(|s| s.1).max().unwrap_or(0),
-    })
 }

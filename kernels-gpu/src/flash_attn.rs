@@ -16,17 +16,22 @@
 //!   (two adjacent 8-column accumulator tiles form one 16-column A tile); V fragments come from
 //!   `ldmatrix.trans`.
 //!
+//! Head sizes that are not a multiple of 16 (120) run as the next multiple: the extra columns of
+//! the Q, K and V tiles are zeros, so the dot products are exact and the extra output columns are
+//! dropped.
+//!
 //! Finally `O / l` is written (rows without a visible key: 0) and, when asked, the natural-log LSE
-//! (`-inf` for those rows). Device data is guarded: bad `cu_seqlens_q` / `seqused_k` skip the
-//! sequence and raise `BAD_SEQ_LEN`; a block id outside `0..num_blocks` is never read (zeros
-//! instead), raises `BAD_BLOCK_ID` and makes the CTA's outputs NaN.
+//! (`-inf` for those rows). Device data is guarded: bad `cu_seqlens_q` skip the sequence, a bad
+//! `seqused_k` makes its outputs and LSEs NaN, both raise `BAD_SEQ_LEN`; a block id outside
+//! `0..num_blocks` is never read (zeros instead), raises `BAD_BLOCK_ID` and makes the CTA's outputs
+//! NaN.
 
 use crate::intrinsics::{
-    Chunk, atomic_or, block_idx_x, block_idx_y, block_idx_z, dynamic_smem_chunks, exp2, fmax, log2, shfl_xor, store_chunk, sync_threads,
-    thread_idx_x,
+    Chunk, Element, atomic_or, block_idx_x, block_idx_y, block_idx_z, dynamic_smem_chunks, exp2, fmax, grid_dim_x, log2, shfl_xor,
+    store_chunk, sync_threads, thread_idx_x,
 };
 use crate::tensor_core::{self as tc, MmaElem};
-use pagedattn_layout::{FlashAttnGeometry as Geo, FlashAttnVarlenParams, status};
+use pagedattn_layout::{FlashAttnGeometry as Geo, FlashAttnVarlenParams, MERGE_THREADS, MergeAttnStatesParams, status};
 
 const BM: usize = Geo::BLOCK_M;
 const BN: usize = Geo::BLOCK_N;
@@ -45,10 +50,13 @@ fn tanh(x: f32) -> f32 {
 /// 4-byte aligned rows of out).
 #[inline(always)]
 pub unsafe fn flash_attn_varlen<E: MmaElem, const D: usize>(p: &FlashAttnVarlenParams) {
-    const { assert!(D.is_multiple_of(16) && D <= 256) };
+    const { assert!(D.is_multiple_of(8) && D <= 256) };
+    // The tiles' width: whole k steps of the mma; `chunks` 16-byte pieces of each row are loaded.
+    let dp = Geo::padded(D);
     let row = Geo::row(D);
     let chunks = D / 8;
-    let (mt, h, b) = (block_idx_x(), block_idx_y(), block_idx_z());
+    // Heavy (late, causal) tiles first: they start while the grid still fills the GPU.
+    let (mt, h, b) = (grid_dim_x() - 1 - block_idx_x(), block_idx_y(), block_idx_z());
     let tid = thread_idx_x();
     let (warp, lane) = (tid / 32, tid % 32);
     let (g, t) = (lane / 4, lane % 4);
@@ -57,10 +65,28 @@ pub unsafe fn flash_attn_varlen<E: MmaElem, const D: usize>(p: &FlashAttnVarlenP
     let (c0, c1, sk_raw) = unsafe {
         (*(p.cu_seqlens_q as *const i32).add(b), *(p.cu_seqlens_q as *const i32).add(b + 1), *(p.seqused_k as *const i32).add(b))
     };
-    if c0 < 0 || c1 < c0 || c1 as u32 > p.total_q || (c1 - c0) as u32 > p.max_seqlen_q || sk_raw < 0 || sk_raw as u32 > p.max_seqlen_k {
+    let rows_ok = c0 >= 0 && c1 >= c0 && c1 as u32 <= p.total_q && (c1 - c0) as u32 <= p.max_seqlen_q;
+    if !rows_ok || sk_raw < 0 || sk_raw as u32 > p.max_seqlen_k {
         if mt == 0 && h == 0 && tid == 0 && p.maybe_status != 0 {
             // SAFETY: a non-null status pointer is a device u32.
             unsafe { atomic_or(p.maybe_status as *mut u32, status::BAD_SEQ_LEN) };
+        }
+        if rows_ok {
+            // Only the key count is bad: the sequence's rows are known, mark them NaN.
+            let (q0, sq) = (c0 as usize, (c1 - c0) as usize);
+            let mut i = mt * BM + tid;
+            while i < sq && i < (mt + 1) * BM {
+                let base = (q0 + i) * p.out_stride_token as usize + h * p.out_stride_head as usize;
+                for e in 0..D / 2 {
+                    // SAFETY: row q0 + i < total_q of out (4-byte aligned pairs, host-checked).
+                    unsafe { *(p.out as *mut u32).add(base / 2 + e) = tc::pack2::<E>(f32::NAN, f32::NAN) };
+                }
+                if p.softmax_lse != 0 {
+                    // SAFETY: `[num_heads, total_q]`.
+                    unsafe { *(p.softmax_lse as *mut f32).add(h * p.total_q as usize + q0 + i) = f32::NAN };
+                }
+                i += NT;
+            }
         }
         return;
     }
@@ -72,14 +98,37 @@ pub unsafe fn flash_attn_varlen<E: MmaElem, const D: usize>(p: &FlashAttnVarlenP
     let kvh = h / (p.num_heads / p.num_kv_heads) as usize;
     let (left, right) = (p.window_left, p.window_right);
 
+    // The keys any row of this tile can see.
+    let last = if m0 + BM < sq { m0 + BM } else { sq } - 1;
+    let (d_lo, d_hi) = (m0 as i64 + sk as i64 - sq as i64, last as i64 + sk as i64 - sq as i64);
+    let j_lo = if left >= 0 { (d_lo - left as i64).max(0) } else { 0 } as usize;
+    let j_hi = if right >= 0 { (d_hi + right as i64 + 1).clamp(0, sk as i64) } else { sk as i64 } as usize;
+    let first = j_lo / BN * BN;
+    let tiles = if j_hi > first { (j_hi - first).div_ceil(BN) } else { 0 };
+
     let smem = dynamic_smem_chunks() as *mut u16;
-    // SAFETY: the launch-sized carve-up (Q, K, V tiles of `row`-half rows, then the flag word);
-    // `row` halves are a multiple of 16 bytes, so every tile row is 16-byte aligned.
-    let (q_s, k_s, v_s, flag_s) =
-        unsafe { (smem, smem.add(BM * row), smem.add((BM + BN) * row), smem.add((BM + 2 * BN) * row) as *mut u32) };
+    // Shared memory (halves): Q `[BM][row]`, then two stages of K `[BN][row]` and V `[BN][row]`,
+    // then the flag word; `row` halves are a multiple of 16 bytes, so every row is 16-byte aligned.
+    let stage = |st: usize| (BM + st * 2 * BN) * row;
+    // SAFETY: the launch-sized carve-up.
+    let flag_s = unsafe { smem.add((BM + 4 * BN) * row) as *mut u32 };
+    let base = tc::shared_addr(smem);
     if tid == 0 {
         // SAFETY: the flag word.
         unsafe { *flag_s = 0 };
+    }
+    if dp != D {
+        // Zero the pad columns of every row once: the loads never write them.
+        let mut r = tid;
+        while r < BM + 4 * BN {
+            let mut cc = chunks;
+            while cc < dp / 8 {
+                // SAFETY: a 16-byte piece of row r's pad, inside the carve-up.
+                unsafe { store_chunk(smem.add(r * row + cc * 8), Chunk([0; 4])) };
+                cc += 1;
+            }
+            r += NT;
+        }
     }
 
     // Q tile (rows past the sequence: zeros).
@@ -89,7 +138,7 @@ pub unsafe fn flash_attn_varlen<E: MmaElem, const D: usize>(p: &FlashAttnVarlenP
         let (r, cc) = (c / chunks, c % chunks);
         // SAFETY: row r of the Q tile; a row below sq is the query's head row, 16-byte aligned (host).
         unsafe {
-            let dst = q_s.add(r * row + cc * 8);
+            let dst = smem.add(r * row + cc * 8);
             if m0 + r < sq {
                 let src = q.add((q0 + m0 + r) * p.q_stride_token as usize + h * p.q_stride_head as usize + cc * 8);
                 tc::cp_async_16(dst, src);
@@ -99,44 +148,21 @@ pub unsafe fn flash_attn_varlen<E: MmaElem, const D: usize>(p: &FlashAttnVarlenP
         }
         c += NT;
     }
-    tc::cp_async_commit();
 
-    // The keys any row of this tile can see.
-    let last = if m0 + BM < sq { m0 + BM } else { sq } - 1;
-    let (d_lo, d_hi) = (m0 as i64 + sk as i64 - sq as i64, last as i64 + sk as i64 - sq as i64);
-    let j_lo = if left >= 0 { (d_lo - left as i64).max(0) } else { 0 } as usize;
-    let j_hi = if right >= 0 { (d_hi + right as i64 + 1).clamp(0, sk as i64) } else { sk as i64 } as usize;
-
-    let scale = p.scale;
-    let softcap = p.softcap;
-    let slope = if p.alibi_slopes != 0 {
-        // SAFETY: `[num_heads]` slopes.
-        unsafe { *(p.alibi_slopes as *const f32).add(h) }
-    } else {
-        0.0
-    };
-    // This lane's two query rows (tile-local g and g + 8 of the warp's 16) and their positions.
-    let rows = [warp * 16 + g, warp * 16 + g + 8];
-    let d_of = |r: usize| (m0 + r) as i64 + sk as i64 - sq as i64;
-
-    let mut o = [[0f32; 4]; 32];
-    let (mut m_run, mut l_run) = ([f32::NEG_INFINITY; 2], [0f32; 2]);
+    // K and V rows n0 .. n0 + BN through the block table into stage `st` (rows past the keys: zeros;
+    // a bad block id is never read and sets the flag).
     let (k_cache, v_cache) = (p.k_cache as *const u16, p.v_cache as *const u16);
     let table = p.block_table as *const i32;
     let bs = p.block_size as usize;
-
-    let mut n0 = j_lo / BN * BN;
-    while n0 < j_hi {
-        sync_threads();
-        // K and V rows n0 .. n0 + BN through the block table (rows past the keys: zeros).
+    let load_kv = |n0: usize, st: usize| {
         let mut c = tid;
         while c < BN * chunks {
             let (r, cc) = (c / chunks, c % chunks);
             let j = n0 + r;
-            // SAFETY: row r of the K/V tiles; j < sk <= max_blocks * block_size, so the table entry
-            // exists (row stride validated); a block id is used only when in range.
+            // SAFETY: row r of the stage's K/V tiles; j < sk <= max_blocks * block_size, so the
+            // table entry exists (row stride validated); a block id is used only when in range.
             unsafe {
-                let (kd, vd) = (k_s.add(r * row + cc * 8), v_s.add(r * row + cc * 8));
+                let (kd, vd) = (smem.add(stage(st) + r * row + cc * 8), smem.add(stage(st) + (BN + r) * row + cc * 8));
                 let blk = if j < sk { *table.add(b * p.block_table_stride as usize + j / bs) } else { -1 };
                 if j < sk && blk >= 0 && (blk as u32) < p.num_blocks {
                     let (blk, slot) = (blk as usize, j % bs);
@@ -154,37 +180,101 @@ pub unsafe fn flash_attn_varlen<E: MmaElem, const D: usize>(p: &FlashAttnVarlenP
             }
             c += NT;
         }
-        tc::cp_async_commit();
+    };
+    if tiles > 0 {
+        load_kv(first, 0);
+    }
+    tc::cp_async_commit();
+
+    let scale = p.scale;
+    let softcap = p.softcap;
+    let slope = if p.alibi_slopes != 0 {
+        // SAFETY: `[num_heads]` slopes.
+        unsafe { *(p.alibi_slopes as *const f32).add(h) }
+    } else {
+        0.0
+    };
+    // Logits need only `s · scale · log2 e` where neither soft-cap nor ALiBi is on.
+    let plain = softcap <= 0.0 && slope == 0.0;
+    let scale_log2 = scale * LOG2E;
+    // This lane's two query rows (tile-local g and g + 8 of the warp's 16) and their positions.
+    let rows = [warp * 16 + g, warp * 16 + g + 8];
+    let d_of = |r: usize| (m0 + r) as i64 + sk as i64 - sq as i64;
+
+    // Per-lane byte offsets of the ldmatrix rows (see `tensor_core`): Q as the A operand (rows
+    // lane % 16, column half lane / 16); K as B of two 8-key tiles (keys (lane / 16) * 8 + lane % 8,
+    // column half (lane / 8) % 2); V transposed as B of two 8-dim tiles (keys lane % 8 +
+    // ((lane / 8) % 2) * 8, dim half lane / 16).
+    let q_lane = base + (((warp * 16 + lane % 16) * row + (lane / 16) * 8) * 2) as u32;
+    let k_lane = ((((lane / 16) * 8 + lane % 8) * row + ((lane / 8) % 2) * 8) * 2) as u32;
+    let v_lane = (((lane % 8 + ((lane / 8) % 2) * 8) * row + (lane / 16) * 8) * 2) as u32;
+    // Q fragments stay in registers for heads up to 128 (larger heads re-read them from shared
+    // memory: the registers go to the output accumulators).
+    let q_in_regs = dp <= 128;
+    let mut qf = [[0u32; 4]; 8];
+
+    let mut o = [[0f32; 4]; 32];
+    let (mut m_run, mut l_run) = ([f32::NEG_INFINITY; 2], [0f32; 2]);
+
+    for it in 0..tiles {
+        let n0 = first + it * BN;
+        let st = it % 2;
         tc::cp_async_wait_all();
+        // Stage st is loaded for every warp, and every warp is done with stage st ^ 1.
         sync_threads();
+        if it == 0 && q_in_regs {
+            for kk in 0..dp / 16 {
+                // SAFETY: ldmatrix rows inside the Q tile, all lanes together.
+                qf[kk] = unsafe { tc::ldmatrix_x4(q_lane + (kk * 32) as u32) };
+            }
+        }
+        if it + 1 < tiles {
+            load_kv(n0 + BN, st ^ 1);
+        }
+        tc::cp_async_commit();
+        let k_base = base + (stage(st) * 2) as u32;
+        let v_base = k_base + (BN * row * 2) as u32;
 
         // S = Q·Kᵀ for the warp's 16 rows × 64 keys (8 tiles of 8 keys).
         let mut s = [[0f32; 4]; BN / 8];
-        for kk in 0..D / 16 {
+        for kk in 0..dp / 16 {
             // SAFETY: ldmatrix rows inside the Q and K tiles (16-byte aligned), all lanes together.
             unsafe {
-                let a = tc::ldmatrix_x4(q_s.add((warp * 16 + lane % 16) * row + kk * 16 + (lane / 16) * 8));
-                for nt in 0..BN / 8 {
-                    let kb = tc::ldmatrix_x2(k_s.add((nt * 8 + lane % 8) * row + kk * 16 + ((lane / 8) % 2) * 8));
-                    s[nt] = tc::mma_16816::<E>(a, kb, s[nt]);
+                let a = if q_in_regs { qf[kk] } else { tc::ldmatrix_x4(q_lane + (kk * 32) as u32) };
+                for np in 0..BN / 16 {
+                    let kb = tc::ldmatrix_x4(k_base + k_lane + ((np * 16 * row + kk * 16) * 2) as u32);
+                    s[2 * np] = tc::mma_16816::<E>(a, [kb[0], kb[1]], s[2 * np]);
+                    s[2 * np + 1] = tc::mma_16816::<E>(a, [kb[2], kb[3]], s[2 * np + 1]);
                 }
             }
         }
-        // Logits in log2 units, masked.
+        // Logits in log2 units, masked. A tile every row sees whole (inside the keys and every
+        // row's window) needs no mask.
+        let whole =
+            n0 + BN <= sk && (right < 0 || (n0 + BN - 1) as i64 <= d_lo + right as i64) && (left < 0 || n0 as i64 >= d_hi - left as i64);
         let mut mx = [f32::NEG_INFINITY; 2];
-        for nt in 0..BN / 8 {
-            for e in 0..4 {
-                let (ri, j) = (e / 2, (n0 + nt * 8 + 2 * t + e % 2) as i64);
-                let (i, d) = (m0 + rows[ri], d_of(rows[ri]));
-                let visible = i < sq && j < sk as i64 && (left < 0 || j >= d - left as i64) && (right < 0 || j <= d + right as i64);
-                let mut x = s[nt][e] * scale;
-                if softcap > 0.0 {
-                    x = softcap * tanh(x / softcap);
+        if whole && plain {
+            for nt in 0..BN / 8 {
+                for e in 0..4 {
+                    s[nt][e] *= scale_log2;
+                    mx[e / 2] = fmax(mx[e / 2], s[nt][e]);
                 }
-                x -= slope * ((d - j).abs() as f32);
-                let x = if visible { x * LOG2E } else { f32::NEG_INFINITY };
-                s[nt][e] = x;
-                mx[ri] = fmax(mx[ri], x);
+            }
+        } else {
+            for nt in 0..BN / 8 {
+                for e in 0..4 {
+                    let (ri, j) = (e / 2, (n0 + nt * 8 + 2 * t + e % 2) as i64);
+                    let (i, d) = (m0 + rows[ri], d_of(rows[ri]));
+                    let visible = i < sq && j < sk as i64 && (left < 0 || j >= d - left as i64) && (right < 0 || j <= d + right as i64);
+                    let mut x = s[nt][e] * scale;
+                    if softcap > 0.0 {
+                        x = softcap * tanh(x / softcap);
+                    }
+                    x -= slope * ((d - j).abs() as f32);
+                    let x = if visible { x * LOG2E } else { f32::NEG_INFINITY };
+                    s[nt][e] = x;
+                    mx[ri] = fmax(mx[ri], x);
+                }
             }
         }
         for ri in 0..2 {
@@ -194,17 +284,18 @@ pub unsafe fn flash_attn_varlen<E: MmaElem, const D: usize>(p: &FlashAttnVarlenP
             let corr = if m_new == f32::NEG_INFINITY { 1.0 } else { exp2(m_run[ri] - m_new) };
             m_run[ri] = m_new;
             l_run[ri] *= corr;
-            for nt in 0..D / 8 {
+            for nt in 0..dp / 8 {
                 o[nt][2 * ri] *= corr;
                 o[nt][2 * ri + 1] *= corr;
             }
         }
+        // Rows without a visible key so far (max -inf) use 0 as the reference: every exp2 is 0.
+        let m_ref = [0, 1].map(|ri| if m_run[ri] == f32::NEG_INFINITY { 0.0 } else { m_run[ri] });
         for nt in 0..BN / 8 {
             for e in 0..4 {
-                let ri = e / 2;
-                let pe = if m_run[ri] == f32::NEG_INFINITY { 0.0 } else { exp2(s[nt][e] - m_run[ri]) };
+                let pe = exp2(s[nt][e] - m_ref[e / 2]);
                 s[nt][e] = pe;
-                l_run[ri] += pe;
+                l_run[e / 2] += pe;
             }
         }
         // O += P·V: P's accumulator tiles 2k, 2k + 1 are the A fragment of keys 16k .. 16k + 16.
@@ -212,13 +303,13 @@ pub unsafe fn flash_attn_varlen<E: MmaElem, const D: usize>(p: &FlashAttnVarlenP
             let (lo, hi) = (s[2 * ks], s[2 * ks + 1]);
             let a =
                 [tc::pack2::<E>(lo[0], lo[1]), tc::pack2::<E>(lo[2], lo[3]), tc::pack2::<E>(hi[0], hi[1]), tc::pack2::<E>(hi[2], hi[3])];
-            for nt in 0..D / 8 {
+            for np in 0..dp / 16 {
                 // SAFETY: ldmatrix rows inside the V tile, all lanes together.
-                let vb = unsafe { tc::ldmatrix_x2_trans(v_s.add((ks * 16 + lane % 16) * row + nt * 8)) };
-                o[nt] = tc::mma_16816::<E>(a, vb, o[nt]);
+                let vb = unsafe { tc::ldmatrix_x4_trans(v_base + v_lane + ((ks * 16 * row + np * 16) * 2) as u32) };
+                o[2 * np] = tc::mma_16816::<E>(a, [vb[0], vb[1]], o[2 * np]);
+                o[2 * np + 1] = tc::mma_16816::<E>(a, [vb[2], vb[3]], o[2 * np + 1]);
             }
         }
-        n0 += BN;
     }
     tc::cp_async_wait_all();
     sync_threads();
@@ -290,3 +381,71 @@ macro_rules! export_flash_attn {
 }
 
 pagedattn_layout::for_each_flash_attn_variant!(export_flash_attn);
+
+/// `merge_attn_states`: two partial attentions over disjoint key sets, with their LSEs, into one.
+/// Per (token, head): `m = max(lse_p, lse_s)`, `w = exp(lse - m)`, `out = (w_p · out_p + w_s ·
+/// out_s) / (w_p + w_s)`, `lse = m + ln(w_p + w_s)`. An LSE of +inf (FlashAttention-2's mark of a
+/// row without keys) counts as -inf; a side of weight 0 is not read (its output may be anything,
+/// NaN included); both sides -inf give 0 and -inf.
+///
+/// Grid `(num_tokens, num_heads)`, `MERGE_THREADS` threads striding over the head dim.
+///
+/// # Safety
+/// Launched with that geometry on buffers the host validated (shapes and strides in the params).
+#[inline(always)]
+pub unsafe fn merge_attn_states<T: Element>(p: &MergeAttnStatesParams) {
+    let (t, h) = (block_idx_x(), block_idx_y());
+    let lse_at = |ptr: u64, st: [u32; 2]| {
+        // SAFETY: `[num_heads, num_tokens]` f32 at the given strides; t, h inside (grid).
+        let v = unsafe { *(ptr as *const f32).add(h * st[0] as usize + t * st[1] as usize) };
+        if v == f32::INFINITY { f32::NEG_INFINITY } else { v }
+    };
+    let (lp, ls) = (lse_at(p.prefix_lse, p.prefix_lse_strides), lse_at(p.suffix_lse, p.suffix_lse_strides));
+    let m = fmax(lp, ls);
+    let (wp, ws, lse) = if m == f32::NEG_INFINITY {
+        (0.0, 0.0, f32::NEG_INFINITY)
+    } else {
+        let (ep, es) = (exp2((lp - m) * LOG2E), exp2((ls - m) * LOG2E));
+        let sum = ep + es;
+        (ep / sum, es / sum, m + log2(sum) * LN2)
+    };
+    let at = |st: [u32; 2]| t * st[0] as usize + h * st[1] as usize;
+    let (po, so, out) = (
+        (p.prefix_output as *const T).wrapping_add(at(p.prefix_strides)),
+        (p.suffix_output as *const T).wrapping_add(at(p.suffix_strides)),
+        (p.output as *mut T).wrapping_add(at(p.out_strides)),
+    );
+    let mut e = thread_idx_x();
+    while e < p.head_size as usize {
+        // SAFETY: element e < head_size of the (token, head) rows, head dim contiguous (host).
+        unsafe {
+            let vp = if wp > 0.0 { wp * (*po.add(e)).to_f32() } else { 0.0 };
+            let vs = if ws > 0.0 { ws * (*so.add(e)).to_f32() } else { 0.0 };
+            *out.add(e) = T::from_f32(vp + vs);
+        }
+        e += MERGE_THREADS;
+    }
+    if thread_idx_x() == 0 && p.output_lse != 0 {
+        let st = p.out_lse_strides;
+        // SAFETY: as for the input LSEs.
+        unsafe { *(p.output_lse as *mut f32).add(h * st[0] as usize + t * st[1] as usize) = lse };
+    }
+}
+
+macro_rules! export_merge {
+    ($dt:ident, $dtn:literal) => {
+        const _: () = {
+            /// One `merge_attn_states` variant; see [`merge_attn_states`].
+            ///
+            /// # Safety
+            /// Launched by the host's dispatch with the merge geometry on validated buffers.
+            #[unsafe(export_name = pagedattn_layout::merge_attn_states_symbol!($dtn))]
+            pub unsafe extern "ptx-kernel" fn kernel(p: MergeAttnStatesParams) {
+                // SAFETY: forwarded from the entry point's contract.
+                unsafe { merge_attn_states::<elem!($dt)>(&p) }
+            }
+        };
+    };
+}
+
+pagedattn_layout::for_each_cache_dtype!(export_merge);

@@ -63,9 +63,11 @@ pub fn mma_16816<E: MmaElem>(a: [u32; 4], b: [u32; 2], c: [f32; 4]) -> [f32; 4] 
     if E::BF16 { mma!("bf16") } else { mma!("f16") }
 }
 
-/// The 32-bit shared-state-space address of a generic pointer into shared memory.
+/// The 32-bit shared-state-space address of a generic pointer into shared memory. Kernels take it
+/// once for their dynamic shared memory and form every `ldmatrix` address as base + offset: a
+/// generic (64-bit) pointer per fragment kept live across a loop costs two registers each.
 #[inline(always)]
-fn shared_addr<T>(p: *const T) -> u32 {
+pub fn shared_addr<T>(p: *const T) -> u32 {
     let s: u32;
     // SAFETY: address arithmetic only.
     unsafe {
@@ -79,65 +81,49 @@ fn shared_addr<T>(p: *const T) -> u32 {
     s
 }
 
-/// `ldmatrix.sync.aligned.m8n8.x4.shared.b16`: lane `l` passes the address of row `l % 8` of matrix
-/// `l / 8` (16 bytes, 16-byte aligned) and receives one `b32` of each matrix.
-///
-/// # Safety
-/// Every lane's `row` points into shared memory, 16-byte aligned, with 16 readable bytes; all 32
-/// lanes call it together.
-#[inline(always)]
-pub unsafe fn ldmatrix_x4<T>(row: *const T) -> [u32; 4] {
-    let (r0, r1, r2, r3): (u32, u32, u32, u32);
-    // SAFETY: the caller's promise.
-    unsafe {
-        asm!(
-            "ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{{r0}, {r1}, {r2}, {r3}}}, [{a}];",
-            a = in(reg32) shared_addr(row),
-            r0 = out(reg32) r0, r1 = out(reg32) r1, r2 = out(reg32) r2, r3 = out(reg32) r3,
-            options(nostack, readonly)
-        )
+macro_rules! ldmatrix {
+    ($(#[$doc:meta])* $name:ident, $shape:literal, $n:literal, [$($r:ident),*]) => {
+        $(#[$doc])*
+        ///
+        /// # Safety
+        /// Every lane's `addr` is a 16-byte aligned shared-memory address (see [`shared_addr`]) with
+        /// 16 readable bytes; all 32 lanes call it together.
+        #[inline(always)]
+        pub unsafe fn $name(addr: u32) -> [u32; $n] {
+            $(let $r: u32;)*
+            // SAFETY: the caller's promise.
+            unsafe {
+                asm!(
+                    concat!("ldmatrix.sync.aligned.m8n8.", $shape, ".shared.b16 {{", ldmatrix!(@list $($r),*), "}}, [{a}];"),
+                    a = in(reg32) addr,
+                    $($r = out(reg32) $r,)*
+                    options(nostack, readonly)
+                )
+            };
+            [$($r),*]
+        }
     };
-    [r0, r1, r2, r3]
+    (@list $first:ident $(, $r:ident)*) => { concat!("{", stringify!($first), "}" $(, ", {", stringify!($r), "}")*) };
 }
 
-/// `ldmatrix.sync.aligned.m8n8.x2.shared.b16`: two matrices (lanes 0–15 pass row addresses; the
-/// others' addresses are ignored but must be valid shared addresses).
-///
-/// # Safety
-/// As [`ldmatrix_x4`].
-#[inline(always)]
-pub unsafe fn ldmatrix_x2<T>(row: *const T) -> [u32; 2] {
-    let (r0, r1): (u32, u32);
-    // SAFETY: the caller's promise.
-    unsafe {
-        asm!(
-            "ldmatrix.sync.aligned.m8n8.x2.shared.b16 {{{r0}, {r1}}}, [{a}];",
-            a = in(reg32) shared_addr(row),
-            r0 = out(reg32) r0, r1 = out(reg32) r1,
-            options(nostack, readonly)
-        )
-    };
-    [r0, r1]
-}
-
-/// `ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16`: as [`ldmatrix_x2`], each matrix transposed.
-///
-/// # Safety
-/// As [`ldmatrix_x4`].
-#[inline(always)]
-pub unsafe fn ldmatrix_x2_trans<T>(row: *const T) -> [u32; 2] {
-    let (r0, r1): (u32, u32);
-    // SAFETY: the caller's promise.
-    unsafe {
-        asm!(
-            "ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {{{r0}, {r1}}}, [{a}];",
-            a = in(reg32) shared_addr(row),
-            r0 = out(reg32) r0, r1 = out(reg32) r1,
-            options(nostack, readonly)
-        )
-    };
-    [r0, r1]
-}
+ldmatrix!(
+    /// `ldmatrix.x4`: lane `l` passes the address of row `l % 8` of matrix `l / 8` (16 bytes) and
+    /// receives one `b32` of each of the four matrices.
+    ldmatrix_x4, "x4", 4, [r0, r1, r2, r3]
+);
+ldmatrix!(
+    /// `ldmatrix.x4.trans`: as [`ldmatrix_x4`], each matrix transposed.
+    ldmatrix_x4_trans, "x4.trans", 4, [r0, r1, r2, r3]
+);
+ldmatrix!(
+    /// `ldmatrix.x2`: two matrices (lanes 0–15 pass row addresses; the others' must still be valid
+    /// shared addresses).
+    ldmatrix_x2, "x2", 2, [r0, r1]
+);
+ldmatrix!(
+    /// `ldmatrix.x2.trans`: as [`ldmatrix_x2`], each matrix transposed.
+    ldmatrix_x2_trans, "x2.trans", 2, [r0, r1]
+);
 
 /// `cp.async.cg.shared.global` of 16 bytes (asynchronous; see [`cp_async_commit`], [`cp_async_wait_all`]).
 ///

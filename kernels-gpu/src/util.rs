@@ -187,7 +187,7 @@ unsafe fn mma_probe_of<E: MmaElem>(p: &MmaProbeParams) {
         tc::cp_async_commit();
         tc::cp_async_wait_all();
         sync_threads();
-        let half = |c: *mut Chunk, i: usize| (c as *const u16).add(i);
+        let half = |c: *mut Chunk, i: usize| tc::shared_addr((c as *const u16).add(i));
         // A: lane l addresses row l % 16, column block l / 16.
         let a = tc::ldmatrix_x4(half(a_s, (lane % 16) * 16 + (lane / 16) * 8));
         // Kᵀ: lanes 0-7 rows 0-7 at column 0, lanes 8-15 the same rows at column 8.

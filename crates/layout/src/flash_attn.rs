@@ -71,17 +71,55 @@ impl FlashAttnGeometry {
     /// in the bank cycle, so the eight rows an `ldmatrix` reads hit distinct banks.
     pub const ROW_PAD: usize = 8;
 
-    /// Shared-memory row length (halves) for `head_size`.
-    pub const fn row(head_size: usize) -> usize {
-        head_size + Self::ROW_PAD
+    /// `head_size` rounded up to whole `k` steps of the mma (16): the kernel's tiles are this wide,
+    /// the columns past `head_size` zeros (head 120 runs as 128).
+    pub const fn padded(head_size: usize) -> usize {
+        head_size.div_ceil(16) * 16
     }
 
-    /// Dynamic shared memory: Q `[BLOCK_M][row]`, K and V `[BLOCK_N][row]` halves, then a flag word
-    /// (16 bytes kept).
+    /// Shared-memory row length (halves) for `head_size`.
+    pub const fn row(head_size: usize) -> usize {
+        Self::padded(head_size) + Self::ROW_PAD
+    }
+
+    /// Dynamic shared memory: Q `[BLOCK_M][row]`, two stages of K and V `[BLOCK_N][row]` halves
+    /// (the next tile loads while this one is used), then a flag word (16 bytes kept).
     pub const fn smem_bytes(head_size: usize) -> usize {
-        (Self::BLOCK_M + 2 * Self::BLOCK_N) * Self::row(head_size) * 2 + 16
+        (Self::BLOCK_M + 4 * Self::BLOCK_N) * Self::row(head_size) * 2 + 16
     }
 }
 
-/// Head sizes of the varlen kernel (multiples of 16: whole `k` steps of the mma).
-pub const FLASH_HEAD_SIZES: &[usize] = &[32, 64, 80, 96, 112, 128, 192, 256];
+/// Head sizes of the varlen kernel (every head size of the walking skeleton; 120 runs padded to 128).
+pub const FLASH_HEAD_SIZES: &[usize] = &[32, 64, 80, 96, 112, 120, 128, 192, 256];
+
+/// `merge_attn_states` parameters, passed by value: `[num_tokens, num_heads, head_size]` outputs
+/// (token and head strides given, the head dim contiguous) and `[num_heads, num_tokens]` f32 LSEs
+/// (head and token strides given). Pointers are device addresses; `output_lse` 0 when absent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct MergeAttnStatesParams {
+    pub output: u64,
+    pub output_lse: u64,
+    pub prefix_output: u64,
+    pub prefix_lse: u64,
+    pub suffix_output: u64,
+    pub suffix_lse: u64,
+    pub num_tokens: u32,
+    pub num_heads: u32,
+    pub head_size: u32,
+    /// `[token, head]` strides of output, prefix_output, suffix_output.
+    pub out_strides: [u32; 2],
+    pub prefix_strides: [u32; 2],
+    pub suffix_strides: [u32; 2],
+    /// `[head, token]` strides of output_lse, prefix_lse, suffix_lse.
+    pub out_lse_strides: [u32; 2],
+    pub prefix_lse_strides: [u32; 2],
+    pub suffix_lse_strides: [u32; 2],
+    pub _pad: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<MergeAttnStatesParams>() == 6 * 8 + 15 * 4 + 4);
+
+/// `merge_attn_states` launch: grid `(num_tokens, num_heads)`, one CTA of this many threads per
+/// (token, head), the threads striding over the head dim.
+pub const MERGE_THREADS: usize = 64;

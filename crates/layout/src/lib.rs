@@ -20,7 +20,7 @@ mod variants;
 
 pub use cache::{CopyBlocksParams, ReshapeAndCacheFlashParams, ReshapeAndCacheParams, SwapBlocksParams};
 pub use dtype::{DType, KvCacheDType};
-pub use flash_attn::{FLASH_HEAD_SIZES, FlashAttnGeometry, FlashAttnVarlenParams};
+pub use flash_attn::{FLASH_HEAD_SIZES, FlashAttnGeometry, FlashAttnVarlenParams, MERGE_THREADS, MergeAttnStatesParams};
 pub use fp8::Fp8Kind;
 pub use paged_attention::{
     BlockSparse, DEFAULT_PARTITION_SIZE, PagedAttentionGeometry, PagedAttentionParams, PagedAttentionReduceParams, REDUCE_THREADS,
@@ -52,7 +52,8 @@ pub enum KernelFamily {
     /// `paged_attention` over fp8 caches (e4m3 / e5m2), every (dtype, head size, block size): a
     /// module of its own, so that fp16-cache users never load it.
     PagedAttentionFp8,
-    /// `flash_attn_varlen_func` (tensor cores), every (dtype f16/bf16, head size).
+    /// `flash_attn_varlen_func` (tensor cores), every (dtype f16/bf16, head size), and
+    /// `merge_attn_states` (f32/f16/bf16).
     FlashAttn,
 }
 

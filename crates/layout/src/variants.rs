@@ -140,12 +140,20 @@ macro_rules! flash_attn_symbol {
     };
 }
 
+/// Symbol of one `merge_attn_states` variant, e.g. `merge_attn_states_bf16`.
+#[macro_export]
+macro_rules! merge_attn_states_symbol {
+    ($dtn:literal) => {
+        concat!("merge_attn_states_", $dtn)
+    };
+}
+
 /// Calls `$cb!(DTYPE, "dtype", HEAD_SIZE)` for every varlen variant (heads: [`crate::FLASH_HEAD_SIZES`]).
 #[macro_export]
 macro_rules! for_each_flash_attn_variant {
     ($cb:ident) => {
-        $crate::__for_each_flash_head!($cb; F16, "f16"; [32 64 80 96 112 128 192 256]);
-        $crate::__for_each_flash_head!($cb; BF16, "bf16"; [32 64 80 96 112 128 192 256]);
+        $crate::__for_each_flash_head!($cb; F16, "f16"; [32 64 80 96 112 120 128 192 256]);
+        $crate::__for_each_flash_head!($cb; BF16, "bf16"; [32 64 80 96 112 120 128 192 256]);
     };
 }
 

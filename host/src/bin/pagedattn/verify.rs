@@ -1,8 +1,9 @@
 //! `pagedattn verify`: every op on the GPU against the CPU backend. Paged attention (v1 and v2) within
 //! a per-dtype tolerance of the float64 reference over the variant grid; the cache ops bit for bit
 //! (they only move elements) over dtypes, head and block sizes, GQA-style KV head counts, padding
-//! slots and every cache layout; and the device-side guards of both (bad device-resident tables are
-//! skipped and flagged in the status word, never used as addresses).
+//! slots and every cache layout; `flash_attn_varlen_func` (output and LSE) and `merge_attn_states`
+//! against their float64 references; and the device-side guards of every op (bad device-resident
+//! tables are skipped and flagged in the status word, never used as addresses).
 
 use std::path::PathBuf;
 
@@ -13,7 +14,8 @@ use pagedattn::paged_attention::validate;
 use pagedattn::testing::cache::{
     self as cases, BitCheck, CopyBlocksCase, KvLayout, ReshapeCase, SwapCase, check_copy_blocks, check_reshape, check_swap, compare_caches,
 };
-use pagedattn::testing::{self, Case};
+use pagedattn::testing::varlen::{self, VarlenCase, VarlenErrors, VarlenGuard};
+use pagedattn::testing::{self, Case, Errors};
 use pagedattn::{Device, Error, PagedAttentionWorkspace, Tensor, Version, paged_attention};
 use serde::Serialize;
 use serde_json::json;
@@ -22,14 +24,15 @@ use crate::{CliError, CliResult, check_status, open_gpu, progress_bar, synchroni
 
 #[derive(Args)]
 pub struct VerifyArgs {
-    /// Add the long paged-attention cases (8k-32k tokens).
+    /// Add the long cases: paged attention at 8k-32k tokens, varlen 8k causal prefills and the
+    /// paged-prefix bench shape.
     #[arg(long)]
     long: bool,
     /// Write every result as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
     /// Only cases whose name contains SUBSTR: an op ("paged_attention", "reshape_and_cache_flash",
-    /// "copy_blocks", "swap_blocks"), a version ("v2"), a layout ("hnd"), a direction ("d2h"), a
+    /// "copy_blocks", "swap_blocks", "flash_attn_varlen", "merge_attn_states"), a version ("v2"), a layout ("hnd"), a direction ("d2h"), a
     /// dtype and head size ("bf16 h128"), "guard", ...
     #[arg(long, value_name = "SUBSTR")]
     filter: Option<String>,
@@ -59,6 +62,8 @@ struct CaseResult {
     /// Bit-exact checks: storage elements compared, and how many differ.
     elements: Option<usize>,
     mismatches: Option<usize>,
+    /// flash_attn_varlen and merge_attn_states: the largest LSE error over rows with keys.
+    lse_err: Option<f64>,
     pass: bool,
     note: Option<String>,
 }
@@ -90,6 +95,7 @@ impl CaseResult {
             tolerance: 0.0,
             elements: Some(c.elements),
             mismatches: Some(c.mismatches),
+            lse_err: None,
             pass: problems.is_empty(),
             note: (!problems.is_empty()).then(|| problems.join("; ")),
         }
@@ -107,8 +113,40 @@ impl CaseResult {
             tolerance,
             elements: None,
             mismatches: None,
+            lse_err: None,
             pass: false,
             note: Some(note),
+        }
+    }
+
+    /// A result judged by relative L2 within `tol` (and, for the varlen ops, the LSE's error and
+    /// kind: see `VarlenErrors::passes`).
+    fn within(name: String, op: &'static str, group: String, e: Errors, tol: f64, lse: Option<(f64, usize)>) -> CaseResult {
+        let mut notes = Vec::new();
+        if e.non_finite > 0 {
+            notes.push(format!("{} non-finite outputs", e.non_finite));
+        }
+        if let Some((err, bad)) = lse {
+            notes.push(format!("lse err {err:.2e}"));
+            if bad > 0 {
+                notes.push(format!("{bad} LSE entries of the wrong kind (-inf vs finite)"));
+            }
+        }
+        let lse_ok = lse.is_none_or(|(err, bad)| VarlenErrors { out: e, lse_err: err, lse_bad: bad }.passes(tol));
+        CaseResult {
+            name,
+            op,
+            group,
+            check: Check::Tolerance,
+            rel_l2: e.rel_l2,
+            max_abs: e.max_abs,
+            non_finite: e.non_finite,
+            tolerance: tol,
+            elements: None,
+            mismatches: None,
+            lse_err: lse.map(|l| l.0),
+            pass: e.passes(tol) && lse_ok,
+            note: (!notes.is_empty()).then(|| notes.join("; ")),
         }
     }
 }
@@ -226,9 +264,38 @@ fn run_guard(device: &mut Device, guard: Guard, version: Version) -> pagedattn::
         tolerance: tol,
         elements: None,
         mismatches: None,
+        lse_err: None,
         pass: problems.is_empty(),
         note: (!problems.is_empty()).then(|| problems.join("; ")),
     })
+}
+
+/// A varlen guard case: `testing::varlen::check_varlen_guard` plus the status flag.
+fn run_varlen_guard(device: &mut Device, guard: VarlenGuard) -> pagedattn::Result<CaseResult> {
+    let mut problems = varlen::check_varlen_guard(device, guard)?;
+    expect_flag(device, guard.flag(), &mut problems)?;
+    let mut r = CaseResult::failed(
+        varlen_guard_name(guard),
+        "flash_attn_varlen",
+        "flash_attn_varlen guard".into(),
+        Check::Tolerance,
+        0.0,
+        String::new(),
+    );
+    r.pass = problems.is_empty();
+    r.note = (!problems.is_empty()).then(|| problems.join("; "));
+    Ok(r)
+}
+
+/// A `merge_attn_states` case: (dtype, tokens, heads, head size, with `output_lse`).
+type MergeCase = (DType, usize, usize, usize, bool);
+
+fn merge_name(&(dtype, tokens, heads, head_size, with_lse): &MergeCase) -> String {
+    format!("merge_attn_states {dtype} {tokens} tokens x {heads} heads x h{head_size}{}", if with_lse { " +lse" } else { "" })
+}
+
+fn varlen_guard_name(guard: VarlenGuard) -> String {
+    format!("flash_attn_varlen guard: {}", guard.what())
 }
 
 // ------------------------------------------------------------------------------- cache guards
@@ -382,19 +449,34 @@ pub fn verify(a: VerifyArgs) -> CliResult {
     let copies: Vec<CopyBlocksCase> = cases::copy_blocks_grid().into_iter().filter(|c| keep(&c.to_string())).collect();
     let swaps: Vec<SwapCase> = cases::swap_grid().into_iter().filter(|c| keep(&c.to_string())).collect();
     let cache_guards: Vec<CacheGuard> = CacheGuard::ALL.into_iter().filter(|g| keep(&g.name())).collect();
-    let total = attention.len() + guards.len() + reshape.len() + copies.len() + swaps.len() + cache_guards.len();
+    let varlens: Vec<VarlenCase> = varlen::varlen_grid(a.long).into_iter().filter(|c| keep(&c.to_string())).collect();
+    let varlen_guards: Vec<VarlenGuard> = VarlenGuard::ALL.into_iter().filter(|g| keep(&varlen_guard_name(*g))).collect();
+    let merges: Vec<MergeCase> = varlen::merge_grid().into_iter().filter(|c| keep(&merge_name(c))).collect();
+    let total = attention.len()
+        + guards.len()
+        + reshape.len()
+        + copies.len()
+        + swaps.len()
+        + cache_guards.len()
+        + varlens.len()
+        + varlen_guards.len()
+        + merges.len();
     if total == 0 {
         return Err(CliError::Input(format!("no case matches --filter {:?}", a.filter.unwrap_or_default())));
     }
     println!(
-        "verifying {total} cases on {}: paged_attention {} (+{} guards), reshape ops {}, copy_blocks {}, swap_blocks {} (+{} cache guards)",
+        "verifying {total} cases on {}: paged_attention {} (+{} guards), reshape ops {}, copy_blocks {}, swap_blocks {} (+{} cache guards), \
+         flash_attn_varlen {} (+{} guards), merge_attn_states {}",
         device.name(),
         attention.len(),
         guards.len(),
         reshape.len(),
         copies.len(),
         swaps.len(),
-        cache_guards.len()
+        cache_guards.len(),
+        varlens.len(),
+        varlen_guards.len(),
+        merges.len()
     );
     let mut rec = Recorder { pb: progress_bar(total as u64), results: Vec::with_capacity(total + 4), status: Vec::new() };
 
@@ -408,20 +490,7 @@ pub fn verify(a: VerifyArgs) -> CliResult {
             format!("paged_attention {version} {} {} cache", case.dtype, case.cache)
         };
         let r = match testing::check_case(&device, case, *version) {
-            Ok(e) => CaseResult {
-                name,
-                op: "paged_attention",
-                group,
-                check: Check::Tolerance,
-                rel_l2: e.rel_l2,
-                max_abs: e.max_abs,
-                non_finite: e.non_finite,
-                tolerance: tol,
-                elements: None,
-                mismatches: None,
-                pass: e.passes(tol),
-                note: (e.non_finite > 0).then(|| format!("{} non-finite outputs", e.non_finite)),
-            },
+            Ok(e) => CaseResult::within(name, "paged_attention", group, e, tol, None),
             Err(e) => CaseResult::failed(name, "paged_attention", group, Check::Tolerance, tol, e.to_string()),
         };
         rec.record(r);
@@ -461,6 +530,44 @@ pub fn verify(a: VerifyArgs) -> CliResult {
         rec.pb.set_message(g.name());
         let r = run_cache_guard(&mut device, g)
             .unwrap_or_else(|e| CaseResult::failed(g.name(), g.op(), format!("{} guard", g.op()), Check::BitExact, 0.0, e.to_string()));
+        rec.record(r);
+    }
+    for case in &varlens {
+        let name = case.to_string();
+        rec.pb.set_message(name.clone());
+        let (tol, group) = (testing::tolerance(case.dtype), format!("flash_attn_varlen {}", case.dtype));
+        let r = match varlen::check_varlen(&device, case) {
+            Ok(e) => CaseResult::within(name, "flash_attn_varlen", group, e.out, tol, Some((e.lse_err, e.lse_bad))),
+            Err(e) => CaseResult::failed(name, "flash_attn_varlen", group, Check::Tolerance, tol, e.to_string()),
+        };
+        rec.record(r);
+    }
+    if !varlens.is_empty() {
+        rec.status_after(&mut device, "flash_attn_varlen", Check::Tolerance, "the flash_attn_varlen grid");
+    }
+    for &g in &varlen_guards {
+        rec.pb.set_message(varlen_guard_name(g));
+        let r = run_varlen_guard(&mut device, g).unwrap_or_else(|e| {
+            CaseResult::failed(
+                varlen_guard_name(g),
+                "flash_attn_varlen",
+                "flash_attn_varlen guard".into(),
+                Check::Tolerance,
+                0.0,
+                e.to_string(),
+            )
+        });
+        rec.record(r);
+    }
+    for c in &merges {
+        let name = merge_name(c);
+        rec.pb.set_message(name.clone());
+        let &(dtype, tokens, heads, head_size, with_lse) = c;
+        let (tol, group) = (testing::tolerance(dtype), format!("merge_attn_states {dtype}"));
+        let r = match varlen::check_merge(&device, dtype, tokens, heads, head_size, with_lse) {
+            Ok(e) => CaseResult::within(name, "merge_attn_states", group, e.out, tol, with_lse.then_some((e.lse_err, e.lse_bad))),
+            Err(e) => CaseResult::failed(name, "merge_attn_states", group, Check::Tolerance, tol, e.to_string()),
+        };
         rec.record(r);
     }
     rec.pb.finish_and_clear();
