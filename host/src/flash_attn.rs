@@ -160,7 +160,11 @@ fn launch_gpu(gpu: &Gpu, plan: &VarlenPlan, out: &mut Tensor, lse: Option<&mut T
     };
     let smem = FlashAttnGeometry::smem_bytes(plan.head_size);
     let cfg = LaunchConfig {
-        grid_dim: (a.max_seqlen_q.div_ceil(FlashAttnGeometry::BLOCK_M).max(1) as u32, plan.num_heads as u32, plan.batch as u32),
+        grid_dim: (
+            (a.max_seqlen_q * (plan.num_heads / plan.num_kv_heads)).div_ceil(FlashAttnGeometry::block_m(plan.head_size)).max(1) as u32,
+            plan.num_kv_heads as u32,
+            plan.batch as u32,
+        ),
         block_dim: (FlashAttnGeometry::NUM_THREADS as u32, 1, 1),
         shared_mem_bytes: smem as u32,
     };

@@ -1,20 +1,27 @@
 //! `flash_attn_varlen_func` over a paged KV cache, on tensor cores (FlashAttention-2's scheme).
 //!
-//! Grid `(ceil(max_seqlen_q / BLOCK_M), num_heads, batch)`, `NUM_THREADS` threads,
+//! Grid `(ceil(max_seqlen_q · group / block_m), num_kv_heads, batch)`, `NUM_THREADS` threads,
 //! `smem_bytes(HEAD_SIZE)` of dynamic shared memory (`pagedattn_layout::FlashAttnGeometry`). A CTA
-//! takes `BLOCK_M` = 64 queries of one sequence and one query head; warp `w` owns query rows
-//! `16w .. 16w + 16` of the tile. The CTA walks the keys its rows can see (causal and window bounds
-//! cut the range) `BLOCK_N` = 64 at a time:
+//! takes `block_m` packed rows of one sequence and one KV head: row `r` is query `r / group` with
+//! query head `kv_head · group + r % group`, so one staged K/V tile serves the whole GQA group
+//! (decode tokens of a group share a tile too). Warp `w` owns `m_tiles` row tiles of 16. The CTA
+//! walks the keys its rows can see (causal and window bounds cut the range) `BLOCK_N` = 64 at a
+//! time, two stages deep (the next tile's copies fly while this one is used):
 //! - K and V rows are gathered through the block table into shared memory with `cp.async` (rows past
 //!   the sequence's keys are zeros);
-//! - `S = Q·Kᵀ` with `mma.sync.m16n8k16` (Q and K fragments from `ldmatrix`), f32 accumulators;
+//! - `S = Q·Kᵀ` with `mma.sync.m16n8k16` (Q and K fragments from `ldmatrix`), f32 accumulators; each
+//!   K fragment feeds every row tile of the warp;
 //! - per element: scale, soft-cap (`softcap · tanh(s / softcap)`), ALiBi (`-slope · |d - j|`), the
 //!   masks (`j < seqused_k`, causal/window around `d = i + seqused_k - seqlen_q`), then log2 units;
+//!   a tile that every row sees whole without soft-cap or ALiBi only scales;
 //! - online softmax per row (a row's 64 values live in the 4 lanes of a quad: max and sum by two
 //!   shuffles), rows without a visible key so far keep max −∞ and contribute nothing;
 //! - `O += P·V`: the probabilities, rounded to the input type, are already in the A-fragment layout
 //!   (two adjacent 8-column accumulator tiles form one 16-column A tile); V fragments come from
 //!   `ldmatrix.trans`.
+//!
+//! `ldmatrix` addresses are 32-bit shared addresses formed from one base per stage: 64-bit generic
+//! pointers per fragment, hoisted out of the loop by LLVM, cost 700 bytes of spills.
 //!
 //! Head sizes that are not a multiple of 16 (120) run as the next multiple: the extra columns of
 //! the Q, K and V tiles are zeros, so the dot products are exact and the extra output columns are
@@ -27,22 +34,21 @@
 //! NaN.
 
 use crate::intrinsics::{
-    Chunk, Element, atomic_or, block_idx_x, block_idx_y, block_idx_z, dynamic_smem_chunks, exp2, fmax, grid_dim_x, log2, shfl_xor,
+    Chunk, Element, atomic_or, block_idx_x, block_idx_y, block_idx_z, dynamic_smem_chunks, exp2, fmax, grid_dim_x, log2, rcp, shfl_xor,
     store_chunk, sync_threads, thread_idx_x,
 };
 use crate::tensor_core::{self as tc, MmaElem};
 use pagedattn_layout::{FlashAttnGeometry as Geo, FlashAttnVarlenParams, MERGE_THREADS, MergeAttnStatesParams, status};
 
-const BM: usize = Geo::BLOCK_M;
 const BN: usize = Geo::BLOCK_N;
 const NT: usize = Geo::NUM_THREADS;
 const LOG2E: f32 = core::f32::consts::LOG2_E;
 const LN2: f32 = core::f32::consts::LN_2;
 
-/// `tanh(x)` from `ex2` (saturates to ±1 for large |x|).
+/// `tanh(x)` from `ex2` and `rcp` (saturates to ±1 for large |x|).
 #[inline(always)]
 fn tanh(x: f32) -> f32 {
-    1.0 - 2.0 / (exp2(2.0 * LOG2E * x) + 1.0)
+    1.0 - 2.0 * rcp(exp2(2.0 * LOG2E * x) + 1.0)
 }
 
 /// # Safety
@@ -55,11 +61,17 @@ pub unsafe fn flash_attn_varlen<E: MmaElem, const D: usize>(p: &FlashAttnVarlenP
     let dp = Geo::padded(D);
     let row = Geo::row(D);
     let chunks = D / 8;
+    let mts = Geo::m_tiles(D);
+    let bm = Geo::block_m(D);
     // Heavy (late, causal) tiles first: they start while the grid still fills the GPU.
-    let (mt, h, b) = (grid_dim_x() - 1 - block_idx_x(), block_idx_y(), block_idx_z());
+    let (mt, kvh, b) = (grid_dim_x() - 1 - block_idx_x(), block_idx_y(), block_idx_z());
     let tid = thread_idx_x();
     let (warp, lane) = (tid / 32, tid % 32);
     let (g, t) = (lane / 4, lane % 4);
+    let group = (p.num_heads / p.num_kv_heads) as usize;
+    // Packed row r: query r / group, head kv_head · group + r % group (32-bit: rows < 2^32).
+    let query = |r: usize| (r as u32 / group as u32) as usize;
+    let head = |r: usize| kvh * group + (r as u32 % group as u32) as usize;
 
     // SAFETY: b < batch (grid); cu_seqlens_q has batch + 1 entries, seqused_k batch.
     let (c0, c1, sk_raw) = unsafe {
@@ -67,15 +79,16 @@ pub unsafe fn flash_attn_varlen<E: MmaElem, const D: usize>(p: &FlashAttnVarlenP
     };
     let rows_ok = c0 >= 0 && c1 >= c0 && c1 as u32 <= p.total_q && (c1 - c0) as u32 <= p.max_seqlen_q;
     if !rows_ok || sk_raw < 0 || sk_raw as u32 > p.max_seqlen_k {
-        if mt == 0 && h == 0 && tid == 0 && p.maybe_status != 0 {
+        if mt == 0 && kvh == 0 && tid == 0 && p.maybe_status != 0 {
             // SAFETY: a non-null status pointer is a device u32.
             unsafe { atomic_or(p.maybe_status as *mut u32, status::BAD_SEQ_LEN) };
         }
         if rows_ok {
             // Only the key count is bad: the sequence's rows are known, mark them NaN.
-            let (q0, sq) = (c0 as usize, (c1 - c0) as usize);
-            let mut i = mt * BM + tid;
-            while i < sq && i < (mt + 1) * BM {
+            let (q0, rows_total) = (c0 as usize, (c1 - c0) as usize * group);
+            let mut r = mt * bm + tid;
+            while r < rows_total && r < (mt + 1) * bm {
+                let (i, h) = (query(r), head(r));
                 let base = (q0 + i) * p.out_stride_token as usize + h * p.out_stride_head as usize;
                 for e in 0..D / 2 {
                     // SAFETY: row q0 + i < total_q of out (4-byte aligned pairs, host-checked).
@@ -85,33 +98,33 @@ pub unsafe fn flash_attn_varlen<E: MmaElem, const D: usize>(p: &FlashAttnVarlenP
                     // SAFETY: `[num_heads, total_q]`.
                     unsafe { *(p.softmax_lse as *mut f32).add(h * p.total_q as usize + q0 + i) = f32::NAN };
                 }
-                i += NT;
+                r += NT;
             }
         }
         return;
     }
     let (q0, sq, sk) = (c0 as usize, (c1 - c0) as usize, sk_raw as usize);
-    let m0 = mt * BM;
-    if m0 >= sq {
+    let rows_total = sq * group;
+    let m0 = mt * bm;
+    if m0 >= rows_total {
         return;
     }
-    let kvh = h / (p.num_heads / p.num_kv_heads) as usize;
     let (left, right) = (p.window_left, p.window_right);
 
-    // The keys any row of this tile can see.
-    let last = if m0 + BM < sq { m0 + BM } else { sq } - 1;
-    let (d_lo, d_hi) = (m0 as i64 + sk as i64 - sq as i64, last as i64 + sk as i64 - sq as i64);
+    // The keys any row of this tile can see (its queries are m0 / group ..= last / group).
+    let last = if m0 + bm < rows_total { m0 + bm } else { rows_total } - 1;
+    let (d_lo, d_hi) = ((query(m0) + sk) as i64 - sq as i64, (query(last) + sk) as i64 - sq as i64);
     let j_lo = if left >= 0 { (d_lo - left as i64).max(0) } else { 0 } as usize;
     let j_hi = if right >= 0 { (d_hi + right as i64 + 1).clamp(0, sk as i64) } else { sk as i64 } as usize;
     let first = j_lo / BN * BN;
     let tiles = if j_hi > first { (j_hi - first).div_ceil(BN) } else { 0 };
 
     let smem = dynamic_smem_chunks() as *mut u16;
-    // Shared memory (halves): Q `[BM][row]`, then two stages of K `[BN][row]` and V `[BN][row]`,
+    // Shared memory (halves): Q `[bm][row]`, then two stages of K `[BN][row]` and V `[BN][row]`,
     // then the flag word; `row` halves are a multiple of 16 bytes, so every row is 16-byte aligned.
-    let stage = |st: usize| (BM + st * 2 * BN) * row;
+    let stage = |st: usize| (bm + st * 2 * BN) * row;
     // SAFETY: the launch-sized carve-up.
-    let flag_s = unsafe { smem.add((BM + 4 * BN) * row) as *mut u32 };
+    let flag_s = unsafe { smem.add((bm + 4 * BN) * row) as *mut u32 };
     let base = tc::shared_addr(smem);
     if tid == 0 {
         // SAFETY: the flag word.
@@ -120,7 +133,7 @@ pub unsafe fn flash_attn_varlen<E: MmaElem, const D: usize>(p: &FlashAttnVarlenP
     if dp != D {
         // Zero the pad columns of every row once: the loads never write them.
         let mut r = tid;
-        while r < BM + 4 * BN {
+        while r < bm + 4 * BN {
             let mut cc = chunks;
             while cc < dp / 8 {
                 // SAFETY: a 16-byte piece of row r's pad, inside the carve-up.
@@ -134,13 +147,15 @@ pub unsafe fn flash_attn_varlen<E: MmaElem, const D: usize>(p: &FlashAttnVarlenP
     // Q tile (rows past the sequence: zeros).
     let q = p.q as *const u16;
     let mut c = tid;
-    while c < BM * chunks {
+    while c < bm * chunks {
         let (r, cc) = (c / chunks, c % chunks);
-        // SAFETY: row r of the Q tile; a row below sq is the query's head row, 16-byte aligned (host).
+        let pr = m0 + r;
+        // SAFETY: row r of the Q tile; a row below rows_total is a query's head row, 16-byte
+        // aligned (host).
         unsafe {
             let dst = smem.add(r * row + cc * 8);
-            if m0 + r < sq {
-                let src = q.add((q0 + m0 + r) * p.q_stride_token as usize + h * p.q_stride_head as usize + cc * 8);
+            if pr < rows_total {
+                let src = q.add((q0 + query(pr)) * p.q_stride_token as usize + head(pr) * p.q_stride_head as usize + cc * 8);
                 tc::cp_async_16(dst, src);
             } else {
                 store_chunk(dst, Chunk([0; 4]));
@@ -188,33 +203,46 @@ pub unsafe fn flash_attn_varlen<E: MmaElem, const D: usize>(p: &FlashAttnVarlenP
 
     let scale = p.scale;
     let softcap = p.softcap;
-    let slope = if p.alibi_slopes != 0 {
-        // SAFETY: `[num_heads]` slopes.
-        unsafe { *(p.alibi_slopes as *const f32).add(h) }
-    } else {
-        0.0
-    };
+    let alibi = p.alibi_slopes != 0;
     // Logits need only `s · scale · log2 e` where neither soft-cap nor ALiBi is on.
-    let plain = softcap <= 0.0 && slope == 0.0;
+    let plain = softcap <= 0.0 && !alibi;
     let scale_log2 = scale * LOG2E;
-    // This lane's two query rows (tile-local g and g + 8 of the warp's 16) and their positions.
-    let rows = [warp * 16 + g, warp * 16 + g + 8];
-    let d_of = |r: usize| (m0 + r) as i64 + sk as i64 - sq as i64;
+    // This lane's rows: row tile m of the warp holds tile-local rows (warp · mts + m) · 16 + g and
+    // + 8; rr = 2m + (0 | 1) indexes them below.
+    let local = |rr: usize| (warp * mts + rr / 2) * 16 + g + 8 * (rr % 2);
+    let mut slope = [0f32; 4];
+    let mut qi = [0i32; 4];
+    for rr in 0..2 * mts {
+        let pr = m0 + local(rr);
+        qi[rr] = query(pr) as i32;
+        if alibi {
+            // SAFETY: `[num_heads]` slopes.
+            slope[rr] = unsafe { *(p.alibi_slopes as *const f32).add(head(pr)) };
+        }
+    }
+    // Key position of query i: i + d_off. Lengths are below 2^31 (host-checked i32 tables).
+    let d_off = sk as i32 - sq as i32;
+    // Soft-cap: softcap · tanh(s · scale / softcap).
+    let scale_cap = if softcap > 0.0 { scale / softcap } else { 0.0 };
 
     // Per-lane byte offsets of the ldmatrix rows (see `tensor_core`): Q as the A operand (rows
-    // lane % 16, column half lane / 16); K as B of two 8-key tiles (keys (lane / 16) * 8 + lane % 8,
+    // lane % 16, column half lane / 16); K as B of two 8-key tiles (keys (lane / 16) · 8 + lane % 8,
     // column half (lane / 8) % 2); V transposed as B of two 8-dim tiles (keys lane % 8 +
-    // ((lane / 8) % 2) * 8, dim half lane / 16).
-    let q_lane = base + (((warp * 16 + lane % 16) * row + (lane / 16) * 8) * 2) as u32;
+    // ((lane / 8) % 2) · 8, dim half lane / 16).
+    let q_lane = base + (((warp * mts * 16 + lane % 16) * row + (lane / 16) * 8) * 2) as u32;
     let k_lane = ((((lane / 16) * 8 + lane % 8) * row + ((lane / 8) % 2) * 8) * 2) as u32;
     let v_lane = (((lane % 8 + ((lane / 8) % 2) * 8) * row + (lane / 16) * 8) * 2) as u32;
-    // Q fragments stay in registers for heads up to 128 (larger heads re-read them from shared
-    // memory: the registers go to the output accumulators).
-    let q_in_regs = dp <= 128;
-    let mut qf = [[0u32; 4]; 8];
+    // Q fragments stay in registers when they take at most 32 (else they are re-read from shared
+    // memory each tile: the registers go to the output accumulators).
+    let q_in_regs = mts * dp <= 128;
+    let mut qf = [[[0u32; 4]; 8]; 2];
+    let q_frag = |m: usize, kk: usize| {
+        // SAFETY: ldmatrix rows inside the Q tile, all lanes together.
+        unsafe { tc::ldmatrix_x4(q_lane + ((m * 16 * row + kk * 16) * 2) as u32) }
+    };
 
-    let mut o = [[0f32; 4]; 32];
-    let (mut m_run, mut l_run) = ([f32::NEG_INFINITY; 2], [0f32; 2]);
+    let mut o = [[[0f32; 4]; 32]; 2];
+    let (mut m_run, mut l_run) = ([f32::NEG_INFINITY; 4], [0f32; 4]);
 
     for it in 0..tiles {
         let n0 = first + it * BN;
@@ -223,9 +251,10 @@ pub unsafe fn flash_attn_varlen<E: MmaElem, const D: usize>(p: &FlashAttnVarlenP
         // Stage st is loaded for every warp, and every warp is done with stage st ^ 1.
         sync_threads();
         if it == 0 && q_in_regs {
-            for kk in 0..dp / 16 {
-                // SAFETY: ldmatrix rows inside the Q tile, all lanes together.
-                qf[kk] = unsafe { tc::ldmatrix_x4(q_lane + (kk * 32) as u32) };
+            for m in 0..mts {
+                for kk in 0..dp / 16 {
+                    qf[m][kk] = q_frag(m, kk);
+                }
             }
         }
         if it + 1 < tiles {
@@ -235,16 +264,19 @@ pub unsafe fn flash_attn_varlen<E: MmaElem, const D: usize>(p: &FlashAttnVarlenP
         let k_base = base + (stage(st) * 2) as u32;
         let v_base = k_base + (BN * row * 2) as u32;
 
-        // S = Q·Kᵀ for the warp's 16 rows × 64 keys (8 tiles of 8 keys).
-        let mut s = [[0f32; 4]; BN / 8];
+        // S = Q·Kᵀ for the warp's row tiles × 64 keys (8 tiles of 8 keys).
+        let mut s = [[[0f32; 4]; BN / 8]; 2];
         for kk in 0..dp / 16 {
-            // SAFETY: ldmatrix rows inside the Q and K tiles (16-byte aligned), all lanes together.
-            unsafe {
-                let a = if q_in_regs { qf[kk] } else { tc::ldmatrix_x4(q_lane + (kk * 32) as u32) };
-                for np in 0..BN / 16 {
-                    let kb = tc::ldmatrix_x4(k_base + k_lane + ((np * 16 * row + kk * 16) * 2) as u32);
-                    s[2 * np] = tc::mma_16816::<E>(a, [kb[0], kb[1]], s[2 * np]);
-                    s[2 * np + 1] = tc::mma_16816::<E>(a, [kb[2], kb[3]], s[2 * np + 1]);
+            let mut a = [[0u32; 4]; 2];
+            for m in 0..mts {
+                a[m] = if q_in_regs { qf[m][kk] } else { q_frag(m, kk) };
+            }
+            for np in 0..BN / 16 {
+                // SAFETY: ldmatrix rows inside the K tile (16-byte aligned), all lanes together.
+                let kb = unsafe { tc::ldmatrix_x4(k_base + k_lane + ((np * 16 * row + kk * 16) * 2) as u32) };
+                for m in 0..mts {
+                    s[m][2 * np] = tc::mma_16816::<E>(a[m], [kb[0], kb[1]], s[m][2 * np]);
+                    s[m][2 * np + 1] = tc::mma_16816::<E>(a[m], [kb[2], kb[3]], s[m][2 * np + 1]);
                 }
             }
         }
@@ -252,62 +284,90 @@ pub unsafe fn flash_attn_varlen<E: MmaElem, const D: usize>(p: &FlashAttnVarlenP
         // row's window) needs no mask.
         let whole =
             n0 + BN <= sk && (right < 0 || (n0 + BN - 1) as i64 <= d_lo + right as i64) && (left < 0 || n0 as i64 >= d_hi - left as i64);
-        let mut mx = [f32::NEG_INFINITY; 2];
+        // (Small loops, one concern each: every one unrolls fully, so `s` stays in registers.)
+        let mut mx = [f32::NEG_INFINITY; 4];
         if whole && plain {
-            for nt in 0..BN / 8 {
-                for e in 0..4 {
-                    s[nt][e] *= scale_log2;
-                    mx[e / 2] = fmax(mx[e / 2], s[nt][e]);
+            for m in 0..mts {
+                for nt in 0..BN / 8 {
+                    for e in 0..4 {
+                        s[m][nt][e] *= scale_log2;
+                        mx[2 * m + e / 2] = fmax(mx[2 * m + e / 2], s[m][nt][e]);
+                    }
                 }
             }
         } else {
-            for nt in 0..BN / 8 {
-                for e in 0..4 {
-                    let (ri, j) = (e / 2, (n0 + nt * 8 + 2 * t + e % 2) as i64);
-                    let (i, d) = (m0 + rows[ri], d_of(rows[ri]));
-                    let visible = i < sq && j < sk as i64 && (left < 0 || j >= d - left as i64) && (right < 0 || j <= d + right as i64);
-                    let mut x = s[nt][e] * scale;
-                    if softcap > 0.0 {
-                        x = softcap * tanh(x / softcap);
+            for m in 0..mts {
+                for nt in 0..BN / 8 {
+                    for e in 0..4 {
+                        s[m][nt][e] = if softcap > 0.0 { softcap * tanh(s[m][nt][e] * scale_cap) } else { s[m][nt][e] * scale };
                     }
-                    x -= slope * ((d - j).abs() as f32);
-                    let x = if visible { x * LOG2E } else { f32::NEG_INFINITY };
-                    s[nt][e] = x;
-                    mx[ri] = fmax(mx[ri], x);
+                }
+            }
+            if alibi {
+                for m in 0..mts {
+                    for nt in 0..BN / 8 {
+                        for e in 0..4 {
+                            let (rr, j) = (2 * m + e / 2, (n0 + nt * 8 + 2 * t + e % 2) as i32);
+                            s[m][nt][e] -= slope[rr] * ((qi[rr] + d_off - j).abs() as f32);
+                        }
+                    }
+                }
+            }
+            for m in 0..mts {
+                for nt in 0..BN / 8 {
+                    for e in 0..4 {
+                        let (rr, j) = (2 * m + e / 2, (n0 + nt * 8 + 2 * t + e % 2) as i32);
+                        let d = qi[rr] + d_off;
+                        let visible = qi[rr] < sq as i32 && j < sk as i32 && (left < 0 || j >= d - left) && (right < 0 || j <= d + right);
+                        s[m][nt][e] = if visible { s[m][nt][e] * LOG2E } else { f32::NEG_INFINITY };
+                        mx[rr] = fmax(mx[rr], s[m][nt][e]);
+                    }
                 }
             }
         }
-        for ri in 0..2 {
-            mx[ri] = fmax(mx[ri], shfl_xor(mx[ri], 1));
-            mx[ri] = fmax(mx[ri], shfl_xor(mx[ri], 2));
-            let m_new = fmax(m_run[ri], mx[ri]);
-            let corr = if m_new == f32::NEG_INFINITY { 1.0 } else { exp2(m_run[ri] - m_new) };
-            m_run[ri] = m_new;
-            l_run[ri] *= corr;
+        for rr in 0..2 * mts {
+            mx[rr] = fmax(mx[rr], shfl_xor(mx[rr], 1));
+            mx[rr] = fmax(mx[rr], shfl_xor(mx[rr], 2));
+            let m_new = fmax(m_run[rr], mx[rr]);
+            let corr = if m_new == f32::NEG_INFINITY { 1.0 } else { exp2(m_run[rr] - m_new) };
+            m_run[rr] = m_new;
+            l_run[rr] *= corr;
             for nt in 0..dp / 8 {
-                o[nt][2 * ri] *= corr;
-                o[nt][2 * ri + 1] *= corr;
+                o[rr / 2][nt][2 * (rr % 2)] *= corr;
+                o[rr / 2][nt][2 * (rr % 2) + 1] *= corr;
             }
         }
         // Rows without a visible key so far (max -inf) use 0 as the reference: every exp2 is 0.
-        let m_ref = [0, 1].map(|ri| if m_run[ri] == f32::NEG_INFINITY { 0.0 } else { m_run[ri] });
-        for nt in 0..BN / 8 {
-            for e in 0..4 {
-                let pe = exp2(s[nt][e] - m_ref[e / 2]);
-                s[nt][e] = pe;
-                l_run[e / 2] += pe;
+        let m_ref = m_run.map(|m| if m == f32::NEG_INFINITY { 0.0 } else { m });
+        for m in 0..mts {
+            for nt in 0..BN / 8 {
+                for e in 0..4 {
+                    let rr = 2 * m + e / 2;
+                    let pe = exp2(s[m][nt][e] - m_ref[rr]);
+                    s[m][nt][e] = pe;
+                    l_run[rr] += pe;
+                }
             }
         }
         // O += P·V: P's accumulator tiles 2k, 2k + 1 are the A fragment of keys 16k .. 16k + 16.
         for ks in 0..BN / 16 {
-            let (lo, hi) = (s[2 * ks], s[2 * ks + 1]);
-            let a =
-                [tc::pack2::<E>(lo[0], lo[1]), tc::pack2::<E>(lo[2], lo[3]), tc::pack2::<E>(hi[0], hi[1]), tc::pack2::<E>(hi[2], hi[3])];
+            let mut a = [[0u32; 4]; 2];
+            for m in 0..mts {
+                let (lo, hi) = (s[m][2 * ks], s[m][2 * ks + 1]);
+                a[m] = [
+                    tc::pack2::<E>(lo[0], lo[1]),
+                    tc::pack2::<E>(lo[2], lo[3]),
+                    tc::pack2::<E>(hi[0], hi[1]),
+                    tc::pack2::<E>(hi[2], hi[3]),
+                ];
+            }
             for np in 0..dp / 16 {
                 // SAFETY: ldmatrix rows inside the V tile, all lanes together.
                 let vb = unsafe { tc::ldmatrix_x4_trans(v_base + v_lane + ((ks * 16 * row + np * 16) * 2) as u32) };
-                o[2 * np] = tc::mma_16816::<E>(a, [vb[0], vb[1]], o[2 * np]);
-                o[2 * np + 1] = tc::mma_16816::<E>(a, [vb[2], vb[3]], o[2 * np + 1]);
+                for m in 0..mts {
+                    o[m][2 * np] = tc::mma_16816::<E>(a[m], [vb[0], vb[1]], o[m][2 * np]);
+                    o[m][2 * np + 1] = tc::mma_16816::<E>(a[m], [vb[2], vb[3]], o[m][2 * np + 1]);
+                }
             }
         }
     }
@@ -321,13 +381,14 @@ pub unsafe fn flash_attn_varlen<E: MmaElem, const D: usize>(p: &FlashAttnVarlenP
         unsafe { atomic_or(p.maybe_status as *mut u32, status::BAD_BLOCK_ID) };
     }
     let out = p.out as *mut u32;
-    for ri in 0..2 {
-        let l = l_run[ri] + shfl_xor(l_run[ri], 1);
+    for rr in 0..2 * mts {
+        let l = l_run[rr] + shfl_xor(l_run[rr], 1);
         let l = l + shfl_xor(l, 2);
-        let i = m0 + rows[ri];
-        if i >= sq {
+        let pr = m0 + local(rr);
+        if pr >= rows_total {
             continue;
         }
+        let (i, h) = (query(pr), head(pr));
         let inv = if bad {
             f32::NAN
         } else if l > 0.0 {
@@ -336,16 +397,17 @@ pub unsafe fn flash_attn_varlen<E: MmaElem, const D: usize>(p: &FlashAttnVarlenP
             0.0
         };
         let base = (q0 + i) * p.out_stride_token as usize + h * p.out_stride_head as usize;
+        let (m, half) = (rr / 2, 2 * (rr % 2));
         for nt in 0..D / 8 {
             // SAFETY: two halves of the row's dims nt*8 + 2t (4-byte aligned: the host checked
             // even strides and offset).
-            unsafe { *out.add((base + nt * 8 + 2 * t) / 2) = tc::pack2::<E>(o[nt][2 * ri] * inv, o[nt][2 * ri + 1] * inv) };
+            unsafe { *out.add((base + nt * 8 + 2 * t) / 2) = tc::pack2::<E>(o[m][nt][half] * inv, o[m][nt][half + 1] * inv) };
         }
         if t == 0 && p.softmax_lse != 0 {
             let lse = if bad {
                 f32::NAN
             } else if l > 0.0 {
-                (m_run[ri] + log2(l)) * LN2
+                (m_run[rr] + log2(l)) * LN2
             } else {
                 f32::NEG_INFINITY
             };

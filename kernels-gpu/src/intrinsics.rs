@@ -159,6 +159,16 @@ pub fn log2(x: f32) -> f32 {
     r
 }
 
+/// `1 / x` on the SFU (`rcp.approx.ftz.f32`, ~1 ulp): an IEEE `/` costs a slow-path call and a
+/// dozen registers per use.
+#[inline(always)]
+pub fn rcp(x: f32) -> f32 {
+    let r: f32;
+    // SAFETY: register-only; not `pure` (house rule for device asm).
+    unsafe { core::arch::asm!("rcp.approx.ftz.f32 {r}, {x};", r = out(reg32) r, x = in(reg32) x, options(nomem, nostack)) };
+    r
+}
+
 /// Fused `a * b + c` (plain `a * b + c` is never contracted).
 #[inline(always)]
 pub fn fma(a: f32, b: f32, c: f32) -> f32 {

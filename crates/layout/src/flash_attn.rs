@@ -56,17 +56,21 @@ pub struct FlashAttnVarlenParams {
 
 const _: () = assert!(core::mem::size_of::<FlashAttnVarlenParams>() == 10 * 8 + 24 * 4);
 
-/// Launch geometry of the varlen kernel: a CTA of [`Self::NUM_WARPS`] warps takes [`Self::BLOCK_M`]
-/// queries (16 per warp, the rows of one `mma.m16n8k16` tile) of one sequence and one query head
-/// and walks the visible keys [`Self::BLOCK_N`] at a time. Grid `(ceil(max_seqlen_q / BLOCK_M),
-/// num_heads, batch)`.
+/// Launch geometry of the varlen kernel. Rows of a tile are (query, query head) pairs of one
+/// sequence and one KV head, query-major: packed row `r` is query `r / group`, head
+/// `kv_head · group + r % group` (`group = num_heads / num_kv_heads`), so the K/V tiles a CTA
+/// stages serve every query head of the group. A CTA of [`Self::NUM_WARPS`] warps takes
+/// [`Self::block_m`] packed rows (each warp `16 · m_tiles` rows, `m_tiles` `mma.m16n8k16` row
+/// tiles sharing every K/V fragment) and walks the visible keys [`Self::BLOCK_N`] at a time.
+/// Grid `(ceil(max_seqlen_q · group / block_m), num_kv_heads, batch)`.
 pub struct FlashAttnGeometry;
 
 impl FlashAttnGeometry {
     pub const NUM_WARPS: usize = 4;
     pub const NUM_THREADS: usize = Self::NUM_WARPS * 32;
-    pub const BLOCK_M: usize = 16 * Self::NUM_WARPS;
     pub const BLOCK_N: usize = 64;
+    /// The largest `block_m`.
+    pub const MAX_BLOCK_M: usize = 32 * Self::NUM_WARPS;
     /// Halves of padding per shared-memory row: rows of `head_size + 8` halves start 16 bytes apart
     /// in the bank cycle, so the eight rows an `ldmatrix` reads hit distinct banks.
     pub const ROW_PAD: usize = 8;
@@ -77,15 +81,26 @@ impl FlashAttnGeometry {
         head_size.div_ceil(16) * 16
     }
 
+    /// Row tiles of 16 per warp: 2 up to head 128 (each K/V fragment feeds two mmas), 1 above (the
+    /// output accumulators of two tiles would not fit in registers).
+    pub const fn m_tiles(head_size: usize) -> usize {
+        if Self::padded(head_size) <= 128 { 2 } else { 1 }
+    }
+
+    /// Packed rows per CTA.
+    pub const fn block_m(head_size: usize) -> usize {
+        16 * Self::NUM_WARPS * Self::m_tiles(head_size)
+    }
+
     /// Shared-memory row length (halves) for `head_size`.
     pub const fn row(head_size: usize) -> usize {
         Self::padded(head_size) + Self::ROW_PAD
     }
 
-    /// Dynamic shared memory: Q `[BLOCK_M][row]`, two stages of K and V `[BLOCK_N][row]` halves
+    /// Dynamic shared memory: Q `[block_m][row]`, two stages of K and V `[BLOCK_N][row]` halves
     /// (the next tile loads while this one is used), then a flag word (16 bytes kept).
     pub const fn smem_bytes(head_size: usize) -> usize {
-        (Self::BLOCK_M + 4 * Self::BLOCK_N) * Self::row(head_size) * 2 + 16
+        (Self::block_m(head_size) + 4 * Self::BLOCK_N) * Self::row(head_size) * 2 + 16
     }
 }
 
