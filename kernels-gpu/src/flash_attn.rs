@@ -5,7 +5,7 @@
 //! takes `block_m` packed rows of one sequence and one KV head: row `r` is query `r / group` with
 //! query head `kv_head · group + r % group`, so one staged K/V tile serves the whole GQA group
 //! (decode tokens of a group share a tile too). Warp `w` owns `m_tiles` row tiles of 16. The CTA
-//! walks the keys its rows can see (causal and window bounds cut the range) `BLOCK_N` = 64 at a
+//! walks the keys its rows can see (causal and window bounds cut the range) `block_n` (64 or 32) at a
 //! time, two stages deep (the next tile's copies fly while this one is used):
 //! - K and V rows are gathered through the block table into shared memory with `cp.async` (rows past
 //!   the sequence's keys are zeros);
@@ -14,7 +14,7 @@
 //! - per element: scale, soft-cap (`softcap · tanh(s / softcap)`), ALiBi (`-slope · |d - j|`), the
 //!   masks (`j < seqused_k`, causal/window around `d = i + seqused_k - seqlen_q`), then log2 units;
 //!   a tile that every row sees whole without soft-cap or ALiBi only scales;
-//! - online softmax per row (a row's 64 values live in the 4 lanes of a quad: max and sum by two
+//! - online softmax per row (a row's values of a step live in the 4 lanes of a quad: max and sum by two
 //!   shuffles), rows without a visible key so far keep max −∞ and contribute nothing;
 //! - `O += P·V`: the probabilities, rounded to the input type, are already in the A-fragment layout
 //!   (two adjacent 8-column accumulator tiles form one 16-column A tile); V fragments come from
@@ -34,13 +34,12 @@
 //! NaN.
 
 use crate::intrinsics::{
-    Chunk, Element, atomic_or, block_idx_x, block_idx_y, block_idx_z, dynamic_smem_chunks, exp2, fmax, grid_dim_x, log2, rcp, shfl_xor,
-    store_chunk, sync_threads, thread_idx_x,
+    Chunk, Element, atomic_or, block_idx_x, block_idx_y, block_idx_z, dynamic_smem_chunks, exp2, fma, fmax, grid_dim_x, log2, rcp,
+    shfl_xor, store_chunk, sync_threads, thread_idx_x, vote_any,
 };
 use crate::tensor_core::{self as tc, MmaElem};
 use pagedattn_layout::{FlashAttnGeometry as Geo, FlashAttnVarlenParams, MERGE_THREADS, MergeAttnStatesParams, status};
 
-const BN: usize = Geo::BLOCK_N;
 const NT: usize = Geo::NUM_THREADS;
 const LOG2E: f32 = core::f32::consts::LOG2_E;
 const LN2: f32 = core::f32::consts::LN_2;
@@ -63,6 +62,7 @@ pub unsafe fn flash_attn_varlen<E: MmaElem, const D: usize>(p: &FlashAttnVarlenP
     let chunks = D / 8;
     let mts = Geo::m_tiles(D);
     let bm = Geo::block_m(D);
+    let bn = Geo::block_n(D);
     // Heavy (late, causal) tiles first: they start while the grid still fills the GPU.
     let (mt, kvh, b) = (grid_dim_x() - 1 - block_idx_x(), block_idx_y(), block_idx_z());
     let tid = thread_idx_x();
@@ -116,15 +116,15 @@ pub unsafe fn flash_attn_varlen<E: MmaElem, const D: usize>(p: &FlashAttnVarlenP
     let (d_lo, d_hi) = ((query(m0) + sk) as i64 - sq as i64, (query(last) + sk) as i64 - sq as i64);
     let j_lo = if left >= 0 { (d_lo - left as i64).max(0) } else { 0 } as usize;
     let j_hi = if right >= 0 { (d_hi + right as i64 + 1).clamp(0, sk as i64) } else { sk as i64 } as usize;
-    let first = j_lo / BN * BN;
-    let tiles = if j_hi > first { (j_hi - first).div_ceil(BN) } else { 0 };
+    let first = j_lo / bn * bn;
+    let tiles = if j_hi > first { (j_hi - first).div_ceil(bn) } else { 0 };
 
     let smem = dynamic_smem_chunks() as *mut u16;
-    // Shared memory (halves): Q `[bm][row]`, then two stages of K `[BN][row]` and V `[BN][row]`,
+    // Shared memory (halves): Q `[bm][row]`, then two stages of K `[bn][row]` and V `[bn][row]`,
     // then the flag word; `row` halves are a multiple of 16 bytes, so every row is 16-byte aligned.
-    let stage = |st: usize| (bm + st * 2 * BN) * row;
+    let stage = |st: usize| (bm + st * 2 * bn) * row;
     // SAFETY: the launch-sized carve-up.
-    let flag_s = unsafe { smem.add((bm + 4 * BN) * row) as *mut u32 };
+    let flag_s = unsafe { smem.add((bm + 4 * bn) * row) as *mut u32 };
     let base = tc::shared_addr(smem);
     if tid == 0 {
         // SAFETY: the flag word.
@@ -133,7 +133,7 @@ pub unsafe fn flash_attn_varlen<E: MmaElem, const D: usize>(p: &FlashAttnVarlenP
     if dp != D {
         // Zero the pad columns of every row once: the loads never write them.
         let mut r = tid;
-        while r < bm + 4 * BN {
+        while r < bm + 4 * bn {
             let mut cc = chunks;
             while cc < dp / 8 {
                 // SAFETY: a 16-byte piece of row r's pad, inside the carve-up.
@@ -164,20 +164,20 @@ pub unsafe fn flash_attn_varlen<E: MmaElem, const D: usize>(p: &FlashAttnVarlenP
         c += NT;
     }
 
-    // K and V rows n0 .. n0 + BN through the block table into stage `st` (rows past the keys: zeros;
+    // K and V rows n0 .. n0 + bn through the block table into stage `st` (rows past the keys: zeros;
     // a bad block id is never read and sets the flag).
     let (k_cache, v_cache) = (p.k_cache as *const u16, p.v_cache as *const u16);
     let table = p.block_table as *const i32;
     let bs = p.block_size as usize;
     let load_kv = |n0: usize, st: usize| {
         let mut c = tid;
-        while c < BN * chunks {
+        while c < bn * chunks {
             let (r, cc) = (c / chunks, c % chunks);
             let j = n0 + r;
             // SAFETY: row r of the stage's K/V tiles; j < sk <= max_blocks * block_size, so the
             // table entry exists (row stride validated); a block id is used only when in range.
             unsafe {
-                let (kd, vd) = (smem.add(stage(st) + r * row + cc * 8), smem.add(stage(st) + (BN + r) * row + cc * 8));
+                let (kd, vd) = (smem.add(stage(st) + r * row + cc * 8), smem.add(stage(st) + (bn + r) * row + cc * 8));
                 let blk = if j < sk { *table.add(b * p.block_table_stride as usize + j / bs) } else { -1 };
                 if j < sk && blk >= 0 && (blk as u32) < p.num_blocks {
                     let (blk, slot) = (blk as usize, j % bs);
@@ -204,8 +204,9 @@ pub unsafe fn flash_attn_varlen<E: MmaElem, const D: usize>(p: &FlashAttnVarlenP
     let scale = p.scale;
     let softcap = p.softcap;
     let alibi = p.alibi_slopes != 0;
-    // Logits need only `s · scale · log2 e` where neither soft-cap nor ALiBi is on.
-    let plain = softcap <= 0.0 && !alibi;
+    // Logits need only `s · scale · log2 e` where neither soft-cap nor ALiBi is on (and the scale is
+    // not negative: the row max is then taken on the raw scores).
+    let plain = softcap <= 0.0 && !alibi && scale >= 0.0;
     let scale_log2 = scale * LOG2E;
     // This lane's rows: row tile m of the warp holds tile-local rows (warp · mts + m) · 16 + g and
     // + 8; rr = 2m + (0 | 1) indexes them below.
@@ -222,8 +223,7 @@ pub unsafe fn flash_attn_varlen<E: MmaElem, const D: usize>(p: &FlashAttnVarlenP
     }
     // Key position of query i: i + d_off. Lengths are below 2^31 (host-checked i32 tables).
     let d_off = sk as i32 - sq as i32;
-    // Soft-cap: softcap · tanh(s · scale / softcap).
-    let scale_cap = if softcap > 0.0 { scale / softcap } else { 0.0 };
+    let inv_softcap = if softcap > 0.0 { 1.0 / softcap } else { 0.0 };
 
     // Per-lane byte offsets of the ldmatrix rows (see `tensor_core`): Q as the A operand (rows
     // lane % 16, column half lane / 16); K as B of two 8-key tiles (keys (lane / 16) · 8 + lane % 8,
@@ -245,7 +245,7 @@ pub unsafe fn flash_attn_varlen<E: MmaElem, const D: usize>(p: &FlashAttnVarlenP
     let (mut m_run, mut l_run) = ([f32::NEG_INFINITY; 4], [0f32; 4]);
 
     for it in 0..tiles {
-        let n0 = first + it * BN;
+        let n0 = first + it * bn;
         let st = it % 2;
         tc::cp_async_wait_all();
         // Stage st is loaded for every warp, and every warp is done with stage st ^ 1.
@@ -258,20 +258,20 @@ pub unsafe fn flash_attn_varlen<E: MmaElem, const D: usize>(p: &FlashAttnVarlenP
             }
         }
         if it + 1 < tiles {
-            load_kv(n0 + BN, st ^ 1);
+            load_kv(n0 + bn, st ^ 1);
         }
         tc::cp_async_commit();
         let k_base = base + (stage(st) * 2) as u32;
-        let v_base = k_base + (BN * row * 2) as u32;
+        let v_base = k_base + (bn * row * 2) as u32;
 
         // S = Q·Kᵀ for the warp's row tiles × 64 keys (8 tiles of 8 keys).
-        let mut s = [[[0f32; 4]; BN / 8]; 2];
+        let mut s = [[[0f32; 4]; Geo::MAX_BLOCK_N / 8]; 2];
         for kk in 0..dp / 16 {
             let mut a = [[0u32; 4]; 2];
             for m in 0..mts {
                 a[m] = if q_in_regs { qf[m][kk] } else { q_frag(m, kk) };
             }
-            for np in 0..BN / 16 {
+            for np in 0..bn / 16 {
                 // SAFETY: ldmatrix rows inside the K tile (16-byte aligned), all lanes together.
                 let kb = unsafe { tc::ldmatrix_x4(k_base + k_lane + ((np * 16 * row + kk * 16) * 2) as u32) };
                 for m in 0..mts {
@@ -283,29 +283,33 @@ pub unsafe fn flash_attn_varlen<E: MmaElem, const D: usize>(p: &FlashAttnVarlenP
         // Logits in log2 units, masked. A tile every row sees whole (inside the keys and every
         // row's window) needs no mask.
         let whole =
-            n0 + BN <= sk && (right < 0 || (n0 + BN - 1) as i64 <= d_lo + right as i64) && (left < 0 || n0 as i64 >= d_hi - left as i64);
+            n0 + bn <= sk && (right < 0 || (n0 + bn - 1) as i64 <= d_lo + right as i64) && (left < 0 || n0 as i64 >= d_hi - left as i64);
         // (Small loops, one concern each: every one unrolls fully, so `s` stays in registers.)
-        let mut mx = [f32::NEG_INFINITY; 4];
-        if whole && plain {
+        // `ls`: the factor from `s` to log2 units still to apply. On a whole tile without soft-cap
+        // or ALiBi that is the whole scaling (the row max is taken on the raw scores, scale ≥ 0, and
+        // the factor folds into the FMA under the exp2); otherwise the logits are finished here.
+        let ls = if whole && plain {
+            scale_log2
+        } else {
             for m in 0..mts {
-                for nt in 0..BN / 8 {
+                for nt in 0..bn / 8 {
                     for e in 0..4 {
-                        s[m][nt][e] *= scale_log2;
-                        mx[2 * m + e / 2] = fmax(mx[2 * m + e / 2], s[m][nt][e]);
+                        s[m][nt][e] *= scale;
                     }
                 }
             }
-        } else {
-            for m in 0..mts {
-                for nt in 0..BN / 8 {
-                    for e in 0..4 {
-                        s[m][nt][e] = if softcap > 0.0 { softcap * tanh(s[m][nt][e] * scale_cap) } else { s[m][nt][e] * scale };
+            if softcap > 0.0 {
+                for m in 0..mts {
+                    for nt in 0..bn / 8 {
+                        for e in 0..4 {
+                            s[m][nt][e] = softcap * tanh(s[m][nt][e] * inv_softcap);
+                        }
                     }
                 }
             }
             if alibi {
                 for m in 0..mts {
-                    for nt in 0..BN / 8 {
+                    for nt in 0..bn / 8 {
                         for e in 0..4 {
                             let (rr, j) = (2 * m + e / 2, (n0 + nt * 8 + 2 * t + e % 2) as i32);
                             s[m][nt][e] -= slope[rr] * ((qi[rr] + d_off - j).abs() as f32);
@@ -314,43 +318,61 @@ pub unsafe fn flash_attn_varlen<E: MmaElem, const D: usize>(p: &FlashAttnVarlenP
                 }
             }
             for m in 0..mts {
-                for nt in 0..BN / 8 {
+                for nt in 0..bn / 8 {
                     for e in 0..4 {
                         let (rr, j) = (2 * m + e / 2, (n0 + nt * 8 + 2 * t + e % 2) as i32);
                         let d = qi[rr] + d_off;
                         let visible = qi[rr] < sq as i32 && j < sk as i32 && (left < 0 || j >= d - left) && (right < 0 || j <= d + right);
                         s[m][nt][e] = if visible { s[m][nt][e] * LOG2E } else { f32::NEG_INFINITY };
-                        mx[rr] = fmax(mx[rr], s[m][nt][e]);
                     }
                 }
             }
-        }
+            1.0
+        };
+        // Row maxima: four independent chains per row, then the quad's lanes.
+        let mut m_ref = [0f32; 4];
+        let mut corr = [1f32; 4];
         for rr in 0..2 * mts {
-            mx[rr] = fmax(mx[rr], shfl_xor(mx[rr], 1));
-            mx[rr] = fmax(mx[rr], shfl_xor(mx[rr], 2));
-            let m_new = fmax(m_run[rr], mx[rr]);
-            let corr = if m_new == f32::NEG_INFINITY { 1.0 } else { exp2(m_run[rr] - m_new) };
-            m_run[rr] = m_new;
-            l_run[rr] *= corr;
-            for nt in 0..dp / 8 {
-                o[rr / 2][nt][2 * (rr % 2)] *= corr;
-                o[rr / 2][nt][2 * (rr % 2) + 1] *= corr;
+            let (m, half) = (rr / 2, 2 * (rr % 2));
+            let mut part = [f32::NEG_INFINITY; 4];
+            for nt in 0..bn / 8 {
+                part[nt % 4] = part[nt % 4].max(s[m][nt][half].max(s[m][nt][half + 1]));
             }
+            let mut mx = part[0].max(part[1]).max(part[2].max(part[3]));
+            mx = mx.max(shfl_xor(mx, 1));
+            mx = mx.max(shfl_xor(mx, 2));
+            let m_new = m_run[rr].max(mx * ls);
+            // Rows without a visible key so far (max -inf) use 0 as the reference: every exp2 is
+            // then 0, and so is the correction of their (zero) sums.
+            m_ref[rr] = if m_new == f32::NEG_INFINITY { 0.0 } else { m_new };
+            corr[rr] = exp2(m_run[rr] - m_ref[rr]);
+            m_run[rr] = m_new;
+            l_run[rr] *= corr[rr];
         }
-        // Rows without a visible key so far (max -inf) use 0 as the reference: every exp2 is 0.
-        let m_ref = m_run.map(|m| if m == f32::NEG_INFINITY { 0.0 } else { m });
-        for m in 0..mts {
-            for nt in 0..BN / 8 {
-                for e in 0..4 {
-                    let rr = 2 * m + e / 2;
-                    let pe = exp2(s[m][nt][e] - m_ref[rr]);
-                    s[m][nt][e] = pe;
-                    l_run[rr] += pe;
+        // Rescale the outputs only when some row's max moved (late in long rows it rarely does).
+        if vote_any(corr[0] != 1.0 || corr[1] != 1.0 || corr[2] != 1.0 || corr[3] != 1.0) {
+            for rr in 0..2 * mts {
+                for nt in 0..dp / 8 {
+                    o[rr / 2][nt][2 * (rr % 2)] *= corr[rr];
+                    o[rr / 2][nt][2 * (rr % 2) + 1] *= corr[rr];
                 }
             }
         }
+        // Probabilities exp2(s · ls − m), row sums in four chains per row.
+        for rr in 0..2 * mts {
+            let (m, half) = (rr / 2, 2 * (rr % 2));
+            let mut part = [0f32; 4];
+            for nt in 0..bn / 8 {
+                for e in half..half + 2 {
+                    let pe = exp2(fma(s[m][nt][e], ls, -m_ref[rr]));
+                    s[m][nt][e] = pe;
+                    part[nt % 4] += pe;
+                }
+            }
+            l_run[rr] += (part[0] + part[1]) + (part[2] + part[3]);
+        }
         // O += P·V: P's accumulator tiles 2k, 2k + 1 are the A fragment of keys 16k .. 16k + 16.
-        for ks in 0..BN / 16 {
+        for ks in 0..bn / 16 {
             let mut a = [[0u32; 4]; 2];
             for m in 0..mts {
                 let (lo, hi) = (s[m][2 * ks], s[m][2 * ks + 1]);

@@ -61,14 +61,15 @@ const _: () = assert!(core::mem::size_of::<FlashAttnVarlenParams>() == 10 * 8 + 
 /// `kv_head · group + r % group` (`group = num_heads / num_kv_heads`), so the K/V tiles a CTA
 /// stages serve every query head of the group. A CTA of [`Self::NUM_WARPS`] warps takes
 /// [`Self::block_m`] packed rows (each warp `16 · m_tiles` rows, `m_tiles` `mma.m16n8k16` row
-/// tiles sharing every K/V fragment) and walks the visible keys [`Self::BLOCK_N`] at a time.
+/// tiles sharing every K/V fragment) and walks the visible keys [`Self::block_n`] at a time.
 /// Grid `(ceil(max_seqlen_q · group / block_m), num_kv_heads, batch)`.
 pub struct FlashAttnGeometry;
 
 impl FlashAttnGeometry {
     pub const NUM_WARPS: usize = 4;
     pub const NUM_THREADS: usize = Self::NUM_WARPS * 32;
-    pub const BLOCK_N: usize = 64;
+    /// The largest `block_n`.
+    pub const MAX_BLOCK_N: usize = 64;
     /// The largest `block_m`.
     pub const MAX_BLOCK_M: usize = 32 * Self::NUM_WARPS;
     /// Halves of padding per shared-memory row: rows of `head_size + 8` halves start 16 bytes apart
@@ -87,6 +88,12 @@ impl FlashAttnGeometry {
         if Self::padded(head_size) <= 128 { 2 } else { 1 }
     }
 
+    /// Keys per step: 64, or 32 where two row tiles of a wide head (80–128) would otherwise need more
+    /// than 255 registers (the scores of 2 × 16 rows × 64 keys are 64 per lane).
+    pub const fn block_n(head_size: usize) -> usize {
+        if Self::m_tiles(head_size) == 2 && Self::padded(head_size) > 64 { 32 } else { 64 }
+    }
+
     /// Packed rows per CTA.
     pub const fn block_m(head_size: usize) -> usize {
         16 * Self::NUM_WARPS * Self::m_tiles(head_size)
@@ -97,10 +104,10 @@ impl FlashAttnGeometry {
         Self::padded(head_size) + Self::ROW_PAD
     }
 
-    /// Dynamic shared memory: Q `[block_m][row]`, two stages of K and V `[BLOCK_N][row]` halves
+    /// Dynamic shared memory: Q `[block_m][row]`, two stages of K and V `[block_n][row]` halves
     /// (the next tile loads while this one is used), then a flag word (16 bytes kept).
     pub const fn smem_bytes(head_size: usize) -> usize {
-        (Self::block_m(head_size) + 4 * Self::BLOCK_N) * Self::row(head_size) * 2 + 16
+        (Self::block_m(head_size) + 4 * Self::block_n(head_size)) * Self::row(head_size) * 2 + 16
     }
 }
 
