@@ -153,12 +153,11 @@ pub unsafe fn flash_attn_varlen<E: MmaElem, const D: usize>(p: &FlashAttnVarlenP
         // SAFETY: row r of the Q tile; a row below rows_total is a query's head row, 16-byte
         // aligned (host).
         unsafe {
-            let dst = smem.add(r * row + cc * 8);
             if pr < rows_total {
                 let src = q.add((q0 + query(pr)) * p.q_stride_token as usize + head(pr) * p.q_stride_head as usize + cc * 8);
-                tc::cp_async_16(dst, src);
+                tc::cp_async_16(base + ((r * row + cc * 8) * 2) as u32, src);
             } else {
-                store_chunk(dst, Chunk([0; 4]));
+                store_chunk(smem.add(r * row + cc * 8), Chunk([0; 4]));
             }
         }
         c += NT;
@@ -167,30 +166,34 @@ pub unsafe fn flash_attn_varlen<E: MmaElem, const D: usize>(p: &FlashAttnVarlenP
     // K and V rows n0 .. n0 + bn through the block table into stage `st` (rows past the keys: zeros;
     // a bad block id is never read and sets the flag).
     let (k_cache, v_cache) = (p.k_cache as *const u16, p.v_cache as *const u16);
-    let table = p.block_table as *const i32;
-    let bs = p.block_size as usize;
+    // SAFETY: row b of the table (b < batch; the row stride validated).
+    let table = unsafe { (p.block_table as *const i32).add(b * p.block_table_stride as usize) };
+    let bs = p.block_size;
+    // Power-of-two pages (the usual case) split a key index with a shift and a mask.
+    let (pow2, bs_shift) = (bs.is_power_of_two(), bs.trailing_zeros());
+    let (k_head, v_head) = (kvh * p.k_stride_head as usize, kvh * p.v_stride_head as usize);
     let load_kv = |n0: usize, st: usize| {
         let mut c = tid;
         while c < bn * chunks {
             let (r, cc) = (c / chunks, c % chunks);
-            let j = n0 + r;
+            let j = (n0 + r) as u32;
+            let at = stage(st) + r * row + cc * 8;
             // SAFETY: row r of the stage's K/V tiles; j < sk <= max_blocks * block_size, so the
-            // table entry exists (row stride validated); a block id is used only when in range.
+            // table entry exists; a block id is used only when in range.
             unsafe {
-                let (kd, vd) = (smem.add(stage(st) + r * row + cc * 8), smem.add(stage(st) + (bn + r) * row + cc * 8));
-                let blk = if j < sk { *table.add(b * p.block_table_stride as usize + j / bs) } else { -1 };
-                if j < sk && blk >= 0 && (blk as u32) < p.num_blocks {
-                    let (blk, slot) = (blk as usize, j % bs);
-                    let ko = blk * p.k_stride_block as usize + slot * p.k_stride_slot as usize + kvh * p.k_stride_head as usize + cc * 8;
-                    let vo = blk * p.v_stride_block as usize + slot * p.v_stride_slot as usize + kvh * p.v_stride_head as usize + cc * 8;
-                    tc::cp_async_16(kd, k_cache.add(ko));
-                    tc::cp_async_16(vd, v_cache.add(vo));
+                let (page, slot) = if pow2 { (j >> bs_shift, j & (bs - 1)) } else { (j / bs, j % bs) };
+                let blk = if (j as usize) < sk { *table.add(page as usize) } else { -1 };
+                if (j as usize) < sk && blk >= 0 && (blk as u32) < p.num_blocks {
+                    let ko = blk as usize * p.k_stride_block as usize + slot as usize * p.k_stride_slot as usize + k_head + cc * 8;
+                    let vo = blk as usize * p.v_stride_block as usize + slot as usize * p.v_stride_slot as usize + v_head + cc * 8;
+                    tc::cp_async_16(base + (at * 2) as u32, k_cache.add(ko));
+                    tc::cp_async_16(base + ((at + bn * row) * 2) as u32, v_cache.add(vo));
                 } else {
-                    if j < sk {
+                    if (j as usize) < sk {
                         *flag_s = 1;
                     }
-                    store_chunk(kd, Chunk([0; 4]));
-                    store_chunk(vd, Chunk([0; 4]));
+                    store_chunk(smem.add(at), Chunk([0; 4]));
+                    store_chunk(smem.add(at + bn * row), Chunk([0; 4]));
                 }
             }
             c += NT;

@@ -128,14 +128,15 @@ ldmatrix!(
 /// `cp.async.cg.shared.global` of 16 bytes (asynchronous; see [`cp_async_commit`], [`cp_async_wait_all`]).
 ///
 /// # Safety
-/// `dst` is 16-byte aligned shared memory, `src` 16-byte aligned global memory with 16 readable bytes.
+/// `dst` is a 16-byte aligned shared-memory address (see [`shared_addr`]), `src` 16-byte aligned
+/// global memory with 16 readable bytes.
 #[inline(always)]
-pub unsafe fn cp_async_16<T>(dst: *mut T, src: *const T) {
+pub unsafe fn cp_async_16<T>(dst: u32, src: *const T) {
     // SAFETY: the caller's promise.
     unsafe {
         asm!(
             "cp.async.cg.shared.global [{d}], [{s}], 16;",
-            d = in(reg32) shared_addr(dst),
+            d = in(reg32) dst,
             s = in(reg64) src as u64,
             options(nostack)
         )

@@ -178,11 +178,11 @@ unsafe fn mma_probe_of<E: MmaElem>(p: &MmaProbeParams) {
     // SAFETY: the launch gives 64 chunks; the global buffers have the sizes above.
     unsafe {
         let (a_s, k_s, v_s) = (smem, smem.add(32), smem.add(48));
-        tc::cp_async_16(a_s.add(lane), (p.a as *const Chunk).add(lane));
+        tc::cp_async_16(tc::shared_addr(a_s.add(lane)), (p.a as *const Chunk).add(lane));
         if lane < 16 {
-            tc::cp_async_16(k_s.add(lane), (p.k as *const Chunk).add(lane));
+            tc::cp_async_16(tc::shared_addr(k_s.add(lane)), (p.k as *const Chunk).add(lane));
         } else {
-            tc::cp_async_16(v_s.add(lane - 16), (p.v as *const Chunk).add(lane - 16));
+            tc::cp_async_16(tc::shared_addr(v_s.add(lane - 16)), (p.v as *const Chunk).add(lane - 16));
         }
         tc::cp_async_commit();
         tc::cp_async_wait_all();
