@@ -308,6 +308,8 @@ pub fn check_merge(device: &Device, dtype: DType, tokens: usize, heads: usize, h
     let n = tokens * heads * head_size;
     let mut outs: Vec<Vec<f32>> = (0..2).map(|_| (0..n).map(|_| rng.uniform()).collect()).collect();
     let mut lses: Vec<Vec<f32>> = (0..2).map(|_| (0..tokens * heads).map(|_| 30.0 * rng.uniform()).collect()).collect();
+    // Row r of both sides (LSEs and outputs are parallel vectors).
+    #[allow(clippy::needless_range_loop)]
     for r in 0..tokens * heads {
         // Every 7th row: one side empty (alternating -inf and +inf, NaN output); every 11th: both.
         let empty: &[usize] = if r % 11 == 3 {
