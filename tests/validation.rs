@@ -3,7 +3,7 @@
 use pagedattn::layout::{BlockSparse, DType, Fp8Kind, KvCacheDType};
 use pagedattn::testing::{Case, Inputs, Rng};
 use pagedattn::{
-    Device, Error, PagedAttentionArgs, PagedAttentionWorkspace, ScalarType, Tensor, Version, choose_version, paged_attention,
+    Device, Error, PagedAttentionArgs, PagedAttentionWorkspace, ScalarType, Tensor, Version, choose_plan, choose_version, paged_attention,
     paged_attention_v1, paged_attention_v2,
 };
 
@@ -511,24 +511,43 @@ fn workspace_rejects_bad_partitions() {
     expect_err!(PagedAttentionWorkspace::new(&Device::Cpu, usize::MAX, 2, 64, 1000), Error::Value { .. });
     let ws = PagedAttentionWorkspace::new(&Device::Cpu, 4, 8, 128, 1025).unwrap();
     assert_eq!((ws.partition_size(), ws.max_num_partitions(), ws.max_seq_len()), (512, 3, 1025));
-    assert_eq!(PagedAttentionWorkspace::size_bytes(4, 8, 128, 1025), 4 * 4 * 8 * 3 * 130);
+    // At least 4096 partial rows: room for the automatic choice's small partitions.
+    assert_eq!(PagedAttentionWorkspace::size_bytes(4, 8, 128, 1025), 4 * 4096 * 130);
+    assert_eq!(PagedAttentionWorkspace::size_bytes(64, 32, 128, 4096), 4 * 64 * 32 * 8 * 130);
 }
 
 #[test]
 fn automatic_choice_follows_the_bounds() {
-    // One partition: v1 whatever the grid. Longer: v1 only when its CTAs fill 1.5x the SMs.
-    assert_eq!(choose_version(512, 1, 132), Version::V1);
-    assert_eq!(choose_version(513, 1, 132), Version::V2);
+    // One 128-token partition: v1 whatever the grid. Longer: v1 only when its CTAs fill 1.5x the SMs.
+    assert_eq!(choose_version(128, 1, 132), Version::V1);
+    assert_eq!(choose_version(129, 1, 132), Version::V2);
+    assert_eq!(choose_version(512, 1, 132), Version::V2);
     assert_eq!(choose_version(100_000, 197, 132), Version::V2);
     assert_eq!(choose_version(100_000, 198, 132), Version::V1);
     assert_eq!(choose_version(4096, 128, 132), Version::V2);
     assert_eq!(choose_version(4096, 128, 80), Version::V1);
+    // v2's partition size: the largest of 512, 256, 128 whose CTAs fill 1.5x the SMs, else 128
+    // (the H100 sweep in the docs of `choose_plan`).
+    let all = |_| true;
+    assert_eq!(choose_plan(32, 8, 132, 512, all), (Version::V1, 0));
+    assert_eq!(choose_plan(512, 8, 132, 512, all), (Version::V2, 128));
+    assert_eq!(choose_plan(4096, 8, 132, 512, all), (Version::V2, 128));
+    assert_eq!(choose_plan(16384, 8, 132, 512, all), (Version::V2, 512));
+    assert_eq!(choose_plan(512, 128, 132, 512, all), (Version::V2, 256));
+    assert_eq!(choose_plan(4096, 512, 132, 512, all), (Version::V1, 0));
+    // A workspace without room for the small partitions keeps its own size (or v1 for one partition).
+    assert_eq!(choose_plan(4096, 8, 132, 512, |p| p == 512), (Version::V2, 512));
+    assert_eq!(choose_plan(512, 8, 132, 512, |p| p == 512), (Version::V1, 0));
+    // A workspace made with 256-token partitions never gets 512.
+    assert_eq!(choose_plan(16384, 8, 132, 256, all), (Version::V2, 256));
     let inp = base();
     let mut out = Tensor::nan(inp.query.dtype(), inp.query.shape());
     let mut ws = PagedAttentionWorkspace::new(&Device::Cpu, NS, NH, HS, 20).unwrap();
     assert_eq!(paged_attention(&Device::Cpu, &mut out, &inp.args(), &mut ws, Version::Auto).unwrap(), Version::V1);
+    // The block table bounds the length too: its few blocks fit one partition, so v1 even under a
+    // 20k-token workspace.
     let mut ws = PagedAttentionWorkspace::new(&Device::Cpu, NS, NH, HS, 20_000).unwrap();
-    assert_eq!(paged_attention(&Device::Cpu, &mut out, &inp.args(), &mut ws, Version::Auto).unwrap(), Version::V2);
+    assert_eq!(paged_attention(&Device::Cpu, &mut out, &inp.args(), &mut ws, Version::Auto).unwrap(), Version::V1);
     assert_eq!(paged_attention(&Device::Cpu, &mut out, &inp.args(), &mut ws, Version::V1).unwrap(), Version::V1);
 }
 

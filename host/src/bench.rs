@@ -36,6 +36,8 @@ pub struct Config {
     /// Each point is measured once per version (v2 and auto with a workspace bounded by the context).
     #[serde(serialize_with = "ser_versions")]
     pub versions: Vec<Version>,
+    /// v2 and auto run once per partition size (tokens; vLLM's is 512).
+    pub partition_sizes: Vec<usize>,
     pub iters: usize,
     pub warmup: usize,
     /// Points whose KV cache is larger are skipped.
@@ -54,6 +56,10 @@ pub struct Ceilings {
     pub read_bytes: u64,
     pub read_ms: f64,
     pub read_gbps: f64,
+    /// The launch floor: a one-CTA kernel (`util` fill of 16 elements) enqueued back to back, µs per
+    /// launch on the GPU's clock and of CPU (the driver's share of every op's host time).
+    pub launch_gpu_us: f64,
+    pub launch_host_us: f64,
 }
 
 /// Figures of one measured point. Rates use the median time.
@@ -68,6 +74,11 @@ pub struct Measurement {
     pub cold_min_us: f64,
     pub hot_us: f64,
     pub hot_min_us: f64,
+    /// `runs` calls enqueued back to back between one event pair, per call: the GPU's time per
+    /// call when the host keeps ahead, else the host's.
+    pub back_to_back_us: f64,
+    /// CPU time per call (validation, dispatch, launch; no sync) over the same back-to-back runs.
+    pub host_us: f64,
     pub cold_gbps: f64,
     pub hot_gbps: f64,
     /// Cold rate as a percentage of each ceiling.
@@ -94,6 +105,8 @@ pub struct Point {
     /// The version asked for.
     #[serde(serialize_with = "ser_version")]
     pub version: Version,
+    /// v2's partition size (also auto's when it runs v2); 0 for v1.
+    pub partition_size: usize,
     /// Bytes of the allocated K and V caches.
     pub kv_bytes: u64,
     pub skipped: Option<String>,
@@ -165,7 +178,10 @@ pub fn run(device: &Device, cfg: &Config, progress: &mut dyn FnMut(Progress)) ->
             for &batch in &cfg.batches {
                 for &context in &cfg.contexts {
                     for &version in &cfg.versions {
-                        grid.push((dtype, cache, batch, context, version));
+                        let parts: &[usize] = if version == Version::V1 { &[0] } else { &cfg.partition_sizes };
+                        for &partition_size in parts {
+                            grid.push((dtype, cache, batch, context, version, partition_size));
+                        }
                     }
                 }
             }
@@ -173,9 +189,9 @@ pub fn run(device: &Device, cfg: &Config, progress: &mut dyn FnMut(Progress)) ->
     }
     progress(Progress::Ready { ceilings: &ceilings, points: grid.len() });
     let mut points = Vec::with_capacity(grid.len());
-    for (index, &(dtype, cache, batch, context, version)) in grid.iter().enumerate() {
+    for (index, &(dtype, cache, batch, context, version, partition_size)) in grid.iter().enumerate() {
         progress(Progress::Start { index, dtype, cache, batch, context, version });
-        let at = PointAt { dtype, cache, batch, context, version };
+        let at = PointAt { dtype, cache, batch, context, version, partition_size };
         let point = run_point(device, gpu, cfg, &ceilings, &mut flush, at)?;
         // Buffers were freed stream-ordered; wait so the next point's free-memory check sees it.
         gpu.synchronize()?;
@@ -223,6 +239,23 @@ pub(crate) fn time_each(
     events.iter().map(|(s, e)| Ok(s.elapsed_ms(e)? as f64)).collect()
 }
 
+/// `runs` executions of `op` enqueued back to back between one event pair: (µs per run on the
+/// GPU's clock, µs of CPU per run to enqueue them).
+pub(crate) fn back_to_back(gpu: &Gpu, runs: usize, mut op: impl FnMut() -> Result<()>) -> Result<(f64, f64)> {
+    let ev = || gpu.context().new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT));
+    let (start, end) = (ev()?, ev()?);
+    gpu.synchronize()?;
+    start.record(gpu.stream())?;
+    let t0 = std::time::Instant::now();
+    for _ in 0..runs {
+        op()?;
+    }
+    let host = t0.elapsed().as_secs_f64() * 1e6 / runs as f64;
+    end.record(gpu.stream())?;
+    gpu.synchronize()?;
+    Ok((start.elapsed_ms(&end)? as f64 * 1e3 / runs as f64, host))
+}
+
 /// Bytes of each half of the ceiling measurements: 2 GiB, shrunk on small devices (a multiple of 16).
 pub(crate) fn ceiling_half_bytes(gpu: &Gpu) -> Result<usize> {
     let (free, _) = gpu.context().mem_get_info()?;
@@ -261,8 +294,21 @@ fn measure_ceilings(gpu: &Gpu, cfg: &Config) -> Result<Ceilings> {
     drop((buf, out));
     gpu.synchronize()?;
 
+    let mut tiny = gpu.zeros(ScalarType::F32, &[16])?;
+    back_to_back(gpu, 10, || fill_uniform(gpu, &mut tiny, 1, 1.0))?;
+    let (launch_gpu_us, launch_host_us) = back_to_back(gpu, 200, || fill_uniform(gpu, &mut tiny, 1, 1.0))?;
+
     let (copy_bytes, read_bytes) = (2 * half as u64, 2 * half as u64);
-    Ok(Ceilings { copy_bytes, copy_ms, copy_gbps: gbps(copy_bytes, copy_ms), read_bytes, read_ms, read_gbps: gbps(read_bytes, read_ms) })
+    Ok(Ceilings {
+        copy_bytes,
+        copy_ms,
+        copy_gbps: gbps(copy_bytes, copy_ms),
+        read_bytes,
+        read_ms,
+        read_gbps: gbps(read_bytes, read_ms),
+        launch_gpu_us,
+        launch_host_us,
+    })
 }
 
 /// Fill seeds of the query, key and value tensors.
@@ -279,16 +325,17 @@ struct PointAt {
     batch: usize,
     context: usize,
     version: Version,
+    partition_size: usize,
 }
 
 fn run_point(device: &Device, gpu: &Gpu, cfg: &Config, ceilings: &Ceilings, flush: &mut CudaSlice<u8>, at: PointAt) -> Result<Point> {
-    let PointAt { dtype, cache, batch, context, version } = at;
+    let PointAt { dtype, cache, batch, context, version, partition_size } = at;
     let (nh, nkv, hs, bs) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_size, cfg.block_size);
     let (es, ces) = (dtype.size_bytes(), cache.size_bytes(dtype));
     let blocks_per_seq = context.div_ceil(bs).max(1);
     let num_blocks = batch * blocks_per_seq;
     let kv_bytes = (2 * num_blocks * nkv * hs * bs * ces) as u64;
-    let mut point = Point { dtype, cache, batch, context, version, kv_bytes, skipped: None, measured: None };
+    let mut point = Point { dtype, cache, batch, context, version, partition_size, kv_bytes, skipped: None, measured: None };
     let q_bytes = (batch * nh * hs * es) as u64;
     let tables = (batch * (blocks_per_seq + 1) * 4) as u64;
     let (free, _) = gpu.context().mem_get_info()?;
@@ -337,7 +384,8 @@ fn run_point(device: &Device, gpu: &Gpu, cfg: &Config, ceilings: &Ceilings, flus
     };
 
     let stream = gpu.stream();
-    let mut ws = PagedAttentionWorkspace::new(device, batch, nh, hs, context)?;
+    let parts = if partition_size == 0 { pagedattn_layout::DEFAULT_PARTITION_SIZE } else { partition_size };
+    let mut ws = PagedAttentionWorkspace::with_partition_size(device, batch, nh, hs, context, parts)?;
     let mut ran = version;
     let mut op = || -> Result<()> {
         ran = paged_attention(device, &mut out, &args, &mut ws, version)?;
@@ -346,6 +394,7 @@ fn run_point(device: &Device, gpu: &Gpu, cfg: &Config, ceilings: &Ceilings, flus
     time_each(gpu, cfg.warmup, || Ok(()), &mut op)?;
     let cold = time_each(gpu, cfg.iters, || Ok(stream.memset_zeros(flush)?), &mut op)?;
     let hot = time_each(gpu, cfg.iters, || Ok(()), &mut op)?;
+    let (back_to_back_us, host_us) = back_to_back(gpu, cfg.iters.max(20), &mut op)?;
 
     let (cold_ms, cold_min) = median_min(cold);
     let (hot_ms, hot_min) = median_min(hot);
@@ -370,6 +419,8 @@ fn run_point(device: &Device, gpu: &Gpu, cfg: &Config, ceilings: &Ceilings, flus
         cold_min_us: cold_min * 1e3,
         hot_us: hot_ms * 1e3,
         hot_min_us: hot_min * 1e3,
+        back_to_back_us,
+        host_us,
         cold_gbps,
         hot_gbps: gbps(bytes, hot_ms),
         pct_copy: 100.0 * cold_gbps / ceilings.copy_gbps,

@@ -63,7 +63,8 @@ pub use device::{Device, Gpu};
 pub use error::{Error, Result};
 pub use flash_attn::{FlashAttnVarlenArgs, flash_attn_varlen_func, merge_attn_states};
 pub use paged_attention::{
-    PagedAttentionArgs, PagedAttentionWorkspace, Version, choose_version, paged_attention, paged_attention_v1, paged_attention_v2,
+    PagedAttentionArgs, PagedAttentionWorkspace, Version, choose_plan, choose_version, paged_attention, paged_attention_v1,
+    paged_attention_v2,
 };
 pub use tensor::{ScalarType, Storage, Tensor};
 

@@ -113,24 +113,30 @@ fn run(
     }
     let cap = plan.max_num_blocks_per_seq * plan.block_size;
     let max_seq_len = ws.as_ref().map_or(cap, |w| w.max_seq_len.min(cap));
-    let version = match version {
-        Version::Auto => {
-            let geo = plan.geometry();
-            let ctas = plan.num_seqs * geo.head_groups(plan.num_heads, plan.num_kv_heads);
-            let sms = match device {
-                Device::Gpu(g) => g.sm_count,
-                Device::Cpu => NOMINAL_SMS,
-            };
-            choose_version(ws.as_ref().map_or(cap, |w| w.max_seq_len), ctas, sms)
+    let sms = match device {
+        Device::Gpu(g) => g.sm_count,
+        Device::Cpu => NOMINAL_SMS,
+    };
+    let geo = plan.geometry();
+    let v1_ctas = plan.num_seqs * geo.head_groups(plan.num_heads, plan.num_kv_heads);
+    let (version, partition_size) = match (version, &ws) {
+        (Version::Auto, Some(w)) => {
+            let fits = |p: usize| w.fits(plan.num_seqs, plan.num_heads, max_seq_len.div_ceil(p));
+            choose_plan(max_seq_len, v1_ctas, sms, w.partition_size, fits)
         }
-        v => v,
+        (Version::Auto, None) => (Version::V1, 0),
+        (Version::V2, Some(w)) => (Version::V2, w.partition_size),
+        (v, _) => (v, 0),
     };
     if plan.num_seqs == 0 || plan.num_heads == 0 {
         return Ok(version);
     }
     match device {
         Device::Cpu => cpu::paged_attention::run(&plan, out, args)?,
-        Device::Gpu(gpu) => launch_gpu(gpu, &plan, out, args, max_seq_len, if version == Version::V2 { ws } else { None })?,
+        Device::Gpu(gpu) => {
+            let split = if version == Version::V2 { ws.map(|w| (w, partition_size)) } else { None };
+            launch_gpu(gpu, &plan, out, args, max_seq_len, split)?
+        }
     }
     Ok(version)
 }
@@ -183,8 +189,48 @@ const NOMINAL_SMS: usize = 132;
 /// (v1 iff `max_seq_len <= 8192` and `num_seqs × num_heads > 512`) picked v2 for 64 × 16k tokens,
 /// where v1 is 13% faster. Figures: RESULTS.md.
 pub fn choose_version(max_seq_len: usize, v1_ctas: usize, sm_count: usize) -> Version {
-    if max_seq_len <= DEFAULT_PARTITION_SIZE || 2 * v1_ctas >= 3 * sm_count { Version::V1 } else { Version::V2 }
+    choose_plan(max_seq_len, v1_ctas, sm_count, DEFAULT_PARTITION_SIZE, |_| true).0
 }
+
+/// The automatic choice with v2's partition size: v1 when its CTAs fill the GPU (`v1_ctas ≥ 1.5 ×
+/// SMs`); else v2 with the largest partition size of `max_partition`, 256, 128 whose CTAs fill it,
+/// or 128 when none does (v1 when one 128-token partition holds the longest sequence). `fits(p)`
+/// says whether the workspace holds the partials of partition size `p`.
+///
+/// Measured on an H100 (32 q / 8 KV heads, head 128; `results/bench-partition-sweep-h100.json`):
+/// 1 × 4096 takes 39 µs with 512-token partitions (64 CTAs), 26 µs with 128 (256 CTAs); 1 × 512 34
+/// µs (v1: 32) and 19 µs with 128; 16 × 512 43 µs and 35 µs with 256; 1 × 16384 is best at 512
+/// (256 CTAs), where 128-token partitions cost 50% more (the reduce's share grows).
+pub fn choose_plan(
+    max_seq_len: usize,
+    v1_ctas: usize,
+    sm_count: usize,
+    max_partition: usize,
+    fits: impl Fn(usize) -> bool,
+) -> (Version, usize) {
+    let fill = |ctas: usize| 2 * ctas >= 3 * sm_count;
+    if fill(v1_ctas) || max_seq_len <= SMALLEST_PARTITION.min(max_partition) {
+        return (Version::V1, 0);
+    }
+    let mut sizes = vec![max_partition];
+    sizes.extend([256, SMALLEST_PARTITION].into_iter().filter(|&p| p < max_partition));
+    for &p in &sizes {
+        if fill(v1_ctas * max_seq_len.div_ceil(p)) && fits(p) {
+            return (Version::V2, p);
+        }
+    }
+    match sizes.iter().rev().find(|&&p| fits(p)) {
+        Some(&p) if max_seq_len > p => (Version::V2, p),
+        _ if max_seq_len <= max_partition => (Version::V1, 0),
+        _ => (Version::V2, max_partition),
+    }
+}
+
+/// Partial rows every GPU workspace holds at least (4096 × head 128 × 4 B = 2 MiB of `tmp_out`).
+const SPLIT_ROWS: usize = 4096;
+
+/// The smallest partition the automatic choice uses (4 warps × 32 tokens: every warp has a tile).
+const SMALLEST_PARTITION: usize = 128;
 
 /// v1 or v2 as `version` says ([`Version::Auto`]: [`choose_version`] with the workspace's
 /// `max_seq_len` and this call's sizes); returns the version that ran. The workspace's length
@@ -209,6 +255,8 @@ pub struct PagedAttentionWorkspace {
     head_size: usize,
     max_seq_len: usize,
     partition_size: usize,
+    /// Rows (sequence × head × partition) of partials the buffers hold.
+    capacity_rows: usize,
     /// `(tmp_out, exp_sums, max_logits)` on the GPU.
     buffers: Option<(Tensor, Tensor, Tensor)>,
 }
@@ -248,7 +296,10 @@ impl PagedAttentionWorkspace {
             });
         }
         let (rows, ok) = max_num_seqs.overflowing_mul(num_heads);
-        let elems = rows.checked_mul(parts).and_then(|n| n.checked_mul(head_size));
+        // At least SPLIT_ROWS partial rows: room for the automatic choice's smaller partitions when
+        // few sequences are in flight (see `choose_plan`).
+        let capacity_rows = rows.checked_mul(parts).map(|r| r.max(SPLIT_ROWS));
+        let elems = capacity_rows.and_then(|n| n.checked_mul(head_size));
         let Some(elems) = elems.filter(|_| !ok) else {
             return Err(Error::Value { op: OP, what: "workspace size", got: "overflow".into(), why: "bounds too large".into() });
         };
@@ -256,17 +307,24 @@ impl PagedAttentionWorkspace {
             Device::Cpu => None,
             Device::Gpu(g) => Some((
                 g.zeros(ScalarType::F32, &[elems.max(1)])?,
-                g.zeros(ScalarType::F32, &[(rows * parts).max(1)])?,
-                g.zeros(ScalarType::F32, &[(rows * parts).max(1)])?,
+                g.zeros(ScalarType::F32, &[elems / head_size.max(1)])?,
+                g.zeros(ScalarType::F32, &[elems / head_size.max(1)])?,
             )),
         };
-        Ok(PagedAttentionWorkspace { max_num_seqs, num_heads, head_size, max_seq_len, partition_size, buffers })
+        let capacity_rows = elems / head_size.max(1);
+        Ok(PagedAttentionWorkspace { max_num_seqs, num_heads, head_size, max_seq_len, partition_size, capacity_rows, buffers })
     }
 
     /// Device bytes a workspace with these bounds takes (vLLM's partition size).
     pub fn size_bytes(max_num_seqs: usize, num_heads: usize, head_size: usize, max_seq_len: usize) -> usize {
         let parts = max_seq_len.div_ceil(DEFAULT_PARTITION_SIZE).max(1);
-        4 * max_num_seqs * num_heads * parts * (head_size + 2)
+        4 * (max_num_seqs * num_heads * parts).max(SPLIT_ROWS) * (head_size + 2)
+    }
+
+    /// Whether the partials of `num_seqs × num_heads × parts` rows fit (and the reduce can weigh
+    /// `parts` partitions).
+    fn fits(&self, num_seqs: usize, num_heads: usize, parts: usize) -> bool {
+        num_seqs * num_heads * parts <= self.capacity_rows && parts <= max_reduce_partitions()
     }
 
     pub fn max_seq_len(&self) -> usize {
@@ -577,7 +635,7 @@ fn launch_gpu(
     out: &mut Tensor,
     a: &PagedAttentionArgs,
     max_seq_len: usize,
-    ws: Option<&mut PagedAttentionWorkspace>,
+    split: Option<(&mut PagedAttentionWorkspace, usize)>,
 ) -> Result<()> {
     let variant = dispatch::paged_attention(plan.dtype, plan.cache, plan.head_size, plan.block_size)?;
     // Host-resident tables were checked in `validate`; copy them (freed stream-ordered after the kernel).
@@ -597,10 +655,10 @@ fn launch_gpu(
     };
     let ptr = |t: &Tensor| t.device_ptr().expect("validated: on the GPU");
     let sparse = a.blocksparse.filter(BlockSparse::is_sparse).unwrap_or_default();
-    let (tmp_out, exp_sums, max_logits, partition_size, parts) = match &ws {
-        Some(w) => {
+    let (tmp_out, exp_sums, max_logits, partition_size, parts) = match &split {
+        Some((w, p)) => {
             let (t, e, m) = w.buffers.as_ref().expect("checked: a GPU workspace");
-            (ptr(t), ptr(e), ptr(m), w.partition_size, w.max_num_partitions())
+            (ptr(t), ptr(e), ptr(m), *p, max_seq_len.div_ceil(*p).max(1))
         }
         None => (0, 0, 0, 0, 1),
     };

@@ -43,6 +43,9 @@ pub struct BenchArgs {
     /// (the library's choice).
     #[arg(long, value_delimiter = ',', default_value = "v1,v2,auto")]
     version: Vec<Version>,
+    /// paged-attention: v2 partition sizes (tokens, multiples of 32); v2 and auto run once per size.
+    #[arg(long, value_delimiter = ',', default_value = "512")]
+    partition_size: Vec<usize>,
     /// reshape ops: tokens written per call (one run of consecutive slots through shuffled blocks).
     #[arg(long, value_delimiter = ',', default_value = "16,256,2048,8192")]
     tokens: Vec<usize>,
@@ -114,6 +117,7 @@ fn attention(a: &BenchArgs) -> CliResult {
         head_size: a.head_size,
         block_size: a.block_size,
         versions: a.version.clone(),
+        partition_sizes: a.partition_size.clone(),
         iters: a.iters as usize,
         warmup: a.warmup as usize,
         max_kv_bytes: max_bytes(a),
@@ -136,17 +140,33 @@ fn attention(a: &BenchArgs) -> CliResult {
             pb.set_length(points as u64);
             pb.suspend(|| {
                 println!(
-                    "ceilings: copy {:.0} GB/s ({} read+written, {:.3} ms), stream read {:.0} GB/s ({}, {:.3} ms)\n",
+                    "ceilings: copy {:.0} GB/s ({} read+written, {:.3} ms), stream read {:.0} GB/s ({}, {:.3} ms); \
+                     launch floor {:.1} µs GPU, {:.1} µs host (one-CTA kernel back to back)\n",
                     c.copy_gbps,
                     gib(c.copy_bytes),
                     c.copy_ms,
                     c.read_gbps,
                     gib(c.read_bytes),
-                    c.read_ms
+                    c.read_ms,
+                    c.launch_gpu_us,
+                    c.launch_host_us
                 );
                 println!(
-                    "{:<5} {:>8} {:>6} {:>8} {:>7} {:>10} {:>10} {:>10} {:>10} {:>7} {:>7} {:>9}",
-                    "dtype", "cache", "batch", "context", "kernel", "KV MB", "cold µs", "hot µs", "cold GB/s", "% copy", "% read", "rel-L2"
+                    "{:<5} {:>8} {:>6} {:>8} {:>7} {:>10} {:>10} {:>10} {:>8} {:>8} {:>10} {:>7} {:>7} {:>9}",
+                    "dtype",
+                    "cache",
+                    "batch",
+                    "context",
+                    "kernel",
+                    "KV MB",
+                    "cold µs",
+                    "hot µs",
+                    "b2b µs",
+                    "host µs",
+                    "cold GB/s",
+                    "% copy",
+                    "% read",
+                    "rel-L2"
                 );
             });
         }
@@ -178,17 +198,20 @@ fn attention(a: &BenchArgs) -> CliResult {
 }
 
 fn attention_row(p: &bench::Point) -> String {
+    let part = |v: Version| if v == Version::V2 && p.partition_size != 512 { format!("/{}", p.partition_size) } else { String::new() };
     let kernel = match (&p.measured, p.version) {
-        (Some(m), Version::Auto) => format!("auto={}", m.ran),
-        _ => p.version.to_string(),
+        (Some(m), Version::Auto) => format!("auto={}{}", m.ran, part(m.ran)),
+        _ => format!("{}{}", p.version, part(p.version)),
     };
     let head =
         format!("{:<5} {:>8} {:>6} {:>8} {:>7} {:>10.1}", p.dtype, p.cache.name(), p.batch, p.context, kernel, p.kv_bytes as f64 / 1e6);
     match (&p.measured, &p.skipped) {
         (Some(m), _) => format!(
-            "{head} {:>10.1} {:>10.1} {:>10.0} {:>6.1}% {:>6.1}% {:>8.1e}{}",
+            "{head} {:>10.1} {:>10.1} {:>8.1} {:>8.1} {:>10.0} {:>6.1}% {:>6.1}% {:>8.1e}{}",
             m.cold_us,
             m.hot_us,
+            m.back_to_back_us,
+            m.host_us,
             m.cold_gbps,
             m.pct_copy,
             m.pct_stream_read,
