@@ -234,6 +234,9 @@ pub fn kernel_variants() -> &'static [KernelVariant] {
             };
         }
         pagedattn_layout::for_each_flash_attn_variant!(push_flash);
+        for &d in DTYPES {
+            table.push(of(KernelFamily::FlashAttn, "merge_attn_states", Some(d), merge_attn_states(d)));
+        }
         for family in [KernelFamily::PagedAttention, KernelFamily::PagedAttentionFp8] {
             for &d in DTYPES {
                 table.push(of(family, "paged_attention_v2_reduce", Some(d), paged_attention_v2_reduce(d)));

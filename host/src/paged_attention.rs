@@ -259,6 +259,12 @@ pub struct PagedAttentionWorkspace {
     capacity_rows: usize,
     /// `(tmp_out, exp_sums, max_logits)` on the GPU.
     buffers: Option<(Tensor, Tensor, Tensor)>,
+    /// Arrival counters `[max_num_seqs × num_heads]` (u32, zero between launches) on the GPU: the
+    /// last partition CTA of a sequence merges the partials in the same launch.
+    counters: Option<Tensor>,
+    /// Merge in the partition kernel or with the separate reduce launch (default; see
+    /// [`PagedAttentionWorkspace::set_fused_reduce`]).
+    fused_reduce: bool,
 }
 
 impl PagedAttentionWorkspace {
@@ -312,7 +318,21 @@ impl PagedAttentionWorkspace {
             )),
         };
         let capacity_rows = elems / head_size.max(1);
-        Ok(PagedAttentionWorkspace { max_num_seqs, num_heads, head_size, max_seq_len, partition_size, capacity_rows, buffers })
+        let counters = match device {
+            Device::Cpu => None,
+            Device::Gpu(g) => Some(g.zeros(ScalarType::I32, &[rows.max(1)])?),
+        };
+        Ok(PagedAttentionWorkspace {
+            max_num_seqs,
+            num_heads,
+            head_size,
+            max_seq_len,
+            partition_size,
+            capacity_rows,
+            buffers,
+            counters,
+            fused_reduce: false,
+        })
     }
 
     /// Device bytes a workspace with these bounds takes (vLLM's partition size).
@@ -329,6 +349,14 @@ impl PagedAttentionWorkspace {
 
     pub fn max_seq_len(&self) -> usize {
         self.max_seq_len
+    }
+
+    /// v2 merges the partitions in the partition kernel (`true`: one launch, the last CTA of each
+    /// sequence merges) or in the separate reduce kernel (`false`, the default: vLLM's two launches).
+    /// Measured on the H100 (NOTES.md): fused halves the host time of a v2 call (8–11 → 4–5 µs) but
+    /// its serial merge in one CTA makes small decodes slower on the GPU (1 × 4096: 26 → 32 µs).
+    pub fn set_fused_reduce(&mut self, fused: bool) {
+        self.fused_reduce = fused;
     }
 
     pub fn partition_size(&self) -> usize {
@@ -655,12 +683,13 @@ fn launch_gpu(
     };
     let ptr = |t: &Tensor| t.device_ptr().expect("validated: on the GPU");
     let sparse = a.blocksparse.filter(BlockSparse::is_sparse).unwrap_or_default();
-    let (tmp_out, exp_sums, max_logits, partition_size, parts) = match &split {
+    let (tmp_out, exp_sums, max_logits, partition_size, parts, counters) = match &split {
         Some((w, p)) => {
             let (t, e, m) = w.buffers.as_ref().expect("checked: a GPU workspace");
-            (ptr(t), ptr(e), ptr(m), *p, max_seq_len.div_ceil(*p).max(1))
+            let c = if w.fused_reduce { w.counters.as_ref().map(ptr).unwrap_or(0) } else { 0 };
+            (ptr(t), ptr(e), ptr(m), *p, max_seq_len.div_ceil(*p).max(1), c)
         }
-        None => (0, 0, 0, 0, 1),
+        None => (0, 0, 0, 0, 1, 0),
     };
     let params = PagedAttentionParams {
         out: ptr(out),
@@ -676,6 +705,7 @@ fn launch_gpu(
         max_logits,
         k_scale: if plan.cache == KvCacheDType::Auto { 0 } else { a.k_scale.map(ptr).unwrap_or(0) },
         v_scale: if plan.cache == KvCacheDType::Auto { 0 } else { a.v_scale.map(ptr).unwrap_or(0) },
+        counters,
         partition_size: partition_size as u32,
         max_num_partitions: parts as u32,
         num_seqs: plan.num_seqs as u32,
@@ -709,10 +739,12 @@ fn launch_gpu(
     let func = gpu.function(variant.family(), variant.symbol)?;
     // SAFETY: `PagedAttentionParams` is the kernel's parameter type; `validate` checked every shape,
     // stride, dtype and size the kernel addresses with, the workspace check sized the v2 buffers for
-    // `num_seqs x num_heads x max_num_partitions x head_size`, and the tables' device copies live
-    // until the stream-ordered free after the kernel; device-side indices are guarded in the kernel.
+    // `num_seqs x num_heads x max_num_partitions x head_size` and its counters for num_seqs x
+    // head_groups (<= num_heads) words, zero between launches (each launch's last CTA resets what it
+    // counted), and the tables' device copies live until the stream-ordered free after the kernel;
+    // device-side indices are guarded in the kernel.
     unsafe { launch::launch(gpu.stream(), &func, cfg, &params) }?;
-    if partition_size == 0 {
+    if partition_size == 0 || counters != 0 {
         return Ok(());
     }
     let reduce = PagedAttentionReduceParams {

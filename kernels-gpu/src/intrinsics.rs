@@ -68,6 +68,13 @@ pub fn grid_dim_x() -> usize {
     unsafe { nvptx::_grid_dim_x() as usize }
 }
 
+/// `gridDim.y`.
+#[inline(always)]
+pub fn grid_dim_y() -> usize {
+    // SAFETY: reads a special register.
+    unsafe { nvptx::_grid_dim_y() as usize }
+}
+
 /// `__syncthreads()`: every thread of the CTA must reach it (uniform control flow).
 #[inline(always)]
 pub fn sync_threads() {
@@ -189,6 +196,24 @@ pub fn fmax(a: f32, b: f32) -> f32 {
 pub unsafe fn atomic_or(p: *mut u32, v: u32) {
     // SAFETY: the caller guarantees `p` is valid and aligned.
     unsafe { AtomicU32::from_ptr(p) }.fetch_or(v, Ordering::Relaxed);
+}
+
+/// `atomicAdd` on a global `u32`; returns the old value.
+///
+/// # Safety
+/// `p` is a valid, 4-byte aligned device pointer.
+#[inline(always)]
+pub unsafe fn atomic_add(p: *mut u32, v: u32) -> u32 {
+    // SAFETY: the caller guarantees `p` is valid and aligned.
+    unsafe { AtomicU32::from_ptr(p) }.fetch_add(v, Ordering::Relaxed)
+}
+
+/// `fence.acq_rel.gpu` (CUDA's `__threadfence()`): this thread's earlier writes are visible
+/// GPU-wide before its later ones (and reads after it see what fenced writers published).
+#[inline(always)]
+pub fn fence_gpu() {
+    // SAFETY: no operands; not `nomem`, so the compiler keeps memory accesses on their side.
+    unsafe { core::arch::asm!("fence.acq_rel.gpu;", options(nostack)) };
 }
 
 /// 16 bytes, 16-byte aligned: the unit of every K/V load (`ld.global.v4.u32`).

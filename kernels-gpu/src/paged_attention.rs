@@ -45,8 +45,8 @@
 //! never used to address memory; the sequence's output is NaN and a flag is OR-ed into the status word.
 
 use crate::intrinsics::{
-    Chunk, Element, KvElement, atomic_or, ballot, block_idx_x, block_idx_y, block_idx_z, dynamic_smem, exp2, fma, fmax, load_chunk,
-    load_half_chunk, shfl_xor, sync_threads, sync_warp, thread_idx_x, warp_max, warp_sum,
+    Chunk, Element, KvElement, atomic_add, atomic_or, ballot, block_idx_x, block_idx_y, block_idx_z, dynamic_smem, exp2, fence_gpu, fma,
+    fmax, grid_dim_y, load_chunk, load_half_chunk, shfl_xor, sync_threads, sync_warp, thread_idx_x, warp_max, warp_sum,
 };
 use pagedattn_layout::{
     BlockSparse, PagedAttentionGeometry as Geometry, PagedAttentionParams, PagedAttentionReduceParams, REDUCE_THREADS, status,
@@ -190,14 +190,18 @@ pub unsafe fn paged_attention<T: Element, C: KvElement, const HEAD_SIZE: usize, 
         if whole {
             // SAFETY: validated output.
             unsafe { cta.write_out::<T, HEAD_SIZE>(p, |_, _| f32::NAN) };
-        } else if tid < cta.num_heads_here {
-            // A NaN sum makes the reduce write NaN.
-            let row = (cta.seq * p.num_heads as usize + cta.head0 + tid) * p.max_num_partitions as usize + cta.part;
-            // SAFETY: `[num_seqs, num_heads, max_num_partitions]` rows (host-sized), part < max_num_partitions.
-            unsafe {
-                *(p.max_logits as *mut f32).add(row) = 0.0;
-                *(p.exp_sums as *mut f32).add(row) = f32::NAN;
+        } else {
+            if tid < cta.num_heads_here {
+                // A NaN sum makes the reduce write NaN.
+                let row = (cta.seq * p.num_heads as usize + cta.head0 + tid) * p.max_num_partitions as usize + cta.part;
+                // SAFETY: `[num_seqs, num_heads, max_num_partitions]` rows (host-sized), part < max_num_partitions.
+                unsafe {
+                    *(p.max_logits as *mut f32).add(row) = 0.0;
+                    *(p.exp_sums as *mut f32).add(row) = f32::NAN;
+                }
             }
+            // SAFETY: the partials are written; the flag word of the carve-up is unused so far.
+            unsafe { arrive::<T, HEAD_SIZE>(p, &cta, seq_len.div_ceil(psize), dynamic_smem().add(carve.flag) as *mut u32) };
         }
         return;
     }
@@ -498,6 +502,73 @@ pub unsafe fn paged_attention<T: Element, C: KvElement, const HEAD_SIZE: usize, 
             *(p.max_logits as *mut f32).add(row(tid)) = mx;
             *(p.exp_sums as *mut f32).add(row(tid)) = if bad { f32::NAN } else { den };
         }
+    }
+    // SAFETY: this CTA's partials are written; flag_s is the CTA's flag word (its last read, `bad`,
+    // was before a barrier every thread passed).
+    unsafe { arrive::<T, HEAD_SIZE>(p, &cta, seq_len.div_ceil(psize), flag_s) };
+}
+
+/// v2 with arrival counters (`p.counters != 0`): every partition CTA of a split sequence calls this
+/// after writing its partials; the last of the sequence's `n` CTAs of this head group merges them
+/// into `out` (as [`paged_attention_v2_reduce`] does) and resets the counter for the next launch.
+/// One launch instead of two: no kernel boundary, one host launch.
+///
+/// # Safety
+/// Every thread of the CTA calls it (barriers inside); `flag_s` is a shared word free for reuse;
+/// the partials of this CTA are written.
+#[inline(always)]
+unsafe fn arrive<T: Element, const HEAD_SIZE: usize>(p: &PagedAttentionParams, cta: &Cta, n: usize, flag_s: *mut u32) {
+    if p.counters == 0 {
+        return;
+    }
+    let tid = thread_idx_x();
+    // Publish this CTA's partials before its arrival is counted.
+    fence_gpu();
+    sync_threads();
+    if tid == 0 {
+        // SAFETY: `[num_seqs, gridDim.y]` counters (host-sized); seq < num_seqs, block_idx_y < gridDim.y.
+        unsafe {
+            let counter = (p.counters as *mut u32).add(cta.seq * grid_dim_y() + block_idx_y());
+            let last = atomic_add(counter, 1) as usize + 1 == n;
+            if last {
+                // Every partition has arrived: nobody else touches the counter in this launch.
+                *counter = 0;
+            }
+            *flag_s = last as u32;
+        }
+    }
+    sync_threads();
+    // SAFETY: written by thread 0 before the barrier.
+    if unsafe { *flag_s } == 0 {
+        return;
+    }
+    fence_gpu();
+    let parts = p.max_num_partitions as usize;
+    let (max_logits, exp_sums, tmp) = (p.max_logits as *const f32, p.exp_sums as *const f32, p.tmp_out as *const f32);
+    let out = p.out as *mut T;
+    let mut i = tid;
+    while i < cta.num_heads_here * HEAD_SIZE {
+        let (g, d) = (i / HEAD_SIZE, i % HEAD_SIZE);
+        let base = (cta.seq * p.num_heads as usize + cta.head0 + g) * parts;
+        // Other CTAs' partials: volatile loads (not from this SM's L1), after the fence.
+        // SAFETY: rows base .. base + n of the workspace, n <= max_num_partitions (host-checked lengths).
+        unsafe {
+            let mut mx = f32::NEG_INFINITY;
+            for k in 0..n {
+                mx = fmax(mx, max_logits.add(base + k).read_volatile());
+            }
+            let (mut sum, mut acc) = (0f32, 0f32);
+            for k in 0..n {
+                let (m, l) = (max_logits.add(base + k).read_volatile(), exp_sums.add(base + k).read_volatile());
+                let w = if m == f32::NEG_INFINITY { 0.0 * l } else { exp2(m - mx) * l };
+                sum += w;
+                acc = fma(w, tmp.add((base + k) * HEAD_SIZE + d).read_volatile(), acc);
+            }
+            let off = cta.seq * p.out_stride_seq as usize + (cta.head0 + g) * p.out_stride_head as usize + d;
+            // SAFETY: host-validated output shape and strides.
+            *out.add(off) = T::from_f32(acc / sum);
+        }
+        i += NUM_THREADS;
     }
 }
 

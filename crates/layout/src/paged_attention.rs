@@ -54,6 +54,10 @@ pub struct PagedAttentionParams {
     /// positive gives NaN outputs and `BAD_SCALE`.
     pub k_scale: u64,
     pub v_scale: u64,
+    /// v2: `*mut u32` arrival counters `[num_seqs, gridDim.y]`, zero between launches; the last
+    /// partition CTA of a split sequence merges the partials into `out` and resets its counter. 0:
+    /// the partials are left for the separate `paged_attention_v2_reduce` launch.
+    pub counters: u64,
     /// Tokens per partition (a multiple of [`PagedAttentionGeometry::TILE`]), or 0 for v1.
     pub partition_size: u32,
     /// Partitions the workspace holds per (sequence, head) = the grid's z extent (v2); longer
@@ -144,7 +148,7 @@ impl BlockSparse {
     }
 }
 
-const _: () = assert!(core::mem::size_of::<PagedAttentionParams>() == 13 * 8 + 22 * 4);
+const _: () = assert!(core::mem::size_of::<PagedAttentionParams>() == 14 * 8 + 22 * 4);
 const _: () = assert!(core::mem::align_of::<PagedAttentionParams>() == 8);
 
 impl PagedAttentionParams {
