@@ -21,7 +21,7 @@ use pagedattn_layout::{
     CopyBlocksParams, DType, KernelFamily, KvCacheDType, ReshapeAndCacheFlashParams, ReshapeAndCacheParams, SwapBlocksParams,
 };
 
-use crate::device::{Device, Gpu};
+use crate::device::{Device, Gpu, check_placement};
 use crate::error::{Error, Result};
 use crate::tensor::{ScalarType, Tensor, contiguous_strides};
 use crate::{cpu, dispatch, launch};
@@ -222,27 +222,6 @@ fn inner_contiguous(t: &Tensor, from: usize) -> bool {
     t.shape()[from..].iter().zip(&t.strides()[from..]).zip(&want).all(|((&n, &s), &w)| n <= 1 || s == w)
 }
 
-/// Checks that every tensor is on the op's device: device memory for the GPU, pageable host memory
-/// for the CPU backend. `tables` may be host data on the GPU (pageable or pinned: checked, then
-/// uploaded), so they are only checked for the CPU backend.
-fn check_placement(
-    op: &'static str,
-    device: &Device,
-    tensors: &[(&'static str, &Tensor)],
-    tables: &[(&'static str, &Tensor)],
-) -> Result<()> {
-    let on_gpu = matches!(device, Device::Gpu(_));
-    let want = if on_gpu { "GPU" } else { "CPU" };
-    let extra: &[(&'static str, &Tensor)] = if on_gpu { &[] } else { tables };
-    for &(name, t) in tensors.iter().chain(extra) {
-        let here = if on_gpu { t.is_gpu() } else { t.is_cpu() };
-        if !here {
-            return Err(Error::Device { op, tensor: name, got: t.storage().location(), expected: want });
-        }
-    }
-    Ok(())
-}
-
 /// Everything the host can check for a reshape op without reading device memory, and the contents
 /// of a host `slot_mapping`.
 #[allow(clippy::too_many_arguments)]
@@ -289,9 +268,8 @@ pub fn validate_reshape(
         }
     }
     if let Some(sc) = scales {
-        let on_gpu = matches!(device, Device::Gpu(_));
-        crate::paged_attention::check_fp8_scale(op, "k_scale", Some(sc.k_scale), on_gpu)?;
-        crate::paged_attention::check_fp8_scale(op, "v_scale", Some(sc.v_scale), on_gpu)?;
+        crate::paged_attention::check_fp8_scale(op, "k_scale", Some(sc.k_scale), device)?;
+        crate::paged_attention::check_fp8_scale(op, "v_scale", Some(sc.v_scale), device)?;
     }
     if value.shape() != key.shape() {
         return Err(shape_err(op, "value", value, format!("{:?} (the key's)", key.shape())));

@@ -175,3 +175,24 @@ impl Gpu {
         KernelFamily::ALL.into_iter().filter(|f| self.modules[f.index()].get().is_some()).collect()
     }
 }
+
+/// Checks that every tensor is on the op's device: device memory for the GPU, pageable host memory
+/// for the CPU backend. `tables` may be host data on the GPU (pageable or pinned: checked, then
+/// uploaded), so they are only checked for the CPU backend.
+pub(crate) fn check_placement(
+    op: &'static str,
+    device: &Device,
+    tensors: &[(&'static str, &Tensor)],
+    tables: &[(&'static str, &Tensor)],
+) -> Result<()> {
+    let on_gpu = matches!(device, Device::Gpu(_));
+    let want = if on_gpu { "GPU" } else { "CPU" };
+    let extra: &[(&'static str, &Tensor)] = if on_gpu { &[] } else { tables };
+    for &(name, t) in tensors.iter().chain(extra) {
+        let here = if on_gpu { t.is_gpu() } else { t.is_cpu() };
+        if !here {
+            return Err(Error::Device { op, tensor: name, got: t.storage().location(), expected: want });
+        }
+    }
+    Ok(())
+}

@@ -20,7 +20,7 @@ use cudarc::driver::LaunchConfig;
 use cudarc::driver::sys::CUfunction_attribute;
 use pagedattn_layout::{FlashAttnGeometry, FlashAttnVarlenParams, KernelFamily, MERGE_THREADS, MergeAttnStatesParams};
 
-use crate::device::{Device, Gpu};
+use crate::device::{Device, Gpu, check_placement};
 use crate::error::{Error, Result};
 use crate::tensor::{ScalarType, Tensor};
 use crate::{cpu, dispatch, launch};
@@ -291,7 +291,6 @@ pub fn validate(device: &Device, out: &Tensor, lse: Option<&Tensor>, a: &FlashAt
     let window = (usize::try_from(left).ok(), if a.causal { Some(0) } else { usize::try_from(right).ok() });
 
     // Placement: tensors on the op's device; tables may be host data (checked here).
-    let on_gpu = matches!(device, Device::Gpu(_));
     let mut placed = vec![("q", q), ("k", a.k), ("v", a.v), ("out", out)];
     if let Some(l) = lse {
         placed.push(("softmax_lse", l));
@@ -299,15 +298,7 @@ pub fn validate(device: &Device, out: &Tensor, lse: Option<&Tensor>, a: &FlashAt
     if let Some(al) = a.alibi_slopes {
         placed.push(("alibi_slopes", al));
     }
-    if !on_gpu {
-        placed.extend([("cu_seqlens_q", cu), ("seqused_k", a.seqused_k), ("block_table", bt)]);
-    }
-    for (name, t) in placed {
-        let here = if on_gpu { t.is_gpu() } else { t.is_cpu() };
-        if !here {
-            return Err(Error::Device { op: OP, tensor: name, got: t.storage().location(), expected: if on_gpu { "GPU" } else { "CPU" } });
-        }
-    }
+    check_placement(OP, device, &placed, &[("cu_seqlens_q", cu), ("seqused_k", a.seqused_k), ("block_table", bt)])?;
 
     let plan = VarlenPlan { dtype, batch, total_q, num_heads, num_kv_heads, head_size, num_blocks, block_size, max_blocks, scale, window };
     if cu.is_host() {
@@ -396,26 +387,15 @@ pub fn merge_attn_states(
             return Err(shape_err(MERGE, name, t, format!("{lse_shape:?} f32")));
         }
     }
-    let on_gpu = matches!(device, Device::Gpu(_));
-    for (name, t) in [
+    let mut placed = vec![
         ("prefix_output", prefix_output),
         ("suffix_output", suffix_output),
         ("output", &*output),
         ("prefix_lse", prefix_lse),
         ("suffix_lse", suffix_lse),
-    ]
-    .into_iter()
-    .chain(output_lse.as_deref().map(|t| ("output_lse", t)))
-    {
-        if !(if on_gpu { t.is_gpu() } else { t.is_cpu() }) {
-            return Err(Error::Device {
-                op: MERGE,
-                tensor: name,
-                got: t.storage().location(),
-                expected: if on_gpu { "GPU" } else { "CPU" },
-            });
-        }
-    }
+    ];
+    placed.extend(output_lse.as_deref().map(|t| ("output_lse", t)));
+    check_placement(MERGE, device, &placed, &[])?;
     if num_tokens == 0 || num_heads == 0 {
         return Ok(());
     }

@@ -12,7 +12,7 @@ use pagedattn_layout::{
     PagedAttentionParams, PagedAttentionReduceParams, REDUCE_THREADS,
 };
 
-use crate::device::{Device, Gpu};
+use crate::device::{Device, Gpu, check_placement};
 use crate::error::{Error, Result};
 use crate::tensor::{ScalarType, Tensor};
 use crate::{cpu, dispatch, launch};
@@ -545,10 +545,9 @@ pub fn validate(device: &Device, out: &Tensor, a: &PagedAttentionArgs) -> Result
             return Err(bad("blocksparse.local_blocks", "0".into(), "must be at least 1 (a query attends its own block)".into()));
         }
     }
-    let on_gpu = matches!(device, Device::Gpu(_));
     if cache != KvCacheDType::Auto {
         for (name, t) in [("k_scale", a.k_scale), ("v_scale", a.v_scale)] {
-            check_fp8_scale(OP, name, t, on_gpu)?;
+            check_fp8_scale(OP, name, t, device)?;
         }
     }
     // Strides and sizes travel as u32 in the params; grid.y is limited to 65535.
@@ -575,20 +574,11 @@ pub fn validate(device: &Device, out: &Tensor, a: &PagedAttentionArgs) -> Result
     }
 
     // Device placement: everything on the op's device, except tables that may be host data.
-    let want = if on_gpu { "GPU" } else { "CPU" };
     let mut placed: Vec<(&'static str, &Tensor)> = vec![("query", q), ("key_cache", k), ("value_cache", v), ("out", out)];
     if let Some(al) = a.alibi_slopes {
         placed.push(("alibi_slopes", al));
     }
-    if !on_gpu {
-        placed.extend([("block_tables", bt), ("seq_lens", sl)]);
-    }
-    for (name, t) in placed {
-        let here = if on_gpu { t.is_gpu() } else { t.is_cpu() };
-        if !here {
-            return Err(Error::Device { op: OP, tensor: name, got: t.storage().location(), expected: want });
-        }
-    }
+    check_placement(OP, device, &placed, &[("block_tables", bt), ("seq_lens", sl)])?;
 
     let plan = Plan { dtype, cache, num_seqs, num_heads, num_kv_heads, head_size, block_size, num_blocks, max_num_blocks_per_seq };
     if bt.is_host() && sl.is_host() {
@@ -601,18 +591,15 @@ pub fn validate(device: &Device, out: &Tensor, a: &PagedAttentionArgs) -> Result
 
 /// An fp8 scale: present, `[1]` (or 0-d) f32 on the op's device; on the CPU, also finite and
 /// positive (device values are the kernels' to check: `BAD_SCALE`).
-pub(crate) fn check_fp8_scale(op: &'static str, name: &'static str, t: Option<&Tensor>, on_gpu: bool) -> Result<()> {
+pub(crate) fn check_fp8_scale(op: &'static str, name: &'static str, t: Option<&Tensor>, device: &Device) -> Result<()> {
     let Some(t) = t else {
         return Err(Error::Value { op, what: name, got: "None".into(), why: "fp8 caches need k_scale and v_scale".into() });
     };
     if t.dtype() != ScalarType::F32 || t.numel() != 1 {
         return Err(Error::Shape { op, tensor: name, got: t.shape().to_vec(), expected: "[1] f32".into() });
     }
-    let here = if on_gpu { t.is_gpu() } else { t.is_cpu() };
-    if !here {
-        return Err(Error::Device { op, tensor: name, got: t.storage().location(), expected: if on_gpu { "GPU" } else { "CPU" } });
-    }
-    if !on_gpu {
+    check_placement(op, device, &[(name, t)], &[])?;
+    if matches!(device, Device::Cpu) {
         let v = t.to_f64_vec()[0];
         if !(v > 0.0 && v.is_finite()) {
             return Err(Error::HostData { op, what: format!("{name} = {v} must be finite and positive") });
