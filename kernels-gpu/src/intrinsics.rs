@@ -216,6 +216,67 @@ pub fn fence_gpu() {
     unsafe { core::arch::asm!("fence.acq_rel.gpu;", options(nostack)) };
 }
 
+/// `ld.global.cg.f32`: a load cached in the L2 only, for data other CTAs wrote during this launch
+/// (read after a fence that orders it).
+///
+/// # Safety
+/// `p` is a valid, 4-byte aligned global address.
+#[inline(always)]
+pub unsafe fn load_cg(p: *const f32) -> f32 {
+    let r: f32;
+    // SAFETY: the caller's promise; not `pure` (house rule for device asm).
+    unsafe { core::arch::asm!("ld.global.cg.f32 {r}, [{p}];", r = out(reg32) r, p = in(reg64) p as u64, options(nostack, readonly)) };
+    r
+}
+
+/// Four f32 with one `ld.global.cg.v4.f32` (see [`load_cg`]).
+///
+/// # Safety
+/// `p` is a valid, 16-byte aligned global address of four f32.
+#[inline(always)]
+pub unsafe fn load_cg4(p: *const f32) -> [f32; 4] {
+    let (a, b, c, d): (f32, f32, f32, f32);
+    // SAFETY: the caller's promise; not `pure` (house rule for device asm).
+    unsafe {
+        core::arch::asm!(
+            "ld.global.cg.v4.f32 {{{a}, {b}, {c}, {d}}}, [{p}];",
+            a = out(reg32) a,
+            b = out(reg32) b,
+            c = out(reg32) c,
+            d = out(reg32) d,
+            p = in(reg64) p as u64,
+            options(nostack, readonly)
+        )
+    };
+    [a, b, c, d]
+}
+
+/// Asks the L2 to fetch `bytes` bytes at `p` from device memory, so later loads hit the L2: one
+/// `cp.async.bulk.prefetch.L2` with PTX 8.0 (sm_90 builds), else `prefetch.global.L2` per 128-byte
+/// line. Nothing waits for it and no register holds the data: bytes in flight that cost no
+/// occupancy.
+///
+/// # Safety
+/// `p` is 16-byte aligned global memory and `bytes` a multiple of 16, the range inside one
+/// allocation.
+#[inline(always)]
+pub unsafe fn prefetch_l2<T>(p: *const T, bytes: usize) {
+    #[cfg(target_feature = "ptx80")]
+    // SAFETY: the caller's promise; not `pure` (house rule for device asm).
+    unsafe {
+        core::arch::asm!("cp.async.bulk.prefetch.L2.global [{p}], {n};", p = in(reg64) p as u64, n = in(reg32) bytes as u32, options(nostack))
+    };
+    #[cfg(not(target_feature = "ptx80"))]
+    {
+        let mut off = 0;
+        while off < bytes {
+            // SAFETY: the caller's promise (a prefetch never faults).
+            unsafe { core::arch::asm!("prefetch.global.L2 [{p}];", p = in(reg64) p as u64 + off as u64, options(nostack)) };
+            off += 128;
+        }
+    }
+}
+
 /// 16 bytes, 16-byte aligned: the unit of every K/V load (`ld.global.v4.u32`).
 #[repr(C, align(16))]
 #[derive(Clone, Copy)]

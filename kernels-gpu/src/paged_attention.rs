@@ -46,7 +46,8 @@
 
 use crate::intrinsics::{
     Chunk, Element, KvElement, atomic_add, atomic_or, ballot, block_idx_x, block_idx_y, block_idx_z, dynamic_smem, exp2, fence_gpu, fma,
-    fmax, grid_dim_y, load_chunk, load_half_chunk, shfl_xor, sync_threads, sync_warp, thread_idx_x, warp_max, warp_sum,
+    fmax, grid_dim_y, load_cg, load_cg4, load_chunk, load_half_chunk, prefetch_l2, shfl_xor, sync_threads, sync_warp, thread_idx_x,
+    warp_max, warp_sum,
 };
 use pagedattn_layout::{
     BlockSparse, PagedAttentionGeometry as Geometry, PagedAttentionParams, PagedAttentionReduceParams, REDUCE_THREADS, status,
@@ -201,7 +202,17 @@ pub unsafe fn paged_attention<T: Element, C: KvElement, const HEAD_SIZE: usize, 
                 }
             }
             // SAFETY: the partials are written; the flag word of the carve-up is unused so far.
-            unsafe { arrive::<T, HEAD_SIZE>(p, &cta, seq_len.div_ceil(psize), dynamic_smem().add(carve.flag) as *mut u32) };
+            unsafe {
+                let smem = dynamic_smem();
+                arrive::<T, HEAD_SIZE>(
+                    p,
+                    &cta,
+                    seq_len.div_ceil(psize),
+                    smem.add(carve.flag) as *mut u32,
+                    smem.add(carve.m),
+                    smem.add(carve.l),
+                )
+            };
         }
         return;
     }
@@ -290,9 +301,22 @@ pub unsafe fn paged_attention<T: Element, C: KvElement, const HEAD_SIZE: usize, 
 
     // Partitions are whole tiles (the host checks `partition_size % TILE == 0`).
     let mut tile = t_begin / TILE + warp;
+    // Dense: the L2 fetches each tile's keys and values ahead of the loads (this tile's values
+    // while its keys load; the warp's next tile while this one computes).
+    if !sparse {
+        // SAFETY: tokens below t_end <= seq_len, inside the table row.
+        unsafe {
+            let phys = prefetch_block::<BLOCK_SIZE>(p, cta.seq, tile * TILE, t_end, lane);
+            prefetch_tile::<C, HEAD_SIZE, BLOCK_SIZE>(p, kv_base, tile * TILE, phys, lane);
+        }
+    }
     while tile < tile_end {
         let t0 = tile * TILE;
         let tok = t0 + lane;
+        // The next tile's block ids, loaded now and used once this tile's keys are in.
+        let next = t0 + NUM_WARPS * TILE;
+        // SAFETY: as above.
+        let next_phys = if sparse { u32::MAX } else { unsafe { prefetch_block::<BLOCK_SIZE>(p, cta.seq, next, t_end, lane) } };
 
         // ---- block-sparse: bit g of `head_on`, whether head g attends this lane's token; bit i of
         // `tile_on`, whether any head attends token t0 + i. A tile nobody attends is skipped, and so
@@ -347,6 +371,8 @@ pub unsafe fn paged_attention<T: Element, C: KvElement, const HEAD_SIZE: usize, 
             }
             bad |= !ok;
         }
+        // SAFETY: next_phys is this lane's block of the tile at `next`.
+        unsafe { prefetch_tile::<C, HEAD_SIZE, BLOCK_SIZE>(p, kv_base, next, next_phys, lane) };
 
         // ---- online softmax per head (warp-uniform max and correction).
         for g in 0..gh {
@@ -505,7 +531,76 @@ pub unsafe fn paged_attention<T: Element, C: KvElement, const HEAD_SIZE: usize, 
     }
     // SAFETY: this CTA's partials are written; flag_s is the CTA's flag word (its last read, `bad`,
     // was before a barrier every thread passed).
-    unsafe { arrive::<T, HEAD_SIZE>(p, &cta, seq_len.div_ceil(psize), flag_s) };
+    unsafe { arrive::<T, HEAD_SIZE>(p, &cta, seq_len.div_ceil(psize), flag_s, m_s, l_s) };
+}
+
+/// The block id [`prefetch_tile`] needs on this lane for the tile at `t0` (`u32::MAX`: nothing to
+/// prefetch: past `t_end`, a lane without a block, or an id out of range). A separate step so the
+/// table load can be issued early and its value used later, off the loads' critical path.
+///
+/// # Safety
+/// `t_end <= seq_len` of a checked length.
+#[inline(always)]
+unsafe fn prefetch_block<const BLOCK_SIZE: usize>(p: &PagedAttentionParams, seq: usize, t0: usize, t_end: usize, lane: usize) -> u32 {
+    if t0 >= t_end {
+        return u32::MAX;
+    }
+    // Blocks of at most a tile: lanes 2b and 2b + 1 take block b of the tile (keys, values).
+    let blk = if BLOCK_SIZE <= TILE {
+        if lane / 2 >= (t_end - t0).min(TILE).div_ceil(BLOCK_SIZE) {
+            return u32::MAX;
+        }
+        t0 / BLOCK_SIZE + lane / 2
+    } else {
+        t0 / BLOCK_SIZE
+    };
+    // SAFETY: a token of block `blk` is below t_end (the caller's promise).
+    unsafe { physical_block(p, seq, blk) }.map_or(u32::MAX, |b| b as u32)
+}
+
+/// Asks the L2 for the keys and values of the tile at `t0` (see [`prefetch_l2`]), given this
+/// lane's [`prefetch_block`]: the tile's whole blocks when blocks are at most a tile (each block's
+/// K and V of one KV head are contiguous), else the tile's rows of its block.
+///
+/// # Safety
+/// `phys` comes from [`prefetch_block`] for the same tile; every lane of the warp calls it.
+#[inline(always)]
+unsafe fn prefetch_tile<C: KvElement, const HEAD_SIZE: usize, const BLOCK_SIZE: usize>(
+    p: &PagedAttentionParams,
+    kv_base: usize,
+    t0: usize,
+    phys: u32,
+    lane: usize,
+) {
+    if phys == u32::MAX {
+        return;
+    }
+    let es = core::mem::size_of::<C>();
+    let base = phys as usize * p.kv_block_stride as usize + kv_base;
+    let (key_cache, value_cache) = (p.key_cache as *const C, p.value_cache as *const C);
+    if BLOCK_SIZE <= TILE {
+        let cache = if lane.is_multiple_of(2) { key_cache } else { value_cache };
+        // SAFETY: the block's KV-head slice (a validated id), 16-byte aligned (host-checked strides).
+        unsafe { prefetch_l2(cache.add(base), BLOCK_SIZE * HEAD_SIZE * es) };
+    } else {
+        // Slots slot0 .. slot0 + TILE of the block (a multiple of TILE): HEAD_SIZE / x key rows of
+        // TILE * x elements, then HEAD_SIZE value rows of TILE elements.
+        let (x, slot0) = (C::X, t0 % BLOCK_SIZE);
+        let krows = HEAD_SIZE / x;
+        let mut r = lane;
+        while r < krows + HEAD_SIZE {
+            // SAFETY: rows of block `phys` (a validated id), 16-byte aligned pieces (slot0 is a
+            // multiple of 32 tokens; strides host-checked).
+            unsafe {
+                if r < krows {
+                    prefetch_l2(key_cache.add(base + r * BLOCK_SIZE * x + slot0 * x), TILE * x * es);
+                } else {
+                    prefetch_l2(value_cache.add(base + (r - krows) * BLOCK_SIZE + slot0), TILE * es);
+                }
+            }
+            r += 32;
+        }
+    }
 }
 
 /// v2 with arrival counters (`p.counters != 0`): every partition CTA of a split sequence calls this
@@ -513,11 +608,23 @@ pub unsafe fn paged_attention<T: Element, C: KvElement, const HEAD_SIZE: usize, 
 /// into `out` (as [`paged_attention_v2_reduce`] does) and resets the counter for the next launch.
 /// One launch instead of two: no kernel boundary, one host launch.
 ///
+/// The merge is latency-bound (one CTA, partials in the L2), so it keeps many loads in flight: a
+/// warp per head finds the largest max and the total weight (lanes over partitions), then each
+/// thread merges four consecutive dims of one head with 16-byte loads, four partitions at a time.
+///
 /// # Safety
-/// Every thread of the CTA calls it (barriers inside); `flag_s` is a shared word free for reuse;
-/// the partials of this CTA are written.
+/// Every thread of the CTA calls it (barriers inside); `flag_s` is a shared word and `mx_s`, `sum_s`
+/// shared regions of at least `heads_per_cta` floats, all free for reuse; this CTA's partials are
+/// written.
 #[inline(always)]
-unsafe fn arrive<T: Element, const HEAD_SIZE: usize>(p: &PagedAttentionParams, cta: &Cta, n: usize, flag_s: *mut u32) {
+unsafe fn arrive<T: Element, const HEAD_SIZE: usize>(
+    p: &PagedAttentionParams,
+    cta: &Cta,
+    n: usize,
+    flag_s: *mut u32,
+    mx_s: *mut f32,
+    sum_s: *mut f32,
+) {
     if p.counters == 0 {
         return;
     }
@@ -545,28 +652,77 @@ unsafe fn arrive<T: Element, const HEAD_SIZE: usize>(p: &PagedAttentionParams, c
     fence_gpu();
     let parts = p.max_num_partitions as usize;
     let (max_logits, exp_sums, tmp) = (p.max_logits as *const f32, p.exp_sums as *const f32, p.tmp_out as *const f32);
+    let row0 = |g: usize| (cta.seq * p.num_heads as usize + cta.head0 + g) * parts;
+    // Other CTAs' partials are read with `ld.global.cg` (from the L2, after the fence). Rows row0(g)
+    // .. row0(g) + n of the workspace: n <= max_num_partitions (host-checked lengths).
+    let weight = |m: f32, l: f32, mx: f32| if m == f32::NEG_INFINITY { 0.0 * l } else { exp2(m - mx) * l };
+    let (warp, lane) = (tid / 32, tid % 32);
+    let mut g = warp;
+    while g < cta.num_heads_here {
+        let r = row0(g);
+        let mut mx = f32::NEG_INFINITY;
+        let mut k = lane;
+        while k < n {
+            // SAFETY: see above.
+            mx = fmax(mx, unsafe { load_cg(max_logits.add(r + k)) });
+            k += 32;
+        }
+        let mx = warp_max(mx);
+        let mut sum = 0f32;
+        let mut k = lane;
+        while k < n {
+            // SAFETY: see above.
+            sum += unsafe { weight(load_cg(max_logits.add(r + k)), load_cg(exp_sums.add(r + k)), mx) };
+            k += 32;
+        }
+        let sum = warp_sum(sum);
+        if lane == 0 {
+            // SAFETY: g < heads_per_cta floats of each region.
+            unsafe {
+                *mx_s.add(g) = mx;
+                *sum_s.add(g) = sum;
+            }
+        }
+        g += NUM_WARPS;
+    }
+    sync_threads();
     let out = p.out as *mut T;
+    let quads = HEAD_SIZE / 4;
     let mut i = tid;
-    while i < cta.num_heads_here * HEAD_SIZE {
-        let (g, d) = (i / HEAD_SIZE, i % HEAD_SIZE);
-        let base = (cta.seq * p.num_heads as usize + cta.head0 + g) * parts;
-        // Other CTAs' partials: volatile loads (not from this SM's L1), after the fence.
-        // SAFETY: rows base .. base + n of the workspace, n <= max_num_partitions (host-checked lengths).
-        unsafe {
-            let mut mx = f32::NEG_INFINITY;
-            for k in 0..n {
-                mx = fmax(mx, max_logits.add(base + k).read_volatile());
+    while i < cta.num_heads_here * quads {
+        let (g, d) = (i / quads, i % quads * 4);
+        let r = row0(g);
+        // SAFETY: written before the barrier.
+        let (mx, sum) = unsafe { (*mx_s.add(g), *sum_s.add(g)) };
+        let mut acc = [0f32; 4];
+        let mut k = 0;
+        while k < n {
+            // Up to four partitions per step, their loads issued together.
+            let mut w = [0f32; 4];
+            let mut v = [[0f32; 4]; 4];
+            for j in 0..4 {
+                if k + j < n {
+                    // SAFETY: see above; rows of HEAD_SIZE floats, 16-byte aligned (HEAD_SIZE % 4 == 0).
+                    unsafe {
+                        w[j] = weight(load_cg(max_logits.add(r + k + j)), load_cg(exp_sums.add(r + k + j)), mx);
+                        v[j] = load_cg4(tmp.add((r + k + j) * HEAD_SIZE + d));
+                    }
+                }
             }
-            let (mut sum, mut acc) = (0f32, 0f32);
-            for k in 0..n {
-                let (m, l) = (max_logits.add(base + k).read_volatile(), exp_sums.add(base + k).read_volatile());
-                let w = if m == f32::NEG_INFINITY { 0.0 * l } else { exp2(m - mx) * l };
-                sum += w;
-                acc = fma(w, tmp.add((base + k) * HEAD_SIZE + d).read_volatile(), acc);
+            for j in 0..4 {
+                if k + j < n {
+                    for e in 0..4 {
+                        acc[e] = fma(w[j], v[j][e], acc[e]);
+                    }
+                }
             }
-            let off = cta.seq * p.out_stride_seq as usize + (cta.head0 + g) * p.out_stride_head as usize + d;
+            k += 4;
+        }
+        let inv = 1.0 / sum;
+        for e in 0..4 {
+            let off = cta.seq * p.out_stride_seq as usize + (cta.head0 + g) * p.out_stride_head as usize + d + e;
             // SAFETY: host-validated output shape and strides.
-            *out.add(off) = T::from_f32(acc / sum);
+            unsafe { *out.add(off) = T::from_f32(acc[e] * inv) };
         }
         i += NUM_THREADS;
     }

@@ -475,6 +475,10 @@ fn compile_ptx(
         c.args(["--no-default-features", "--features", f]);
     }
     c.arg("--").arg("-C").arg(format!("target-cpu={arch}")).arg("-C").arg(format!("linker={}", me.display()));
+    // sm_90 and later: PTX ISA 8.0 (Hopper's bulk copies and prefetches; llc's default for sm_90 is 7.8).
+    if ptx80(arch) {
+        c.arg("-C").arg("target-feature=+ptx80");
+    }
     // The linker also leaves a copy at a path of this family's own, since all families of one target
     // dir share the cdylib's file name.
     c.arg("-C").arg(format!("link-arg=--ptx-copy={}", ptx.display()));
@@ -600,4 +604,10 @@ fn write_if_changed(path: &Path, data: &[u8]) -> std::io::Result<()> {
         return Ok(());
     }
     std::fs::write(path, data)
+}
+
+/// Whether `arch` (`sm_XY`, optionally with a suffix) gets PTX ISA 8.0: compute capability 9.0 and up.
+fn ptx80(arch: &str) -> bool {
+    let digits: String = arch.trim_start_matches("sm_").chars().take_while(char::is_ascii_digit).collect();
+    digits.parse::<u32>().is_ok_and(|v| v >= 90)
 }
