@@ -11,8 +11,8 @@ use approx::assert_relative_eq;
 use pagedattn::layout::{BLOCK_SIZES, DTYPES, DType, FP8_HEAD_SIZES, Fp8Kind, HEAD_SIZES, KvCacheDType, status};
 use pagedattn::testing::{self, Case, Inputs, Rng};
 use pagedattn::{
-    Device, Error, PagedAttentionArgs, PagedAttentionWorkspace, ScalarType, Tensor, Version, paged_attention, paged_attention_v1,
-    paged_attention_v2,
+    Device, Error, PagedAttentionArgs, PagedAttentionWorkspace, ReduceMode, ScalarType, Tensor, Version, paged_attention,
+    paged_attention_v1, paged_attention_v2,
 };
 
 use crate::common::{self, MODES, Mode, assert_matches, reference, row, run_inputs, run_op};
@@ -594,12 +594,12 @@ fn describe_worst(worst: &BTreeMap<(DType, KvCacheDType), f64>) -> String {
 }
 
 /// The whole verification grid (every dtype × head size × block size, long cases included), with
-/// v1 and with v2 (vLLM's 512-token partitions).
+/// v1 and with v2 (vLLM's 512-token partitions), merged in the partition kernel and by the reduce.
 #[test]
 fn gpu_grid() {
     let Some(mut device) = gpu_or_skip!() else { return };
     let cases = testing::grid(true);
-    for mode in [Mode::V1, Mode::V2(512)] {
+    for mode in [Mode::V1, Mode::V2With(512, ReduceMode::Fused), Mode::V2With(512, ReduceMode::Separate)] {
         let (failures, worst) = run_cases_gpu(&device, &cases, mode);
         assert!(
             failures.is_empty(),

@@ -526,7 +526,7 @@ fn automatic_choice_follows_the_bounds() {
     assert_eq!(choose_version(100_000, 198, 132), Version::V1);
     assert_eq!(choose_version(4096, 128, 132), Version::V2);
     assert_eq!(choose_version(4096, 128, 80), Version::V1);
-    // v2's partition size: the largest of 512, 256, 128 whose CTAs fill 1.5x the SMs, else 128
+    // v2's partition size: the largest of 2048 .. 128 whose CTAs fill 1.5x the SMs, else 128
     // (the H100 sweep in the docs of `choose_plan`).
     let all = |_| true;
     assert_eq!(choose_plan(32, 8, 132, 512, all), (Version::V1, 0));
@@ -538,8 +538,13 @@ fn automatic_choice_follows_the_bounds() {
     // A workspace without room for the small partitions keeps its own size (or v1 for one partition).
     assert_eq!(choose_plan(4096, 8, 132, 512, |p| p == 512), (Version::V2, 512));
     assert_eq!(choose_plan(512, 8, 132, 512, |p| p == 512), (Version::V1, 0));
-    // A workspace made with 256-token partitions never gets 512.
-    assert_eq!(choose_plan(16384, 8, 132, 256, all), (Version::V2, 256));
+    // Larger partitions than vLLM's when they still fill the GPU: one wave, fewer partials.
+    assert_eq!(choose_plan(4096, 128, 132, 512, all), (Version::V2, 2048));
+    assert_eq!(choose_plan(16384, 128, 132, 512, all), (Version::V2, 2048));
+    assert_eq!(choose_plan(16384, 16, 132, 512, all), (Version::V2, 1024));
+    // The workspace's partition size is one more candidate, not a bound.
+    assert_eq!(choose_plan(16384, 8, 132, 256, all), (Version::V2, 512));
+    assert_eq!(choose_plan(16384, 8, 132, 96, |p| p == 96), (Version::V2, 96));
     let inp = base();
     let mut out = Tensor::nan(inp.query.dtype(), inp.query.shape());
     let mut ws = PagedAttentionWorkspace::new(&Device::Cpu, NS, NH, HS, 20).unwrap();

@@ -10,9 +10,10 @@ use half::{bf16, f16};
 use pagedattn_layout::{DType, KvCacheDType};
 use serde::Serialize;
 
+use crate::cache::{Fp8Scales, reshape_and_cache, reshape_and_cache_fp8};
 use crate::device::{Device, Gpu};
 use crate::error::{Error, Result};
-use crate::paged_attention::{PagedAttentionArgs, PagedAttentionWorkspace, Version, paged_attention};
+use crate::paged_attention::{PagedAttentionArgs, PagedAttentionWorkspace, ReduceMode, Version, paged_attention};
 use crate::tensor::{ScalarType, Tensor};
 use crate::testing::{Rng, compare, tolerance};
 use crate::util::{fill_uniform, host_uniform, stream_read, stream_read_out_len};
@@ -43,6 +44,11 @@ pub struct Config {
     /// Points whose KV cache is larger are skipped.
     pub max_kv_bytes: u64,
     pub seed: u64,
+    /// Also time a decode step (cache update + attention) launched op by op and as a CUDA graph.
+    pub graph: bool,
+    /// How v2 merges its partitions.
+    #[serde(serialize_with = "ser_display")]
+    pub reduce: ReduceMode,
 }
 
 /// Bandwidth ceilings of the device, measured once per run.
@@ -91,6 +97,25 @@ pub struct Measurement {
     pub non_finite: usize,
     pub tolerance: f64,
     pub correct: bool,
+    /// The decode step of this point (`Config::graph`).
+    pub step: Option<DecodeStep>,
+}
+
+/// A decode step: `reshape_and_cache` of one new token per sequence (into its last slot), then
+/// this point's attention. Launched op by op, and replayed as one CUDA graph (captured once; no
+/// host work between replays). Each figure: calls enqueued back to back, per step.
+#[derive(Clone, Debug, Serialize)]
+pub struct DecodeStep {
+    /// GPU µs per step, ops launched one by one.
+    pub plain_us: f64,
+    /// CPU µs per step to validate and launch both ops.
+    pub plain_host_us: f64,
+    /// GPU µs per graph replay.
+    pub graph_us: f64,
+    /// CPU µs per replay (`cuGraphLaunch`).
+    pub graph_host_us: f64,
+    /// Whether the replays' output equals the plain launches' bit for bit.
+    pub same_output: bool,
 }
 
 /// One (dtype, batch, context) point: measured, or skipped with the reason.
@@ -141,6 +166,10 @@ pub(crate) fn ser_dtype<S: serde::Serializer>(d: &DType, s: S) -> std::result::R
 }
 
 fn ser_version<S: serde::Serializer>(v: &Version, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+fn ser_display<S: serde::Serializer, T: std::fmt::Display>(v: &T, s: S) -> std::result::Result<S::Ok, S::Error> {
     s.collect_str(v)
 }
 
@@ -386,6 +415,7 @@ fn run_point(device: &Device, gpu: &Gpu, cfg: &Config, ceilings: &Ceilings, flus
     let stream = gpu.stream();
     let parts = if partition_size == 0 { pagedattn_layout::DEFAULT_PARTITION_SIZE } else { partition_size };
     let mut ws = PagedAttentionWorkspace::with_partition_size(device, batch, nh, hs, context, parts)?;
+    ws.set_reduce_mode(cfg.reduce);
     let mut ran = version;
     let mut op = || -> Result<()> {
         ran = paged_attention(device, &mut out, &args, &mut ws, version)?;
@@ -412,6 +442,56 @@ fn run_point(device: &Device, gpu: &Gpu, cfg: &Config, ceilings: &Ceilings, flus
     let err = compare(&g, &w);
     let tol = tolerance(dtype);
     let cold_gbps = gbps(bytes, cold_ms);
+
+    // The decode step, after the check (it overwrites each sequence's last token).
+    let step = if cfg.graph && context > 0 {
+        let (mut new_k, mut new_v) = (gpu.zeros(st, &[batch, nkv, hs])?, gpu.zeros(st, &[batch, nkv, hs])?);
+        fill_uniform(gpu, &mut new_k, cfg.seed.wrapping_add(11), 1.0)?;
+        fill_uniform(gpu, &mut new_v, cfg.seed.wrapping_add(12), 1.0)?;
+        let last = context - 1;
+        let slots: Vec<i64> = (0..batch).map(|s| perm[s * blocks_per_seq + last / bs] as i64 * bs as i64 + (last % bs) as i64).collect();
+        let slot_mapping = Tensor::from_i64(&[batch], &slots)?.to_gpu(stream)?;
+        // The attention reads the caches through views of the storage the update writes.
+        let (k_view, v_view) = (
+            key_cache.view(key_cache.shape(), key_cache.strides(), key_cache.offset())?,
+            value_cache.view(value_cache.shape(), value_cache.strides(), value_cache.offset())?,
+        );
+        let step_args = PagedAttentionArgs {
+            query: &query,
+            key_cache: &k_view,
+            value_cache: &v_view,
+            block_tables: &block_tables,
+            seq_lens: &seq_lens,
+            scale,
+            alibi_slopes: None,
+            k_scale: fp8.then_some(&k_scale),
+            v_scale: fp8.then_some(&v_scale),
+            blocksparse: None,
+        };
+        let mut step_op = |out: &mut Tensor| -> Result<()> {
+            if fp8 {
+                let scales = Fp8Scales { k_scale: &k_scale, v_scale: &v_scale };
+                reshape_and_cache_fp8(device, &new_k, &new_v, &mut key_cache, &mut value_cache, &slot_mapping, scales)?;
+            } else {
+                reshape_and_cache(device, &new_k, &new_v, &mut key_cache, &mut value_cache, &slot_mapping)?;
+            }
+            paged_attention(device, out, &step_args, &mut ws, version)?;
+            Ok(())
+        };
+        let runs = cfg.iters.max(20);
+        step_op(&mut out)?;
+        let (plain_us, plain_host_us) = back_to_back(gpu, runs, || step_op(&mut out))?;
+        let plain_out = out.to_cpu()?.to_f64_vec();
+        // The graph writes a NaN-poisoned output of its own.
+        let mut graph_out = device.nan(st, &[batch, nh, hs])?;
+        let graph = gpu.capture(|| step_op(&mut graph_out))?;
+        graph.replay()?;
+        let (graph_us, graph_host_us) = back_to_back(gpu, runs, || graph.replay())?;
+        let same_output = graph_out.to_cpu()?.to_f64_vec().iter().zip(&plain_out).all(|(a, b)| a.to_bits() == b.to_bits());
+        Some(DecodeStep { plain_us, plain_host_us, graph_us, graph_host_us, same_output })
+    } else {
+        None
+    };
     point.measured = Some(Measurement {
         ran,
         bytes,
@@ -431,6 +511,7 @@ fn run_point(device: &Device, gpu: &Gpu, cfg: &Config, ceilings: &Ceilings, flus
         non_finite: err.non_finite,
         tolerance: tol,
         correct: err.passes(tol),
+        step,
     });
     Ok(point)
 }

@@ -49,6 +49,7 @@ pub mod device;
 pub mod dispatch;
 pub mod error;
 pub mod flash_attn;
+pub mod graph;
 mod launch;
 pub mod paged_attention;
 pub mod ptx;
@@ -62,8 +63,9 @@ pub use cache::{
 pub use device::{Device, Gpu};
 pub use error::{Error, Result};
 pub use flash_attn::{FlashAttnVarlenArgs, flash_attn_varlen_func, merge_attn_states};
+pub use graph::Graph;
 pub use paged_attention::{
-    PagedAttentionArgs, PagedAttentionWorkspace, Version, choose_plan, choose_version, paged_attention, paged_attention_v1,
+    PagedAttentionArgs, PagedAttentionWorkspace, ReduceMode, Version, choose_plan, choose_version, paged_attention, paged_attention_v1,
     paged_attention_v2,
 };
 pub use tensor::{ScalarType, Storage, Tensor};

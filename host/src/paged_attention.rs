@@ -193,14 +193,16 @@ pub fn choose_version(max_seq_len: usize, v1_ctas: usize, sm_count: usize) -> Ve
 }
 
 /// The automatic choice with v2's partition size: v1 when its CTAs fill the GPU (`v1_ctas ≥ 1.5 ×
-/// SMs`); else v2 with the largest partition size of `max_partition`, 256, 128 whose CTAs fill it,
-/// or 128 when none does (v1 when one 128-token partition holds the longest sequence). `fits(p)`
-/// says whether the workspace holds the partials of partition size `p`.
+/// SMs`); else v2 with the largest partition size of [`AUTO_PARTITION_SIZES`] (and the workspace's
+/// own `max_partition`) whose CTAs fill it, or the smallest that fits when none does (v1 when one
+/// such partition holds the longest sequence). `fits(p)` says whether the workspace holds the
+/// partials of partition size `p` (larger partitions need fewer rows).
 ///
-/// Measured on an H100 (32 q / 8 KV heads, head 128; `results/bench-partition-sweep-h100.json`):
-/// 1 × 4096 takes 39 µs with 512-token partitions (64 CTAs), 26 µs with 128 (256 CTAs); 1 × 512 34
-/// µs (v1: 32) and 19 µs with 128; 16 × 512 43 µs and 35 µs with 256; 1 × 16384 is best at 512
-/// (256 CTAs), where 128-token partitions cost 50% more (the reduce's share grows).
+/// Measured on an H100 (32 q / 8 KV heads, head 128, f16, with the partition kernel's L2 prefetch;
+/// `results/bench-partition-sweep2-h100.json`): 16 × 4096 takes 140 µs with vLLM's 512-token
+/// partitions (1024 CTAs) and 128 µs with 2048 (256 CTAs: one wave, fewer partials); 16 × 16384
+/// 469 → 430 µs; 1 × 16384 is best at 512 (256 CTAs: 51 µs, 59 at 2048); 1 × 4096 at 128–256 (24
+/// µs, 35 at 1024); 16 × 512 at 256 and up.
 pub fn choose_plan(
     max_seq_len: usize,
     v1_ctas: usize,
@@ -212,9 +214,15 @@ pub fn choose_plan(
     if fill(v1_ctas) || max_seq_len <= SMALLEST_PARTITION.min(max_partition) {
         return (Version::V1, 0);
     }
-    let mut sizes = vec![max_partition];
-    sizes.extend([256, SMALLEST_PARTITION].into_iter().filter(|&p| p < max_partition));
-    for &p in &sizes {
+    // Largest first; a 0 marks no extra size (no allocation: this runs on every call).
+    let mut all = [0usize; AUTO_PARTITION_SIZES.len() + 1];
+    all[..AUTO_PARTITION_SIZES.len()].copy_from_slice(&AUTO_PARTITION_SIZES);
+    if !AUTO_PARTITION_SIZES.contains(&max_partition) {
+        all[AUTO_PARTITION_SIZES.len()] = max_partition;
+    }
+    all.sort_unstable_by(|a, b| b.cmp(a));
+    let sizes = &all[..all.iter().position(|&p| p == 0).unwrap_or(all.len())];
+    for &p in sizes {
         if fill(v1_ctas * max_seq_len.div_ceil(p)) && fits(p) {
             return (Version::V2, p);
         }
@@ -225,6 +233,9 @@ pub fn choose_plan(
         _ => (Version::V2, max_partition),
     }
 }
+
+/// v2 partition sizes the automatic choice picks from (tokens).
+pub const AUTO_PARTITION_SIZES: [usize; 5] = [2048, 1024, 512, 256, SMALLEST_PARTITION];
 
 /// Partial rows every GPU workspace holds at least (4096 × head 128 × 4 B = 2 MiB of `tmp_out`).
 const SPLIT_ROWS: usize = 4096;
@@ -262,9 +273,49 @@ pub struct PagedAttentionWorkspace {
     /// Arrival counters `[max_num_seqs × num_heads]` (u32, zero between launches) on the GPU: the
     /// last partition CTA of a sequence merges the partials in the same launch.
     counters: Option<Tensor>,
-    /// Merge in the partition kernel or with the separate reduce launch (default; see
-    /// [`PagedAttentionWorkspace::set_fused_reduce`]).
-    fused_reduce: bool,
+    /// How v2 merges its partitions (see [`ReduceMode`]).
+    reduce: ReduceMode,
+}
+
+/// How v2 merges the partials of a sequence's partitions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ReduceMode {
+    /// [`ReduceMode::Fused`] while the partition grid is small (at most
+    /// [`FUSED_REDUCE_CTAS_PER_SM`] CTAs per SM), else [`ReduceMode::Separate`]. Measured on the H100
+    /// (RESULTS.md, issue 7): fused saves a launch (host 8–11 → 4–5 µs per call, GPU 1 × 512
+    /// 18.8 → 14.9 µs), but every partition CTA then waits for a fence and an atomic before it
+    /// exits, which costs 2.5% at 16 × 16384 (4096 CTAs).
+    #[default]
+    Auto,
+    /// The last partition CTA of each (sequence, head group) merges, in the same launch.
+    Fused,
+    /// vLLM's second launch, `paged_attention_v2_reduce`.
+    Separate,
+}
+
+/// [`ReduceMode::Auto`] fuses the merge when the v2 grid has at most this many CTAs per SM.
+pub const FUSED_REDUCE_CTAS_PER_SM: usize = 8;
+
+impl std::fmt::Display for ReduceMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ReduceMode::Auto => "auto",
+            ReduceMode::Fused => "fused",
+            ReduceMode::Separate => "separate",
+        })
+    }
+}
+
+impl std::str::FromStr for ReduceMode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(ReduceMode::Auto),
+            "fused" => Ok(ReduceMode::Fused),
+            "separate" => Ok(ReduceMode::Separate),
+            _ => Err(format!("unknown reduce mode {s:?} (auto, fused, separate)")),
+        }
+    }
 }
 
 impl PagedAttentionWorkspace {
@@ -331,7 +382,7 @@ impl PagedAttentionWorkspace {
             capacity_rows,
             buffers,
             counters,
-            fused_reduce: false,
+            reduce: ReduceMode::Auto,
         })
     }
 
@@ -351,12 +402,13 @@ impl PagedAttentionWorkspace {
         self.max_seq_len
     }
 
-    /// v2 merges the partitions in the partition kernel (`true`: one launch, the last CTA of each
-    /// sequence merges) or in the separate reduce kernel (`false`, the default: vLLM's two launches).
-    /// Measured on the H100 (NOTES.md): fused halves the host time of a v2 call (8–11 → 4–5 µs) but
-    /// its serial merge in one CTA makes small decodes slower on the GPU (1 × 4096: 26 → 32 µs).
-    pub fn set_fused_reduce(&mut self, fused: bool) {
-        self.fused_reduce = fused;
+    /// How v2 merges the partitions (default [`ReduceMode::Auto`]).
+    pub fn set_reduce_mode(&mut self, mode: ReduceMode) {
+        self.reduce = mode;
+    }
+
+    pub fn reduce_mode(&self) -> ReduceMode {
+        self.reduce
     }
 
     pub fn partition_size(&self) -> usize {
@@ -673,8 +725,15 @@ fn launch_gpu(
     let (tmp_out, exp_sums, max_logits, partition_size, parts, counters) = match &split {
         Some((w, p)) => {
             let (t, e, m) = w.buffers.as_ref().expect("checked: a GPU workspace");
-            let c = if w.fused_reduce { w.counters.as_ref().map(ptr).unwrap_or(0) } else { 0 };
-            (ptr(t), ptr(e), ptr(m), *p, max_seq_len.div_ceil(*p).max(1), c)
+            let parts = max_seq_len.div_ceil(*p).max(1);
+            let ctas = plan.num_seqs * plan.geometry().head_groups(plan.num_heads, plan.num_kv_heads) * parts;
+            let fused = match w.reduce {
+                ReduceMode::Fused => true,
+                ReduceMode::Separate => false,
+                ReduceMode::Auto => ctas <= FUSED_REDUCE_CTAS_PER_SM * gpu.sm_count,
+            };
+            let c = if fused { w.counters.as_ref().map(ptr).unwrap_or(0) } else { 0 };
+            (ptr(t), ptr(e), ptr(m), *p, parts, c)
         }
         None => (0, 0, 0, 0, 1, 0),
     };

@@ -79,7 +79,17 @@ pub fn choose_image(family: KernelFamily, cc: (i32, i32)) -> Result<(&'static Ke
 
 /// The image to load on a device of compute capability `cc` (see [`choose_image`]), inflated, with
 /// a description of its kind.
+///
+/// `PAGEDATTN_KERNEL_DIR=DIR` (experiments): `DIR/<family>.sm_<major><minor>.cubin`, when it exists,
+/// replaces the embedded image, e.g. to compare ptxas options on a GPU machine without a rebuild.
 pub fn select_image(family: KernelFamily, cc: (i32, i32)) -> Result<(Ptx, &'static str)> {
+    if let Some(dir) = std::env::var_os("PAGEDATTN_KERNEL_DIR") {
+        let path = std::path::Path::new(&dir).join(format!("{}.sm_{}{}.cubin", family.name(), cc.0, cc.1));
+        if path.is_file() {
+            log::warn!("{}: loading {} (PAGEDATTN_KERNEL_DIR)", family.name(), path.display());
+            return Ok((Ptx::from_binary(std::fs::read(&path)?), "cubin from PAGEDATTN_KERNEL_DIR"));
+        }
+    }
     let (image, kind) = choose_image(family, cc)?;
     match (kind, image.cubin_deflate) {
         (ImageKind::Cubin, Some(data)) => Ok((Ptx::from_binary(inflate(data)?), kind.describe())),

@@ -9,7 +9,9 @@ use std::sync::mpsc;
 
 use pagedattn::layout::DType;
 use pagedattn::testing::{self, Case, Errors, Inputs};
-use pagedattn::{Device, Error, Gpu, PagedAttentionArgs, PagedAttentionWorkspace, ScalarType, Tensor, Version, paged_attention};
+use pagedattn::{
+    Device, Error, Gpu, PagedAttentionArgs, PagedAttentionWorkspace, ReduceMode, ScalarType, Tensor, Version, paged_attention,
+};
 
 /// Set to `1` on a GPU machine to turn a missing GPU into a failure instead of a skip.
 pub const REQUIRE_GPU_ENV: &str = "PAGEDATTN_REQUIRE_GPU";
@@ -80,17 +82,22 @@ pub fn gpu_of(device: &mut Device) -> &mut Gpu {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     V1,
+    /// v2 with this partition size and the automatic merge (fused for the tests' small grids).
     V2(usize),
+    /// v2 with the merge forced: in the partition kernel, or vLLM's separate reduce kernel.
+    V2With(usize, ReduceMode),
 }
 
-/// v1, v2 with vLLM's 512-token partitions, v2 with 32-token partitions (the smallest).
-pub const MODES: [Mode; 3] = [Mode::V1, Mode::V2(512), Mode::V2(32)];
+/// v1, v2 with vLLM's 512-token partitions, v2 with 32-token partitions (the smallest), merged in
+/// the partition kernel and by the separate reduce.
+pub const MODES: [Mode; 4] = [Mode::V1, Mode::V2(512), Mode::V2With(32, ReduceMode::Fused), Mode::V2With(32, ReduceMode::Separate)];
 
 impl std::fmt::Display for Mode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Mode::V1 => f.write_str("v1"),
             Mode::V2(p) => write!(f, "v2/{p}"),
+            Mode::V2With(p, r) => write!(f, "v2/{p} ({r} merge)"),
         }
     }
 }
@@ -111,11 +118,13 @@ fn max_len_bound(args: &PagedAttentionArgs) -> usize {
 pub fn run_op(device: &Device, args: &PagedAttentionArgs, mode: Mode) -> pagedattn::Result<Vec<f64>> {
     let mut out = device.nan(args.query.dtype(), args.query.shape())?;
     let &[ns, nh, hs] = args.query.shape() else { panic!("query rank") };
-    let (version, psize) = match mode {
-        Mode::V1 => (Version::V1, 512),
-        Mode::V2(p) => (Version::V2, p),
+    let (version, psize, reduce) = match mode {
+        Mode::V1 => (Version::V1, 512, ReduceMode::Auto),
+        Mode::V2(p) => (Version::V2, p, ReduceMode::Auto),
+        Mode::V2With(p, r) => (Version::V2, p, r),
     };
     let mut ws = PagedAttentionWorkspace::with_partition_size(device, ns, nh, hs, max_len_bound(args), psize)?;
+    ws.set_reduce_mode(reduce);
     paged_attention(device, &mut out, args, &mut ws, version)?;
     if let Device::Gpu(g) = device {
         g.synchronize()?;

@@ -7,7 +7,7 @@ use clap::Args;
 use pagedattn::bench_cache::{self, CacheOp};
 use pagedattn::layout::{DType, KvCacheDType};
 use pagedattn::testing::cache::{KvLayout, SwapDirection};
-use pagedattn::{Device, Version, bench};
+use pagedattn::{Device, ReduceMode, Version, bench};
 
 use crate::{
     CliError, CliResult, Op, check_cache_shape, check_shape, check_status, gib, open_gpu, parse_dtype, parse_kv_cache_dtype, progress_bar,
@@ -61,6 +61,14 @@ pub struct BenchArgs {
     /// Cache ops: layout (vllm, nhd, hnd, combined, combined-inner; as in `run`).
     #[arg(long)]
     layout: Option<KvLayout>,
+    /// paged-attention: also time a decode step (reshape_and_cache of one token per sequence, then
+    /// the attention) launched op by op and replayed as a CUDA graph.
+    #[arg(long)]
+    pub graph: bool,
+    /// paged-attention: how v2 merges its partitions: fused (the last partition CTA, one launch),
+    /// separate (vLLM's reduce kernel) or auto (fused while the grid is small).
+    #[arg(long, default_value = "auto")]
+    pub reduce: ReduceMode,
     /// Timed runs per point (cold and hot each).
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
     iters: u32,
@@ -122,6 +130,8 @@ fn attention(a: &BenchArgs) -> CliResult {
         warmup: a.warmup as usize,
         max_kv_bytes: max_bytes(a),
         seed: a.seed,
+        graph: a.graph,
+        reduce: a.reduce,
     };
     println!(
         "paged attention decode on {}: {} heads / {} KV heads, head size {}, block size {}, {} timed runs after {} warm-up",
@@ -188,11 +198,11 @@ fn attention(a: &BenchArgs) -> CliResult {
     let bad: Vec<String> = report
         .points
         .iter()
-        .filter(|p| p.measured.as_ref().is_some_and(|m| !m.correct))
+        .filter(|p| p.measured.as_ref().is_some_and(|m| !m.correct || m.step.as_ref().is_some_and(|s| !s.same_output)))
         .map(|p| format!("{} {} batch {} context {} {}", p.dtype, p.cache, p.batch, p.context, p.version))
         .collect();
     if !bad.is_empty() {
-        return Err(CliError::Failed(format!("spot check above tolerance: {}", bad.join("; "))));
+        return Err(CliError::Failed(format!("spot check above tolerance, or graph replay differs: {}", bad.join("; "))));
     }
     Ok(())
 }
@@ -206,18 +216,29 @@ fn attention_row(p: &bench::Point) -> String {
     let head =
         format!("{:<5} {:>8} {:>6} {:>8} {:>7} {:>10.1}", p.dtype, p.cache.name(), p.batch, p.context, kernel, p.kv_bytes as f64 / 1e6);
     match (&p.measured, &p.skipped) {
-        (Some(m), _) => format!(
-            "{head} {:>10.1} {:>10.1} {:>8.1} {:>8.1} {:>10.0} {:>6.1}% {:>6.1}% {:>8.1e}{}",
-            m.cold_us,
-            m.hot_us,
-            m.back_to_back_us,
-            m.host_us,
-            m.cold_gbps,
-            m.pct_copy,
-            m.pct_stream_read,
-            m.rel_l2,
-            if m.correct { "" } else { " !" }
-        ),
+        (Some(m), _) => {
+            format!(
+                "{head} {:>10.1} {:>10.1} {:>8.1} {:>8.1} {:>10.0} {:>6.1}% {:>6.1}% {:>8.1e}{}",
+                m.cold_us,
+                m.hot_us,
+                m.back_to_back_us,
+                m.host_us,
+                m.cold_gbps,
+                m.pct_copy,
+                m.pct_stream_read,
+                m.rel_l2,
+                if m.correct { "" } else { " !" }
+            ) + &m.step.as_ref().map_or(String::new(), |s| {
+                format!(
+                    "  step: launched {:.1} µs ({:.1} host), graph {:.1} µs ({:.1} host){}",
+                    s.plain_us,
+                    s.plain_host_us,
+                    s.graph_us,
+                    s.graph_host_us,
+                    if s.same_output { "" } else { " DIFFERS" }
+                )
+            })
+        }
         (None, Some(why)) => format!("{head}  skipped: {why}"),
         (None, None) => head,
     }
