@@ -211,6 +211,7 @@ pub unsafe fn paged_attention<T: Element, C: KvElement, const HEAD_SIZE: usize, 
                     smem.add(carve.flag) as *mut u32,
                     smem.add(carve.m),
                     smem.add(carve.l),
+                    smem.add(carve.o),
                 )
             };
         }
@@ -531,7 +532,7 @@ pub unsafe fn paged_attention<T: Element, C: KvElement, const HEAD_SIZE: usize, 
     }
     // SAFETY: this CTA's partials are written; flag_s is the CTA's flag word (its last read, `bad`,
     // was before a barrier every thread passed).
-    unsafe { arrive::<T, HEAD_SIZE>(p, &cta, seq_len.div_ceil(psize), flag_s, m_s, l_s) };
+    unsafe { arrive::<T, HEAD_SIZE>(p, &cta, seq_len.div_ceil(psize), flag_s, m_s, l_s, o_s) };
 }
 
 /// The block id [`prefetch_tile`] needs on this lane for the tile at `t0` (`u32::MAX`: nothing to
@@ -609,13 +610,14 @@ unsafe fn prefetch_tile<C: KvElement, const HEAD_SIZE: usize, const BLOCK_SIZE: 
 /// One launch instead of two: no kernel boundary, one host launch.
 ///
 /// The merge is latency-bound (one CTA, partials in the L2), so it keeps many loads in flight: a
-/// warp per head finds the largest max and the total weight (lanes over partitions), then each
-/// thread merges four consecutive dims of one head with 16-byte loads, four partitions at a time.
+/// warp per head finds the largest max, the partitions' weights and their sum (lanes over
+/// partitions), then each thread merges four consecutive dims of one head with 16-byte loads,
+/// eight partitions at a time.
 ///
 /// # Safety
-/// Every thread of the CTA calls it (barriers inside); `flag_s` is a shared word and `mx_s`, `sum_s`
-/// shared regions of at least `heads_per_cta` floats, all free for reuse; this CTA's partials are
-/// written.
+/// Every thread of the CTA calls it (barriers inside); `flag_s` is a shared word, `mx_s` and
+/// `sum_s` shared regions of at least `heads_per_cta` floats and `w_s` one of `NUM_WARPS *
+/// heads_per_cta * HEAD_SIZE` floats, all free for reuse; this CTA's partials are written.
 #[inline(always)]
 unsafe fn arrive<T: Element, const HEAD_SIZE: usize>(
     p: &PagedAttentionParams,
@@ -624,6 +626,7 @@ unsafe fn arrive<T: Element, const HEAD_SIZE: usize>(
     flag_s: *mut u32,
     mx_s: *mut f32,
     sum_s: *mut f32,
+    w_s: *mut f32,
 ) {
     if p.counters == 0 {
         return;
@@ -657,22 +660,42 @@ unsafe fn arrive<T: Element, const HEAD_SIZE: usize>(
     // .. row0(g) + n of the workspace: n <= max_num_partitions (host-checked lengths).
     let weight = |m: f32, l: f32, mx: f32| if m == f32::NEG_INFINITY { 0.0 * l } else { exp2(m - mx) * l };
     let (warp, lane) = (tid / 32, tid % 32);
+    // The weights of all (head, partition) pairs stay in shared memory when they fit (`w_s`,
+    // `NUM_WARPS * heads_per_cta * HEAD_SIZE` floats: any n <= NUM_WARPS * HEAD_SIZE), so the
+    // output loop only loads partial outputs; else it reloads max and sum per partition.
+    let keep = n <= NUM_WARPS * HEAD_SIZE;
     let mut g = warp;
     while g < cta.num_heads_here {
         let r = row0(g);
-        let mut mx = f32::NEG_INFINITY;
-        let mut k = lane;
+        // Lanes hold partitions lane and lane + 32 in registers; more are reloaded.
+        let ld = |k: usize| {
+            // SAFETY: see above (k < n).
+            if k < n { unsafe { (load_cg(max_logits.add(r + k)), load_cg(exp_sums.add(r + k))) } } else { (f32::NEG_INFINITY, 0.0) }
+        };
+        let ((m0, l0), (m1, l1)) = (ld(lane), ld(lane + 32));
+        let mut mx = fmax(m0, m1);
+        let mut k = lane + 64;
         while k < n {
-            // SAFETY: see above.
-            mx = fmax(mx, unsafe { load_cg(max_logits.add(r + k)) });
+            mx = fmax(mx, ld(k).0);
             k += 32;
         }
         let mx = warp_max(mx);
         let mut sum = 0f32;
-        let mut k = lane;
+        let mut put = |k: usize, (m, l): (f32, f32)| {
+            if k < n {
+                let w = weight(m, l, mx);
+                if keep {
+                    // SAFETY: g * n + k < heads_per_cta * NUM_WARPS * HEAD_SIZE floats of w_s.
+                    unsafe { *w_s.add(g * n + k) = w };
+                }
+                sum += w;
+            }
+        };
+        put(lane, (m0, l0));
+        put(lane + 32, (m1, l1));
+        let mut k = lane + 64;
         while k < n {
-            // SAFETY: see above.
-            sum += unsafe { weight(load_cg(max_logits.add(r + k)), load_cg(exp_sums.add(r + k)), mx) };
+            put(k, ld(k));
             k += 32;
         }
         let sum = warp_sum(sum);
@@ -696,27 +719,50 @@ unsafe fn arrive<T: Element, const HEAD_SIZE: usize>(
         let (mx, sum) = unsafe { (*mx_s.add(g), *sum_s.add(g)) };
         let mut acc = [0f32; 4];
         let mut k = 0;
-        while k < n {
-            // Up to four partitions per step, their loads issued together.
-            let mut w = [0f32; 4];
-            let mut v = [[0f32; 4]; 4];
-            for j in 0..4 {
-                if k + j < n {
-                    // SAFETY: see above; rows of HEAD_SIZE floats, 16-byte aligned (HEAD_SIZE % 4 == 0).
-                    unsafe {
-                        w[j] = weight(load_cg(max_logits.add(r + k + j)), load_cg(exp_sums.add(r + k + j)), mx);
-                        v[j] = load_cg4(tmp.add((r + k + j) * HEAD_SIZE + d));
+        if keep {
+            // Eight partitions per step, their 16-byte loads issued together.
+            while k < n {
+                let mut v = [[0f32; 4]; 8];
+                for j in 0..8 {
+                    if k + j < n {
+                        // SAFETY: see above; rows of HEAD_SIZE floats, 16-byte aligned (HEAD_SIZE % 4 == 0).
+                        v[j] = unsafe { load_cg4(tmp.add((r + k + j) * HEAD_SIZE + d)) };
                     }
                 }
-            }
-            for j in 0..4 {
-                if k + j < n {
-                    for e in 0..4 {
-                        acc[e] = fma(w[j], v[j][e], acc[e]);
+                for j in 0..8 {
+                    if k + j < n {
+                        // SAFETY: written before the barrier (g * n + k + j < heads * n).
+                        let w = unsafe { *w_s.add(g * n + k + j) };
+                        for e in 0..4 {
+                            acc[e] = fma(w, v[j][e], acc[e]);
+                        }
                     }
                 }
+                k += 8;
             }
-            k += 4;
+        } else {
+            while k < n {
+                // Up to four partitions per step, their loads issued together.
+                let mut w = [0f32; 4];
+                let mut v = [[0f32; 4]; 4];
+                for j in 0..4 {
+                    if k + j < n {
+                        // SAFETY: see above; rows of HEAD_SIZE floats, 16-byte aligned (HEAD_SIZE % 4 == 0).
+                        unsafe {
+                            w[j] = weight(load_cg(max_logits.add(r + k + j)), load_cg(exp_sums.add(r + k + j)), mx);
+                            v[j] = load_cg4(tmp.add((r + k + j) * HEAD_SIZE + d));
+                        }
+                    }
+                }
+                for j in 0..4 {
+                    if k + j < n {
+                        for e in 0..4 {
+                            acc[e] = fma(w[j], v[j][e], acc[e]);
+                        }
+                    }
+                }
+                k += 4;
+            }
         }
         let inv = 1.0 / sum;
         for e in 0..4 {
