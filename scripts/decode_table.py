@@ -46,7 +46,7 @@ def grid(path):
             if d != dtype or "auto" not in vs:
                 continue
             a = vs["auto"]["measured"]
-            ran = a["ran"] + (f"/{vs['auto']['partition_size']}" if a["ran"] == "v2" else "")
+            ran = a["ran"] + (f"/{a['ran_partition_size']}" if a["ran"] == "v2" else "")
             fi = FLASHINFER.get((b, ctx))
             kv = vs["auto"]["kv_bytes"]
             if fi is None:

@@ -518,29 +518,30 @@ fn workspace_rejects_bad_partitions() {
 
 #[test]
 fn automatic_choice_follows_the_bounds() {
-    // One 128-token partition: v1 whatever the grid. Longer: v1 only when its CTAs fill 1.5x the SMs.
+    // One 128-token partition: v1 whatever the grid. Longer: v1 only when its CTAs cover 0.9x the SMs.
     assert_eq!(choose_version(128, 1, 132), Version::V1);
     assert_eq!(choose_version(129, 1, 132), Version::V2);
     assert_eq!(choose_version(512, 1, 132), Version::V2);
-    assert_eq!(choose_version(100_000, 197, 132), Version::V2);
-    assert_eq!(choose_version(100_000, 198, 132), Version::V1);
-    assert_eq!(choose_version(4096, 128, 132), Version::V2);
+    assert_eq!(choose_version(100_000, 118, 132), Version::V2);
+    assert_eq!(choose_version(100_000, 119, 132), Version::V1);
+    assert_eq!(choose_version(4096, 128, 132), Version::V1);
+    assert_eq!(choose_version(4096, 118, 132), Version::V2);
     assert_eq!(choose_version(4096, 128, 80), Version::V1);
-    // v2's partition size: the largest of 2048 .. 128 whose CTAs fill 1.5x the SMs, else 128
-    // (the H100 sweep in the docs of `choose_plan`).
+    // v2's partition size: the largest of 2048 .. 128 whose CTAs fill 1.5x the SMs, else 128 (the
+    // H100 sweep in the docs of `choose_plan`).
     let all = |_| true;
     assert_eq!(choose_plan(32, 8, 132, 512, all), (Version::V1, 0));
     assert_eq!(choose_plan(512, 8, 132, 512, all), (Version::V2, 128));
     assert_eq!(choose_plan(4096, 8, 132, 512, all), (Version::V2, 128));
     assert_eq!(choose_plan(16384, 8, 132, 512, all), (Version::V2, 512));
-    assert_eq!(choose_plan(512, 128, 132, 512, all), (Version::V2, 256));
+    assert_eq!(choose_plan(512, 64, 132, 512, all), (Version::V2, 128));
     assert_eq!(choose_plan(4096, 512, 132, 512, all), (Version::V1, 0));
     // A workspace without room for the small partitions keeps its own size (or v1 for one partition).
     assert_eq!(choose_plan(4096, 8, 132, 512, |p| p == 512), (Version::V2, 512));
     assert_eq!(choose_plan(512, 8, 132, 512, |p| p == 512), (Version::V1, 0));
     // Larger partitions than vLLM's when they still fill the GPU: one wave, fewer partials.
-    assert_eq!(choose_plan(4096, 128, 132, 512, all), (Version::V2, 2048));
-    assert_eq!(choose_plan(16384, 128, 132, 512, all), (Version::V2, 2048));
+    assert_eq!(choose_plan(4096, 100, 132, 512, all), (Version::V2, 2048));
+    assert_eq!(choose_plan(16384, 100, 132, 512, all), (Version::V2, 2048));
     assert_eq!(choose_plan(16384, 16, 132, 512, all), (Version::V2, 1024));
     // The workspace's partition size is one more candidate, not a bound.
     assert_eq!(choose_plan(16384, 8, 132, 256, all), (Version::V2, 512));

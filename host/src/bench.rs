@@ -74,6 +74,8 @@ pub struct Measurement {
     /// The kernel that ran (v1 or v2; the automatic choice resolved).
     #[serde(serialize_with = "ser_version")]
     pub ran: Version,
+    /// v2's partition size that ran (0 for v1).
+    pub ran_partition_size: usize,
     /// K and V bytes the sequences' tokens occupy, plus query and output.
     pub bytes: u64,
     pub cold_us: f64,
@@ -425,6 +427,7 @@ fn run_point(device: &Device, gpu: &Gpu, cfg: &Config, ceilings: &Ceilings, flus
     let cold = time_each(gpu, cfg.iters, || Ok(stream.memset_zeros(flush)?), &mut op)?;
     let hot = time_each(gpu, cfg.iters, || Ok(()), &mut op)?;
     let (back_to_back_us, host_us) = back_to_back(gpu, cfg.iters.max(20), &mut op)?;
+    let ran_partition_size = ws.last_plan().1;
 
     let (cold_ms, cold_min) = median_min(cold);
     let (hot_ms, hot_min) = median_min(hot);
@@ -494,6 +497,7 @@ fn run_point(device: &Device, gpu: &Gpu, cfg: &Config, ceilings: &Ceilings, flus
     };
     point.measured = Some(Measurement {
         ran,
+        ran_partition_size,
         bytes,
         cold_us: cold_ms * 1e3,
         cold_min_us: cold_min * 1e3,

@@ -104,7 +104,7 @@ fn run(
     device: &Device,
     out: &mut Tensor,
     args: &PagedAttentionArgs,
-    ws: Option<&mut PagedAttentionWorkspace>,
+    mut ws: Option<&mut PagedAttentionWorkspace>,
     version: Version,
 ) -> Result<Version> {
     let plan = validate(device, out, args)?;
@@ -128,6 +128,9 @@ fn run(
         (Version::V2, Some(w)) => (Version::V2, w.partition_size),
         (v, _) => (v, 0),
     };
+    if let Some(w) = ws.as_mut() {
+        w.last_plan = (version, partition_size);
+    }
     if plan.num_seqs == 0 || plan.num_heads == 0 {
         return Ok(version);
     }
@@ -182,17 +185,16 @@ const NOMINAL_SMS: usize = 132;
 /// a v1 launch: sequences × head groups, see [`PagedAttentionGeometry::head_groups`]) and the GPU's
 /// SM count.
 ///
-/// v1 when a sequence fits one partition (v2 would do the same work plus a reduce), or when v1's
-/// CTAs fill the GPU (`v1_ctas >= 1.5 × SMs`); v2 otherwise. Measured on an H100 (132 SMs, 2 CTAs
-/// of the decode kernel per SM): v1 wins from about 200 CTAs at every length up to 32k (by 10–15%
-/// at 256 CTAs), v2 below (by 25% at 128 CTAs, 3–15× for one to eight sequences). vLLM's rule
-/// (v1 iff `max_seq_len <= 8192` and `num_seqs × num_heads > 512`) picked v2 for 64 × 16k tokens,
-/// where v1 is 13% faster. Figures: RESULTS.md.
+/// v1 when a sequence fits one partition (v2 would do the same work plus a merge), or when v1's
+/// CTAs cover the GPU (`v1_ctas >= 0.9 × SMs`); v2 otherwise (see [`choose_plan`], which also picks
+/// v2's partition size). vLLM's rule (v1 iff `max_seq_len <= 8192` and `num_seqs × num_heads >
+/// 512`) picks v2 for 64 × 16k tokens and 16 × 4k, where v1 is as fast or faster here. Figures:
+/// RESULTS.md.
 pub fn choose_version(max_seq_len: usize, v1_ctas: usize, sm_count: usize) -> Version {
     choose_plan(max_seq_len, v1_ctas, sm_count, DEFAULT_PARTITION_SIZE, |_| true).0
 }
 
-/// The automatic choice with v2's partition size: v1 when its CTAs fill the GPU (`v1_ctas ≥ 1.5 ×
+/// The automatic choice with v2's partition size: v1 when its CTAs cover the GPU (`v1_ctas ≥ 0.9 ×
 /// SMs`); else v2 with the largest partition size of [`AUTO_PARTITION_SIZES`] (and the workspace's
 /// own `max_partition`) whose CTAs fill it, or the smallest that fits when none does (v1 when one
 /// such partition holds the longest sequence). `fits(p)` says whether the workspace holds the
@@ -202,7 +204,8 @@ pub fn choose_version(max_seq_len: usize, v1_ctas: usize, sm_count: usize) -> Ve
 /// `results/bench-partition-sweep2-h100.json`): 16 × 4096 takes 140 µs with vLLM's 512-token
 /// partitions (1024 CTAs) and 128 µs with 2048 (256 CTAs: one wave, fewer partials); 16 × 16384
 /// 469 → 430 µs; 1 × 16384 is best at 512 (256 CTAs: 51 µs, 59 at 2048); 1 × 4096 at 128–256 (24
-/// µs, 35 at 1024); 16 × 512 at 256 and up.
+/// µs, 35 at 1024); 16 × 512 at 256 and up. v1 with 128 CTAs beats all of them (16 × 4096 119 µs,
+/// 16 × 16384 402, 16 × 512 30; `results/bench-decode-h100-issue7.json`).
 pub fn choose_plan(
     max_seq_len: usize,
     v1_ctas: usize,
@@ -211,7 +214,9 @@ pub fn choose_plan(
     fits: impl Fn(usize) -> bool,
 ) -> (Version, usize) {
     let fill = |ctas: usize| 2 * ctas >= 3 * sm_count;
-    if fill(v1_ctas) || max_seq_len <= SMALLEST_PARTITION.min(max_partition) {
+    // v1 from 0.9 CTAs per SM: with the kernel's L2 prefetch one CTA per SM keeps enough bytes in
+    // flight, and v1 has no partials to write and merge.
+    if 10 * v1_ctas >= 9 * sm_count || max_seq_len <= SMALLEST_PARTITION.min(max_partition) {
         return (Version::V1, 0);
     }
     // Largest first; a 0 marks no extra size (no allocation: this runs on every call).
@@ -275,6 +280,8 @@ pub struct PagedAttentionWorkspace {
     counters: Option<Tensor>,
     /// How v2 merges its partitions (see [`ReduceMode`]).
     reduce: ReduceMode,
+    /// The version and partition size of the last call with this workspace.
+    last_plan: (Version, usize),
 }
 
 /// How v2 merges the partials of a sequence's partitions.
@@ -383,6 +390,7 @@ impl PagedAttentionWorkspace {
             buffers,
             counters,
             reduce: ReduceMode::Auto,
+            last_plan: (Version::Auto, 0),
         })
     }
 
@@ -409,6 +417,12 @@ impl PagedAttentionWorkspace {
 
     pub fn reduce_mode(&self) -> ReduceMode {
         self.reduce
+    }
+
+    /// What the last call with this workspace ran: the version and v2's partition size (0 for v1;
+    /// `(Auto, 0)` before the first call).
+    pub fn last_plan(&self) -> (Version, usize) {
+        self.last_plan
     }
 
     pub fn partition_size(&self) -> usize {

@@ -226,7 +226,10 @@ impl PagedAttentionGeometry {
     /// Tokens per warp iteration: one lane per token in the `q·k` phase.
     pub const TILE: usize = 32;
     /// Upper bound of [`Self::heads_per_cta`] (sizes fixed-length register arrays in the kernel).
-    pub const MAX_HEADS_PER_CTA: usize = 8;
+    /// 4: a CTA computes all `heads_per_cta` heads whatever the group, so 8 made GQA groups of 4
+    /// (and MHA) at head sizes 32–64 do twice the arithmetic on padding heads, with 255 registers
+    /// (head 64 decoded at 72–75% of the read ceiling vs 90% at head 128; H100, issue 7).
+    pub const MAX_HEADS_PER_CTA: usize = 4;
 
     /// A cache of the query's dtype (`auto`).
     pub const fn new(dtype: DType, head_size: usize, block_size: usize) -> Self {

@@ -210,7 +210,8 @@ fn attention(a: &BenchArgs) -> CliResult {
 fn attention_row(p: &bench::Point) -> String {
     let part = |v: Version| if v == Version::V2 && p.partition_size != 512 { format!("/{}", p.partition_size) } else { String::new() };
     let kernel = match (&p.measured, p.version) {
-        (Some(m), Version::Auto) => format!("auto={}{}", m.ran, part(m.ran)),
+        (Some(m), Version::Auto) if m.ran == Version::V2 => format!("auto=v2/{}", m.ran_partition_size),
+        (Some(m), Version::Auto) => format!("auto={}", m.ran),
         _ => format!("{}{}", p.version, part(p.version)),
     };
     let head =
