@@ -84,14 +84,14 @@ def shapes(path):
     c = r["config"]
     for p in points(r):
         m = p["measured"]
-        print(f"| {c['num_heads']}/{c['num_kv_heads']} | {c['head_size']} | {c['block_size']} | {p['dtype']} | "
+        print(f"| {c['num_heads']}/{c['num_kv_heads']} | {c['head_size']} | {c['block_size']} | {p['dtype']} | {p['cache']} | "
               f"{p['batch']} × {p['context']} | {m['ran']} | {m['cold_us']:.1f} | {m['pct_stream_read']:.1f}% |")
 
 
 if __name__ == "__main__":
     grid(sys.argv[1])
     if len(sys.argv) > 2:
-        print("| heads q/kv | head | block | dtype | batch × context | ran | cold µs | % read |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| heads q/kv | head | block | dtype | cache | batch × context | ran | cold µs | % read |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for path in sys.argv[2:]:
             shapes(path)

@@ -12,7 +12,7 @@ use pagedattn::layout::{BLOCK_SIZES, DTYPES, DType, FP8_HEAD_SIZES, Fp8Kind, HEA
 use pagedattn::testing::{self, Case, Inputs, Rng};
 use pagedattn::{
     Device, Error, PagedAttentionArgs, PagedAttentionWorkspace, ReduceMode, ScalarType, Tensor, Version, paged_attention,
-    paged_attention_v1, paged_attention_v2,
+    paged_attention_v1, paged_attention_v2, reshape_and_cache,
 };
 
 use crate::common::{self, MODES, Mode, assert_matches, reference, row, run_inputs, run_op};
@@ -911,4 +911,76 @@ fn gpu_v2_length_beyond_workspace_is_flagged() {
             other => panic!("{what}: expected BAD_SEQ_LEN, got {other:?}"),
         }
     }
+}
+
+/// A decode step (`reshape_and_cache` of one token per sequence, then paged attention) captured
+/// once as a CUDA graph and replayed while the caller writes the next step's lengths, slots, keys
+/// and values into the same device tensors (`Tensor::write_from`): every replay matches the float64
+/// reference of its own step, with v1 and with v2 under both merges.
+#[test]
+fn gpu_decode_step_replays_in_a_graph() {
+    let Some(mut device) = gpu_or_skip!() else { return };
+    let modes = [(Version::V1, ReduceMode::Auto), (Version::V2, ReduceMode::Fused), (Version::V2, ReduceMode::Separate)];
+    for (i, (version, reduce)) in modes.into_iter().enumerate() {
+        let base = [33usize, 70, 5];
+        let c = case(DType::F16, (8, 2), 128, 16, &base, false, 1500 + i as u64);
+        let mut host = c.inputs().unwrap();
+        let Inputs { query, mut key_cache, mut value_cache, block_tables, mut seq_lens, .. } = host.upload(&device).unwrap();
+        let (k_view, v_view) = (
+            key_cache.view(key_cache.shape(), key_cache.strides(), key_cache.offset()).unwrap(),
+            value_cache.view(value_cache.shape(), value_cache.strides(), value_cache.offset()).unwrap(),
+        );
+        let args = PagedAttentionArgs {
+            query: &query,
+            key_cache: &k_view,
+            value_cache: &v_view,
+            block_tables: &block_tables,
+            seq_lens: &seq_lens,
+            scale: host.scale,
+            alibi_slopes: None,
+            k_scale: None,
+            v_scale: None,
+            blocksparse: None,
+        };
+        let token = [3, 2, 128];
+        let (mut new_k, mut new_v) = (device.nan(ScalarType::F16, &token).unwrap(), device.nan(ScalarType::F16, &token).unwrap());
+        let mut slots = device.upload(&Tensor::from_i64(&[3], &[0, 0, 0]).unwrap()).unwrap();
+        // 32-token partitions: v2 splits every sequence but the last.
+        let mut ws = PagedAttentionWorkspace::with_partition_size(&device, 3, 8, 128, 80, 32).unwrap();
+        ws.set_reduce_mode(reduce);
+        let mut out = device.nan(ScalarType::F16, &[3, 8, 128]).unwrap();
+        let Device::Gpu(gpu) = &device else { unreachable!() };
+        let graph = gpu
+            .capture(|| {
+                reshape_and_cache(&device, &new_k, &new_v, &mut key_cache, &mut value_cache, &slots)?;
+                paged_attention(&device, &mut out, &args, &mut ws, version)?;
+                Ok(())
+            })
+            .unwrap();
+        let table = host.block_tables.to_i32_vec();
+        let row = host.block_tables.shape()[1];
+        let mut rng = Rng::new(1600 + i as u64);
+        for step in 1..=3 {
+            // Each sequence gains one token; the step writes it into its slot, then attends.
+            let lens: Vec<i32> = base.iter().map(|&l| (l + step) as i32).collect();
+            let slot: Vec<i64> =
+                (0..3).map(|s| table[s * row + (lens[s] as usize - 1) / 16] as i64 * 16 + (lens[s] as i64 - 1) % 16).collect();
+            let fresh =
+                |rng: &mut Rng| Tensor::from_f32(DType::F16, &token, &(0..3 * 2 * 128).map(|_| rng.uniform()).collect::<Vec<_>>()).unwrap();
+            let (k, v) = (fresh(&mut rng), fresh(&mut rng));
+            let (lens_t, slot_t) = (Tensor::from_i32(&[3], &lens).unwrap(), Tensor::from_i64(&[3], &slot).unwrap());
+            seq_lens.write_from(&lens_t).unwrap();
+            slots.write_from(&slot_t).unwrap();
+            new_k.write_from(&k).unwrap();
+            new_v.write_from(&v).unwrap();
+            graph.replay().unwrap();
+            gpu.synchronize().unwrap();
+            reshape_and_cache(&Device::Cpu, &k, &v, &mut host.key_cache, &mut host.value_cache, &slot_t).unwrap();
+            host.seq_lens = lens_t;
+            let what = format!("{c}, {version} ({reduce} merge), graph replay {step}");
+            assert_matches(&out.to_cpu().unwrap().to_f64_vec(), &reference(&host), DType::F16, &what);
+        }
+        drop(graph);
+    }
+    common::gpu_of(&mut device).check_status().unwrap();
 }

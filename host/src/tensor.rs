@@ -726,6 +726,51 @@ impl Tensor {
         Ok(self.rehome(Storage::Gpu { slice, stream: stream.clone() }))
     }
 
+    /// Overwrites this GPU tensor's elements, in place (same allocation, so a captured CUDA graph
+    /// that reads it sees the new values at its next replay), with those of the host tensor `src`
+    /// (same dtype and shape; both contiguous). The copy is queued on the tensor's stream, after
+    /// the work already there; pageable memory is staged by the driver before it returns (pinned
+    /// memory is waited for), so `src` may change at once. Not while the stream is being captured.
+    pub fn write_from(&mut self, src: &Tensor) -> Result<()> {
+        let op = "write_from";
+        if src.dtype != self.dtype {
+            return Err(Error::DType { op, tensor: "src", got: src.dtype, expected: self.dtype.to_string() });
+        }
+        if src.shape != self.shape {
+            return Err(Error::Shape { op, tensor: "src", got: src.shape.clone(), expected: format!("{:?}", self.shape) });
+        }
+        for (name, t) in [("self", &*self), ("src", src)] {
+            if !t.is_contiguous() {
+                return Err(Error::Layout {
+                    op,
+                    tensor: name,
+                    strides: t.strides.clone(),
+                    offset: t.offset,
+                    why: "must be contiguous".into(),
+                });
+            }
+        }
+        let Storage::Gpu { stream, .. } = &*self.storage else {
+            return Err(Error::Device { op, tensor: "self", got: self.storage.location(), expected: "GPU" });
+        };
+        let es = self.dtype.size_bytes();
+        let bytes = src.host_bytes()?;
+        let data = &bytes[src.offset * es..(src.offset + src.numel()) * es];
+        if data.is_empty() {
+            return Ok(());
+        }
+        let dst = self.device_ptr().expect("a GPU tensor");
+        // SAFETY: `dst` is this contiguous view's first element inside its live allocation, which
+        // holds numel * es bytes from there (shape and dtype equal to `src`'s); `data` is that many
+        // host bytes, staged by the driver before the call returns (pageable memory).
+        unsafe { cudarc::driver::result::memcpy_htod_async(dst, data, stream.cu_stream()) }?;
+        if src.is_pinned() {
+            // Page-locked memory is read by the DMA later: wait, so `src` may change at once.
+            stream.synchronize()?;
+        }
+        Ok(())
+    }
+
     /// Copies to pageable host memory (waits for the copy).
     pub fn to_cpu(&self) -> Result<Tensor> {
         let bytes = match &*self.storage {

@@ -147,10 +147,27 @@ pub unsafe fn paged_attention<T: Element, C: KvElement, const HEAD_SIZE: usize, 
     let cta = Cta::new(p, gh);
     let tid = thread_idx_x();
     let (warp, lane) = (tid / 32, tid % 32);
+    // The host sets max_seq_len <= max_num_blocks_per_seq * BLOCK_SIZE (and, for v2, <=
+    // max_num_partitions * partition_size); the min keeps the table bound even if it did not.
+    let cap = (p.max_seq_len as usize).min(p.max_num_blocks_per_seq as usize * BLOCK_SIZE);
+    let psize = p.partition_size as usize;
+    let kv_base = cta.kv_head * p.kv_head_stride as usize;
+    // L2 prefetch of K/V ahead of the loads (dense attention, and tiles of at most 16 KB: head 256's
+    // 32 KB per warp and tile crowded the L2 and ran slower). In the first partition (all of v1)
+    // this warp's first tile is known before the length (the table's capacity bounds the lookup):
+    // its block ids load now, beside the length and the query, and the prefetch goes out after the
+    // query loads. Later partitions may lie past the length, so they wait for it.
+    let prefetch = const { 2 * TILE * HEAD_SIZE * core::mem::size_of::<C>() <= 16384 } && !BlockSparse::of(p).is_sparse();
+    let first_t0 = warp * TILE;
+    let first_phys = if prefetch && cta.part == 0 {
+        // SAFETY: tokens below cap, inside the table row.
+        unsafe { prefetch_block::<BLOCK_SIZE>(p, cta.seq, first_t0, cap, lane) }
+    } else {
+        u32::MAX
+    };
 
     // SAFETY: `seq < num_seqs` (grid), seq_lens has num_seqs entries (host-validated).
     let seq_len_raw = unsafe { *(p.seq_lens as *const i32).add(cta.seq) };
-    let psize = p.partition_size as usize;
     // fp8: the dequantization scales (device memory), folded into the query (keys) and the output
     // (values) with the decode's unit.
     let (k_mul, v_mul, scale_ok) = if fp8 {
@@ -161,9 +178,6 @@ pub unsafe fn paged_attention<T: Element, C: KvElement, const HEAD_SIZE: usize, 
     } else {
         (1.0, 1.0, true)
     };
-    // The host sets max_seq_len <= max_num_blocks_per_seq * BLOCK_SIZE (and, for v2, <=
-    // max_num_partitions * partition_size); the min keeps the table bound even if it did not.
-    let cap = (p.max_seq_len as usize).min(p.max_num_blocks_per_seq as usize * BLOCK_SIZE);
     if seq_len_raw < 0 || seq_len_raw as usize > cap {
         if cta.part != 0 {
             return;
@@ -248,6 +262,8 @@ pub unsafe fn paged_attention<T: Element, C: KvElement, const HEAD_SIZE: usize, 
         unsafe { *q_s.add(i) = v };
         i += NUM_THREADS;
     }
+    // SAFETY: first_phys is this lane's block of the tile at first_t0.
+    unsafe { prefetch_tile::<C, HEAD_SIZE, BLOCK_SIZE>(p, kv_base, first_t0, first_phys, lane) };
     if tid == 0 {
         // SAFETY: flag word of the carve-up.
         unsafe { *flag_s = 0 };
@@ -288,7 +304,6 @@ pub unsafe fn paged_attention<T: Element, C: KvElement, const HEAD_SIZE: usize, 
     }
     sync_threads();
 
-    let kv_base = cta.kv_head * p.kv_head_stride as usize;
     let key_cache = p.key_cache as *const C;
     let value_cache = p.value_cache as *const C;
 
@@ -302,9 +317,7 @@ pub unsafe fn paged_attention<T: Element, C: KvElement, const HEAD_SIZE: usize, 
 
     // Partitions are whole tiles (the host checks `partition_size % TILE == 0`).
     let mut tile = t_begin / TILE + warp;
-    // Dense: the L2 fetches each tile's keys and values ahead of the loads (this tile's values
-    // while its keys load; the warp's next tile while this one computes).
-    if !sparse {
+    if prefetch && cta.part != 0 {
         // SAFETY: tokens below t_end <= seq_len, inside the table row.
         unsafe {
             let phys = prefetch_block::<BLOCK_SIZE>(p, cta.seq, tile * TILE, t_end, lane);
@@ -316,8 +329,8 @@ pub unsafe fn paged_attention<T: Element, C: KvElement, const HEAD_SIZE: usize, 
         let tok = t0 + lane;
         // The next tile's block ids, loaded now and used once this tile's keys are in.
         let next = t0 + NUM_WARPS * TILE;
-        // SAFETY: as above.
-        let next_phys = if sparse { u32::MAX } else { unsafe { prefetch_block::<BLOCK_SIZE>(p, cta.seq, next, t_end, lane) } };
+        // SAFETY: tokens below t_end <= seq_len, inside the table row.
+        let next_phys = if prefetch { unsafe { prefetch_block::<BLOCK_SIZE>(p, cta.seq, next, t_end, lane) } } else { u32::MAX };
 
         // ---- block-sparse: bit g of `head_on`, whether head g attends this lane's token; bit i of
         // `tile_on`, whether any head attends token t0 + i. A tile nobody attends is skipped, and so
