@@ -85,7 +85,8 @@ pub struct Measurement {
     /// `runs` calls enqueued back to back between one event pair, per call: the GPU's time per
     /// call when the host keeps ahead, else the host's.
     pub back_to_back_us: f64,
-    /// CPU time per call (validation, dispatch, launch; no sync) over the same back-to-back runs.
+    /// CPU time per call (validation, dispatch, launch; no sync): the median over the same
+    /// back-to-back runs.
     pub host_us: f64,
     pub cold_gbps: f64,
     pub hot_gbps: f64,
@@ -271,20 +272,22 @@ pub(crate) fn time_each(
 }
 
 /// `runs` executions of `op` enqueued back to back between one event pair: (µs per run on the
-/// GPU's clock, µs of CPU per run to enqueue them).
+/// GPU's clock, median µs of CPU per call to enqueue one; a median, so an OS hiccup during one
+/// call does not count as every call's cost).
 pub(crate) fn back_to_back(gpu: &Gpu, runs: usize, mut op: impl FnMut() -> Result<()>) -> Result<(f64, f64)> {
     let ev = || gpu.context().new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT));
     let (start, end) = (ev()?, ev()?);
     gpu.synchronize()?;
     start.record(gpu.stream())?;
-    let t0 = std::time::Instant::now();
+    let mut host = Vec::with_capacity(runs);
     for _ in 0..runs {
+        let t0 = std::time::Instant::now();
         op()?;
+        host.push(t0.elapsed().as_secs_f64() * 1e6);
     }
-    let host = t0.elapsed().as_secs_f64() * 1e6 / runs as f64;
     end.record(gpu.stream())?;
     gpu.synchronize()?;
-    Ok((start.elapsed_ms(&end)? as f64 * 1e3 / runs as f64, host))
+    Ok((start.elapsed_ms(&end)? as f64 * 1e3 / runs as f64, median_min(host).0))
 }
 
 /// Bytes of each half of the ceiling measurements: 2 GiB, shrunk on small devices (a multiple of 16).
