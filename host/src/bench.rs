@@ -404,10 +404,16 @@ fn run_point(device: &Device, gpu: &Gpu, cfg: &Config, ceilings: &Ceilings, flus
     let block_tables = Tensor::from_i32(&[batch, blocks_per_seq], &perm)?.to_gpu(gpu.stream())?;
     let seq_lens = Tensor::from_i32(&[batch], &vec![context as i32; batch])?.to_gpu(gpu.stream())?;
     let scale = 1.0 / (hs as f32).sqrt();
+    // The attention reads the caches through views of their storage, so the decode step below can
+    // write them (`reshape_and_cache`) between attention calls.
+    let (k_view, v_view) = (
+        key_cache.view(key_cache.shape(), key_cache.strides(), key_cache.offset())?,
+        value_cache.view(value_cache.shape(), value_cache.strides(), value_cache.offset())?,
+    );
     let args = PagedAttentionArgs {
         query: &query,
-        key_cache: &key_cache,
-        value_cache: &value_cache,
+        key_cache: &k_view,
+        value_cache: &v_view,
         block_tables: &block_tables,
         seq_lens: &seq_lens,
         scale,
@@ -457,23 +463,6 @@ fn run_point(device: &Device, gpu: &Gpu, cfg: &Config, ceilings: &Ceilings, flus
         let last = context - 1;
         let slots: Vec<i64> = (0..batch).map(|s| perm[s * blocks_per_seq + last / bs] as i64 * bs as i64 + (last % bs) as i64).collect();
         let slot_mapping = Tensor::from_i64(&[batch], &slots)?.to_gpu(stream)?;
-        // The attention reads the caches through views of the storage the update writes.
-        let (k_view, v_view) = (
-            key_cache.view(key_cache.shape(), key_cache.strides(), key_cache.offset())?,
-            value_cache.view(value_cache.shape(), value_cache.strides(), value_cache.offset())?,
-        );
-        let step_args = PagedAttentionArgs {
-            query: &query,
-            key_cache: &k_view,
-            value_cache: &v_view,
-            block_tables: &block_tables,
-            seq_lens: &seq_lens,
-            scale,
-            alibi_slopes: None,
-            k_scale: fp8.then_some(&k_scale),
-            v_scale: fp8.then_some(&v_scale),
-            blocksparse: None,
-        };
         let mut step_op = |out: &mut Tensor| -> Result<()> {
             if fp8 {
                 let scales = Fp8Scales { k_scale: &k_scale, v_scale: &v_scale };
@@ -481,7 +470,7 @@ fn run_point(device: &Device, gpu: &Gpu, cfg: &Config, ceilings: &Ceilings, flus
             } else {
                 reshape_and_cache(device, &new_k, &new_v, &mut key_cache, &mut value_cache, &slot_mapping)?;
             }
-            paged_attention(device, out, &step_args, &mut ws, version)?;
+            paged_attention(device, out, &args, &mut ws, version)?;
             Ok(())
         };
         let runs = cfg.iters.max(20);
