@@ -188,8 +188,8 @@ const NOMINAL_SMS: usize = 132;
 /// v1 when a sequence fits one partition (v2 would do the same work plus a merge), or when v1's
 /// CTAs cover the GPU (`v1_ctas >= 0.9 × SMs`); v2 otherwise (see [`choose_plan`], which also picks
 /// v2's partition size). vLLM's rule (v1 iff `max_seq_len <= 8192` and `num_seqs × num_heads >
-/// 512`) picks v2 for 64 × 16k tokens and 16 × 4k, where v1 is as fast or faster here. Figures:
-/// RESULTS.md.
+/// 512`) picks v2 for 16 × 4k tokens, where v1 takes 119 µs and v2 139 on the H100. Figures:
+/// RESULTS.md (issue 7).
 pub fn choose_version(max_seq_len: usize, v1_ctas: usize, sm_count: usize) -> Version {
     choose_plan(max_seq_len, v1_ctas, sm_count, DEFAULT_PARTITION_SIZE, |_| true).0
 }
@@ -205,7 +205,7 @@ pub fn choose_version(max_seq_len: usize, v1_ctas: usize, sm_count: usize) -> Ve
 /// partitions (1024 CTAs) and 128 µs with 2048 (256 CTAs: one wave, fewer partials); 16 × 16384
 /// 469 → 430 µs; 1 × 16384 is best at 512 (256 CTAs: 51 µs, 59 at 2048); 1 × 4096 at 128–256 (24
 /// µs, 35 at 1024); 16 × 512 at 256 and up. v1 with 128 CTAs beats all of them (16 × 4096 119 µs,
-/// 16 × 16384 402, 16 × 512 30; `results/bench-decode-h100-issue7.json`).
+/// 16 × 16384 402, 16 × 512 30; `results/issue7/speed-grid.json`).
 pub fn choose_plan(
     max_seq_len: usize,
     v1_ctas: usize,

@@ -553,7 +553,8 @@ pub unsafe fn paged_attention<T: Element, C: KvElement, const HEAD_SIZE: usize, 
 /// table load can be issued early and its value used later, off the loads' critical path.
 ///
 /// # Safety
-/// `t_end <= seq_len` of a checked length.
+/// `t_end` is at most the table row's capacity (`max_num_blocks_per_seq * BLOCK_SIZE`): a checked
+/// length, or the kernel's `cap`.
 #[inline(always)]
 unsafe fn prefetch_block<const BLOCK_SIZE: usize>(p: &PagedAttentionParams, seq: usize, t0: usize, t_end: usize, lane: usize) -> u32 {
     if t0 >= t_end {
@@ -568,7 +569,7 @@ unsafe fn prefetch_block<const BLOCK_SIZE: usize>(p: &PagedAttentionParams, seq:
     } else {
         t0 / BLOCK_SIZE
     };
-    // SAFETY: a token of block `blk` is below t_end (the caller's promise).
+    // SAFETY: a token of block `blk` is below t_end, inside the table row (the caller's promise).
     unsafe { physical_block(p, seq, blk) }.map_or(u32::MAX, |b| b as u32)
 }
 
