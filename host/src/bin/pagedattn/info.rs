@@ -71,10 +71,12 @@ const EXAMPLE_SMS: usize = 132;
 
 const V1: &str = "one CTA per (sequence, group of query heads sharing a KV head) walks the whole sequence";
 const V2: &str = "each sequence is split into partitions (vLLM: 512 tokens) that separate CTAs process in parallel, \
-then a reduce kernel combines their partial results; needs a caller-owned workspace";
-const AUTO: &str = "v1 when every sequence fits one partition (max_seq_len <= partition size: v2 would add a reduce) \
-or when v1's CTAs (num_seqs x head groups) fill the GPU (>= 1.5 x SMs); else v2. Decided from bounds the caller \
-fixes (the workspace's max_seq_len), never from device data, so a captured CUDA graph stays valid";
+then their partial results are merged: by the last partition CTA in the same launch while the grid is small, else \
+by a reduce kernel (ReduceMode); needs a caller-owned workspace";
+const AUTO: &str = "v1 when one 128-token partition holds every sequence, or when v1's CTAs (num_seqs x head groups) \
+cover the GPU (>= 0.9 x SMs); else v2 with the largest partition of 2048, 1024, 512, 256, 128 tokens whose CTAs \
+fill 1.5 x SMs. Decided from bounds the caller fixes (the workspace's max_seq_len), never from device data, so a \
+captured CUDA graph stays valid";
 
 /// The fewest v1 CTAs for which the automatic choice keeps v1 on long sequences with `sms` SMs.
 fn v1_min_ctas(sms: usize) -> usize {
@@ -231,7 +233,8 @@ pub fn info(a: InfoArgs) -> CliResult {
     let on = if gpu.is_ok() { format!("on this GPU ({sms} SMs)") } else { format!("with {sms} SMs (an H100)") };
     // A Llama-like example: 32 query heads over 8 KV heads, f16, head size 128.
     let groups = PagedAttentionGeometry::new(DType::F16, 128, 16).head_groups(32, 8);
-    println!("        {on}: v1 for sequences of up to {DEFAULT_PARTITION_SIZE} tokens or from {min_ctas} CTAs, else v2");
+    let v1_len = (1..=DEFAULT_PARTITION_SIZE).take_while(|&l| choose_version(l, 1, sms) == Version::V1).last().unwrap_or(0);
+    println!("        {on}: v1 for sequences of up to {v1_len} tokens or from {min_ctas} CTAs, else v2");
     println!(
         "        (32 heads / 8 KV heads, f16, h128: {groups} head groups per sequence, so v1 from {} sequences).",
         min_ctas.div_ceil(groups)
