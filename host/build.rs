@@ -18,9 +18,18 @@ fn main() {
         _ => ARCHS.to_vec(),
     };
     println!("cargo:rustc-env=PAGEDATTN_ARCHS_SUBSET={}", (archs.len() < ARCHS.len()) as u8);
-    let out = ptx_builder::PtxBuilder::new("../kernels-gpu")
-        .archs(&archs)
-        .families(&families)
+    let mut builder = ptx_builder::PtxBuilder::new("../kernels-gpu").archs(&archs).families(&families);
+    for f in KernelFamily::ALL {
+        if f.archs() != ARCHS {
+            // An arch-specific target (sm_90a) is built when its base arch (sm_90) is.
+            let own: Vec<&str> = f.archs().iter().copied().filter(|a| archs.iter().any(|b| a.trim_end_matches('a') == *b)).collect();
+            builder = builder.family_archs(f.name(), &own);
+        }
+        if let Some((prefix, threads, ctas)) = f.launch_bounds() {
+            builder = builder.launch_bounds(prefix, threads, ctas);
+        }
+    }
+    let out = builder
         .watch("../crates/layout/src")
         // Register arrays are indexed in loops with compile-time bounds; the default threshold left
         // some of them partly rolled, in local memory.

@@ -1,7 +1,7 @@
 //! `flash_attn_varlen_func` and `merge_attn_states` on the CPU backend: the reference against a dense
 //! formula written out here, the masks' definitions case by case, merging, and argument validation.
 
-use pagedattn::flash_attn::{FlashAttnVarlenArgs, flash_attn_varlen_func, merge_attn_states};
+use pagedattn::flash_attn::{FlashAttnVarlenArgs, FlashKernel, flash_attn_varlen_func, merge_attn_states};
 use pagedattn::layout::DType;
 use pagedattn::testing::{Rng, varlen};
 use pagedattn::{Device, Error, ScalarType, Tensor};
@@ -315,25 +315,59 @@ fn gpu_mma_fragments_match_cpu() {
 #[test]
 fn gpu_varlen_matches_reference() {
     let Some(mut device) = gpu_or_skip!() else { return };
-    let mut worst: std::collections::BTreeMap<String, (f64, f64, f64)> = Default::default();
-    let mut failures = Vec::new();
-    let cases = varlen::varlen_grid(false);
-    for case in &cases {
-        let tol = pagedattn::testing::tolerance(case.dtype);
-        match varlen::check_varlen(&device, case) {
-            Ok(e) => {
-                let w = worst.entry(case.dtype.to_string()).or_default();
-                *w = (w.0.max(e.out.rel_l2), w.1.max(e.out.max_abs), w.2.max(e.lse_err));
-                if !e.passes(tol) {
-                    failures.push(format!("{case}: {e:?} (tol {tol:.0e})"));
+    for kernel in gpu_kernels(&device) {
+        let mut worst: std::collections::BTreeMap<String, (f64, f64, f64)> = Default::default();
+        let mut failures = Vec::new();
+        let cases = cases_for(kernel, varlen::varlen_grid(false));
+        for case in &cases {
+            let tol = pagedattn::testing::tolerance(case.dtype);
+            match varlen::check_varlen(&device, case, kernel) {
+                Ok(e) => {
+                    let w = worst.entry(case.dtype.to_string()).or_default();
+                    *w = (w.0.max(e.out.rel_l2), w.1.max(e.out.max_abs), w.2.max(e.lse_err));
+                    if !e.passes(tol) {
+                        failures.push(format!("{case}: {e:?} (tol {tol:.0e})"));
+                    }
                 }
+                Err(err) => failures.push(format!("{case}: {err}")),
             }
-            Err(err) => failures.push(format!("{case}: {err}")),
         }
+        let k = kernel.name();
+        assert!(failures.is_empty(), "{k}: {} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
+        crate::common::note(&format!(
+            "gpu_varlen_matches_reference ({k}): {} cases; worst (rel-L2, max abs, LSE abs err): {worst:?}",
+            cases.len()
+        ));
+        crate::common::gpu_of(&mut device).check_status().expect("no device-side flags for valid inputs");
     }
-    assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
-    crate::common::note(&format!("gpu_varlen_matches_reference: {} cases; worst (rel-L2, max abs, LSE abs err): {worst:?}", cases.len()));
-    crate::common::gpu_of(&mut device).check_status().expect("no device-side flags for valid inputs");
+}
+
+/// The GPU kernels of `flash_attn_varlen_func` this device runs: `mma.sync` always, `wgmma` on
+/// Hopper (said loudly where it is skipped).
+fn gpu_kernels(device: &Device) -> Vec<FlashKernel> {
+    let gpu = crate::common::gpu_ref(device);
+    let mut kernels = vec![FlashKernel::MmaSync];
+    match FlashKernel::Wgmma.resolve(gpu, DType::F16, 128) {
+        Ok(_) => kernels.push(FlashKernel::Wgmma),
+        Err(e) => crate::common::note(&format!("SKIPPED the wgmma kernel's cases: {e}")),
+    }
+    kernels
+}
+
+/// The grid for `kernel`: the wgmma kernel runs every case at the nearest head size it has (64 or
+/// 128), so it sees every mask, block size, head ratio and batch shape of the grid.
+fn cases_for(kernel: FlashKernel, cases: Vec<varlen::VarlenCase>) -> Vec<varlen::VarlenCase> {
+    if kernel != FlashKernel::Wgmma {
+        return cases;
+    }
+    let heads = pagedattn::layout::FLASH_SM90_HEAD_SIZES;
+    cases
+        .into_iter()
+        .map(|mut c| {
+            c.head_size = heads.iter().copied().find(|&h| h >= c.head_size).unwrap_or(heads[heads.len() - 1]);
+            c
+        })
+        .collect()
 }
 
 /// Device-resident tables with bad entries: never read out of bounds (run under compute-sanitizer),
@@ -341,15 +375,19 @@ fn gpu_varlen_matches_reference() {
 #[test]
 fn gpu_varlen_guards_device_tables() {
     let Some(mut device) = gpu_or_skip!() else { return };
-    for guard in varlen::VarlenGuard::ALL {
-        let problems = varlen::check_varlen_guard(&device, guard).unwrap();
-        assert!(problems.is_empty(), "{}: {problems:?}", guard.what());
-        match crate::common::gpu_of(&mut device).check_status() {
-            Err(Error::DeviceData { flags }) => assert_eq!(flags, guard.flag(), "{}", guard.what()),
-            other => panic!("{}: expected the status flag {:#x}, got {other:?}", guard.what(), guard.flag()),
+    for kernel in gpu_kernels(&device) {
+        for guard in varlen::VarlenGuard::ALL {
+            let problems = varlen::check_varlen_guard(&device, guard, kernel).unwrap();
+            assert!(problems.is_empty(), "{} ({}): {problems:?}", guard.what(), kernel.name());
+            match crate::common::gpu_of(&mut device).check_status() {
+                Err(Error::DeviceData { flags }) => assert_eq!(flags, guard.flag(), "{} ({})", guard.what(), kernel.name()),
+                other => panic!("{} ({}): expected the status flag {:#x}, got {other:?}", guard.what(), kernel.name(), guard.flag()),
+            }
         }
     }
-    crate::common::note("gpu_varlen_guards_device_tables: bad block id, seqused_k and cu_seqlens_q flagged, good rows right");
+    crate::common::note(
+        "gpu_varlen_guards_device_tables: bad block id, seqused_k and cu_seqlens_q flagged, good rows right (every kernel)",
+    );
 }
 
 /// The GPU merge against the float64 merge of the same inputs: every dtype, head sizes 32–256 (120
@@ -382,7 +420,7 @@ fn cpu_merge_matches_merge_values() {
 #[test]
 fn cpu_varlen_harness_passes_on_the_reference() {
     for case in varlen::varlen_grid(false).iter().take(4) {
-        let e = varlen::check_varlen(&Device::Cpu, case).unwrap();
+        let e = varlen::check_varlen(&Device::Cpu, case, FlashKernel::Auto).unwrap();
         assert!(e.passes(pagedattn::testing::tolerance(case.dtype)), "{case}: {e:?}");
     }
 }

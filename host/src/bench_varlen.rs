@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::bench::{median_min, time_each};
 use crate::device::{Device, Gpu};
 use crate::error::{Error, Result};
-use crate::flash_attn::{FlashAttnVarlenArgs, flash_attn_varlen_func};
+use crate::flash_attn::{FlashAttnVarlenArgs, FlashKernel, flash_attn_varlen_func_with};
 use crate::tensor::{ScalarType, Tensor};
 use crate::testing::Rng;
 use crate::util::fill_uniform;
@@ -41,6 +41,8 @@ pub fn issue_scenarios() -> Vec<Scenario> {
 #[derive(Clone, Debug, Serialize)]
 pub struct Point {
     pub scenario: Scenario,
+    /// The kernel that ran (`mma` or `wgmma`).
+    pub kernel: &'static str,
     #[serde(serialize_with = "crate::bench::ser_dtype")]
     pub dtype: DType,
     pub num_heads: usize,
@@ -71,10 +73,12 @@ pub fn run_scenario(
     heads: (usize, usize),
     head_size: usize,
     block_size: usize,
+    kernel: FlashKernel,
     iters: usize,
     warmup: usize,
 ) -> Result<Point> {
     let Device::Gpu(gpu) = device else { return Err(Error::NoGpu("the benchmark needs a GPU".into())) };
+    let kernel = kernel.resolve(gpu, dtype, head_size)?;
     let (nh, nkv) = heads;
     let total_q: usize = sc.seqs.iter().map(|s| s.0).sum();
     let blocks: Vec<usize> = sc.seqs.iter().map(|s| (s.0 + s.1).div_ceil(block_size)).collect();
@@ -122,7 +126,7 @@ pub fn run_scenario(
     };
     let l2 = gpu.context().attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)?.max(1) as usize;
     let mut flush: CudaSlice<u8> = gpu.stream().alloc_zeros(4 * l2)?;
-    let mut op = || flash_attn_varlen_func(device, &mut out, None, &args);
+    let mut op = || flash_attn_varlen_func_with(device, &mut out, None, &args, kernel);
     time_each(gpu, warmup, || Ok(()), &mut op)?;
     let (cold, _) = median_min(time_each(gpu, iters, || Ok(gpu.stream().memset_zeros(&mut flush)?), &mut op)?);
     let (hot, _) = median_min(time_each(gpu, iters, || Ok(()), &mut op)?);
@@ -131,6 +135,7 @@ pub fn run_scenario(
     let flops = 4.0 * head_size as f64 * nh as f64 * pairs as f64;
     Ok(Point {
         scenario: sc.clone(),
+        kernel: kernel.name(),
         dtype,
         num_heads: nh,
         num_kv_heads: nkv,
@@ -145,25 +150,32 @@ pub fn run_scenario(
     })
 }
 
-/// Every issue scenario for every dtype.
+/// Every issue scenario for every dtype and kernel (a kernel the device cannot run is skipped).
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     device: &Device,
     dtypes: &[DType],
+    kernels: &[FlashKernel],
     block_size: usize,
     iters: usize,
     warmup: usize,
     mut each: impl FnMut(&Point),
 ) -> Result<Vec<Point>> {
-    let _: &Gpu = match device {
+    let gpu: &Gpu = match device {
         Device::Gpu(g) => g,
         Device::Cpu => return Err(Error::NoGpu("the benchmark needs a GPU".into())),
     };
     let mut points = Vec::new();
     for &dtype in dtypes {
-        for sc in issue_scenarios() {
-            let p = run_scenario(device, &sc, dtype, (32, 8), 128, block_size, iters, warmup)?;
-            each(&p);
-            points.push(p);
+        for &kernel in kernels {
+            if kernel.resolve(gpu, dtype, 128).is_err() {
+                continue;
+            }
+            for sc in issue_scenarios() {
+                let p = run_scenario(device, &sc, dtype, (32, 8), 128, block_size, kernel, iters, warmup)?;
+                each(&p);
+                points.push(p);
+            }
         }
     }
     Ok(points)

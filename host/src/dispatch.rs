@@ -81,6 +81,24 @@ pub fn paged_attention(dtype: DType, cache: KvCacheDType, head_size: usize, bloc
         })
 }
 
+/// The Hopper (`wgmma`) `flash_attn_varlen` variant for `(dtype, head_size)`, if there is one
+/// (`FLASH_SM90_HEAD_SIZES`): with soft-cap and ALiBi compiled in (`extras`) or without.
+pub fn flash_attn_sm90(dtype: DType, head_size: usize, extras: bool) -> Option<&'static str> {
+    macro_rules! arm {
+        ($dt:ident, $dtn:literal, $h:literal) => {
+            if dtype == DType::$dt && head_size == $h {
+                return Some(if extras {
+                    pagedattn_layout::flash_attn_sm90_extras_symbol!($dtn, $h)
+                } else {
+                    pagedattn_layout::flash_attn_sm90_symbol!($dtn, $h)
+                });
+            }
+        };
+    }
+    pagedattn_layout::for_each_flash_attn_sm90_variant!(arm);
+    None
+}
+
 /// The `flash_attn_varlen` variant for `(dtype, head_size)` (f16/bf16, `FLASH_HEAD_SIZES`).
 pub fn flash_attn(dtype: DType, head_size: usize) -> Result<&'static str> {
     macro_rules! arm {
@@ -234,6 +252,19 @@ pub fn kernel_variants() -> &'static [KernelVariant] {
             };
         }
         pagedattn_layout::for_each_flash_attn_variant!(push_flash);
+        macro_rules! push_flash_sm90 {
+            ($dt:ident, $dtn:literal, $h:literal) => {
+                for symbol in
+                    [pagedattn_layout::flash_attn_sm90_symbol!($dtn, $h), pagedattn_layout::flash_attn_sm90_extras_symbol!($dtn, $h)]
+                {
+                    table.push(KernelVariant {
+                        head_size: Some($h),
+                        ..of(KernelFamily::FlashAttnSm90, "flash_attn_varlen", Some(DType::$dt), symbol)
+                    });
+                }
+            };
+        }
+        pagedattn_layout::for_each_flash_attn_sm90_variant!(push_flash_sm90);
         for &d in DTYPES {
             table.push(of(KernelFamily::FlashAttn, "merge_attn_states", Some(d), merge_attn_states(d)));
         }

@@ -18,12 +18,14 @@
 
 use cudarc::driver::LaunchConfig;
 use cudarc::driver::sys::CUfunction_attribute;
-use pagedattn_layout::{FlashAttnGeometry, FlashAttnVarlenParams, KernelFamily, MERGE_THREADS, MergeAttnStatesParams};
+use pagedattn_layout::{
+    FlashAttnGeometry, FlashAttnSm90Geometry, FlashAttnVarlenParams, KernelFamily, MERGE_THREADS, MergeAttnStatesParams,
+};
 
 use crate::device::{Device, Gpu, check_placement};
 use crate::error::{Error, Result};
 use crate::tensor::{ScalarType, Tensor};
-use crate::{cpu, dispatch, launch};
+use crate::{cpu, dispatch, launch, ptx};
 
 const OP: &str = "flash_attn_varlen_func";
 const MERGE: &str = "merge_attn_states";
@@ -87,19 +89,98 @@ pub fn flash_attn_varlen_func(
     softmax_lse: Option<&mut Tensor>,
     args: &FlashAttnVarlenArgs,
 ) -> Result<()> {
+    flash_attn_varlen_func_with(device, out, softmax_lse, args, FlashKernel::Auto)
+}
+
+/// Which GPU kernel runs [`flash_attn_varlen_func`] (the CPU backend ignores it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum FlashKernel {
+    /// [`FlashKernel::Wgmma`] where it runs, else [`FlashKernel::MmaSync`].
+    #[default]
+    Auto,
+    /// `kernels-gpu/src/flash_attn.rs`: `mma.sync` tensor cores, every arch from 8.0, every head size.
+    MmaSync,
+    /// `kernels-gpu/src/flash_attn_sm90.rs`: `wgmma` and warp specialization, on compute capability
+    /// 9.0 (an `sm_90a` image) for head sizes `FLASH_SM90_HEAD_SIZES`.
+    Wgmma,
+}
+
+impl FlashKernel {
+    pub const fn name(self) -> &'static str {
+        match self {
+            FlashKernel::Auto => "auto",
+            FlashKernel::MmaSync => "mma",
+            FlashKernel::Wgmma => "wgmma",
+        }
+    }
+
+    /// The kernel that `self` picks on `gpu` for `(dtype, head_size)`: `Auto` resolved; `Wgmma`
+    /// where it cannot run is `Error::Unsupported`.
+    pub fn resolve(self, gpu: &Gpu, dtype: pagedattn_layout::DType, head_size: usize) -> Result<FlashKernel> {
+        let wgmma = dispatch::flash_attn_sm90(dtype, head_size, false).is_some()
+            && gpu.arch == (9, 0)
+            && ptx::choose_image(KernelFamily::FlashAttnSm90, gpu.arch).is_ok_and(|(_, kind)| kind == ptx::ImageKind::Cubin);
+        match self {
+            FlashKernel::Auto => Ok(if wgmma { FlashKernel::Wgmma } else { FlashKernel::MmaSync }),
+            FlashKernel::MmaSync => Ok(FlashKernel::MmaSync),
+            FlashKernel::Wgmma if wgmma => Ok(FlashKernel::Wgmma),
+            FlashKernel::Wgmma => Err(Error::Unsupported {
+                op: OP,
+                what: "the wgmma kernel for (device, dtype, head_size)",
+                got: format!("(sm_{}{}, {dtype}, {head_size})", gpu.arch.0, gpu.arch.1),
+                supported: format!("compute capability 9.0 with an sm_90a cubin, f16/bf16 x {:?}", pagedattn_layout::FLASH_SM90_HEAD_SIZES),
+            }),
+        }
+    }
+}
+
+impl std::str::FromStr for FlashKernel {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(FlashKernel::Auto),
+            "mma" => Ok(FlashKernel::MmaSync),
+            "wgmma" => Ok(FlashKernel::Wgmma),
+            _ => Err(format!("unknown varlen kernel {s:?} (auto, mma, wgmma)")),
+        }
+    }
+}
+
+/// [`flash_attn_varlen_func`] on a chosen GPU kernel.
+pub fn flash_attn_varlen_func_with(
+    device: &Device,
+    out: &mut Tensor,
+    softmax_lse: Option<&mut Tensor>,
+    args: &FlashAttnVarlenArgs,
+    kernel: FlashKernel,
+) -> Result<()> {
     let plan = validate(device, out, softmax_lse.as_deref(), args)?;
     if plan.total_q == 0 || plan.num_heads == 0 || plan.batch == 0 {
         return Ok(());
     }
     match device {
         Device::Cpu => cpu::flash_attn::run(&plan, out, softmax_lse, args),
-        Device::Gpu(gpu) => launch_gpu(gpu, &plan, out, softmax_lse, args),
+        Device::Gpu(gpu) => launch_gpu(gpu, &plan, out, softmax_lse, args, kernel),
     }
 }
 
-fn launch_gpu(gpu: &Gpu, plan: &VarlenPlan, out: &mut Tensor, lse: Option<&mut Tensor>, a: &FlashAttnVarlenArgs) -> Result<()> {
+fn launch_gpu(
+    gpu: &Gpu,
+    plan: &VarlenPlan,
+    out: &mut Tensor,
+    lse: Option<&mut Tensor>,
+    a: &FlashAttnVarlenArgs,
+    kernel: FlashKernel,
+) -> Result<()> {
     let dtype = plan.dtype.float().expect("validated: f16 or bf16");
-    let symbol = dispatch::flash_attn(dtype, plan.head_size)?;
+    let kernel = kernel.resolve(gpu, dtype, plan.head_size)?;
+    let symbol = match kernel {
+        FlashKernel::Wgmma => {
+            let extras = a.softcap > 0.0 || a.alibi_slopes.is_some();
+            dispatch::flash_attn_sm90(dtype, plan.head_size, extras).expect("resolved")
+        }
+        _ => dispatch::flash_attn(dtype, plan.head_size)?,
+    };
     // 16-byte loads of q, k and v rows; 4-byte stores of out: the device bases are 256-byte aligned.
     let aligned = |t: &Tensor, axes: usize, bytes: usize| {
         (t.offset() * 2).is_multiple_of(bytes) && t.strides()[..axes].iter().all(|s| (s * 2).is_multiple_of(bytes))
@@ -158,17 +239,30 @@ fn launch_gpu(gpu: &Gpu, plan: &VarlenPlan, out: &mut Tensor, lse: Option<&mut T
         window_left: to_i32(plan.window.0),
         window_right: to_i32(plan.window.1),
     };
-    let smem = FlashAttnGeometry::smem_bytes(plan.head_size);
+    let (family, smem, block_m, threads) = match kernel {
+        FlashKernel::Wgmma => (
+            KernelFamily::FlashAttnSm90,
+            FlashAttnSm90Geometry::smem_bytes(plan.head_size),
+            FlashAttnSm90Geometry::BLOCK_M,
+            FlashAttnSm90Geometry::NUM_THREADS,
+        ),
+        _ => (
+            KernelFamily::FlashAttn,
+            FlashAttnGeometry::smem_bytes(plan.head_size),
+            FlashAttnGeometry::block_m(plan.head_size),
+            FlashAttnGeometry::NUM_THREADS,
+        ),
+    };
     let cfg = LaunchConfig {
         grid_dim: (
-            (a.max_seqlen_q * (plan.num_heads / plan.num_kv_heads)).div_ceil(FlashAttnGeometry::block_m(plan.head_size)).max(1) as u32,
+            (a.max_seqlen_q * (plan.num_heads / plan.num_kv_heads)).div_ceil(block_m).max(1) as u32,
             plan.num_kv_heads as u32,
             plan.batch as u32,
         ),
-        block_dim: (FlashAttnGeometry::NUM_THREADS as u32, 1, 1),
+        block_dim: (threads as u32, 1, 1),
         shared_mem_bytes: smem as u32,
     };
-    let func = gpu.function(KernelFamily::FlashAttn, symbol)?;
+    let func = gpu.function(family, symbol)?;
     if smem > 48 * 1024 {
         func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)?;
     }

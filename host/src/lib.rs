@@ -62,7 +62,7 @@ pub use cache::{
 };
 pub use device::{Device, Gpu};
 pub use error::{Error, Result};
-pub use flash_attn::{FlashAttnVarlenArgs, flash_attn_varlen_func, merge_attn_states};
+pub use flash_attn::{FlashAttnVarlenArgs, FlashKernel, flash_attn_varlen_func, flash_attn_varlen_func_with, merge_attn_states};
 pub use graph::Graph;
 pub use paged_attention::{
     PagedAttentionArgs, PagedAttentionWorkspace, ReduceMode, Version, choose_plan, choose_version, paged_attention, paged_attention_v1,

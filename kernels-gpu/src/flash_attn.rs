@@ -34,21 +34,15 @@
 //! NaN.
 
 use crate::intrinsics::{
-    Chunk, Element, atomic_or, block_idx_x, block_idx_y, block_idx_z, dynamic_smem_chunks, exp2, fma, fmax, grid_dim_x, log2, rcp,
-    shfl_xor, store_chunk, sync_threads, thread_idx_x, vote_any,
+    Chunk, Element, atomic_or, block_idx_x, block_idx_y, block_idx_z, dynamic_smem_chunks, exp2, fmax, grid_dim_x, log2, store_chunk,
+    sync_threads, thread_idx_x, vote_any,
 };
 use crate::tensor_core::{self as tc, MmaElem};
+use crate::varlen::{self, LOG2E, Logits};
 use pagedattn_layout::{FlashAttnGeometry as Geo, FlashAttnVarlenParams, MERGE_THREADS, MergeAttnStatesParams, status};
 
 const NT: usize = Geo::NUM_THREADS;
-const LOG2E: f32 = core::f32::consts::LOG2_E;
 const LN2: f32 = core::f32::consts::LN_2;
-
-/// `tanh(x)` from `ex2` and `rcp` (saturates to ±1 for large |x|).
-#[inline(always)]
-fn tanh(x: f32) -> f32 {
-    1.0 - 2.0 * rcp(exp2(2.0 * LOG2E * x) + 1.0)
-}
 
 /// # Safety
 /// Launched with the geometry above on buffers the host validated (16-byte aligned rows of q, k, v;
@@ -68,56 +62,16 @@ pub unsafe fn flash_attn_varlen<E: MmaElem, const D: usize>(p: &FlashAttnVarlenP
     let tid = thread_idx_x();
     let (warp, lane) = (tid / 32, tid % 32);
     let (g, t) = (lane / 4, lane % 4);
-    let group = (p.num_heads / p.num_kv_heads) as usize;
-    // Packed row r: query r / group, head kv_head · group + r % group (32-bit: rows < 2^32).
-    let query = |r: usize| (r as u32 / group as u32) as usize;
-    let head = |r: usize| kvh * group + (r as u32 % group as u32) as usize;
-
-    // SAFETY: b < batch (grid); cu_seqlens_q has batch + 1 entries, seqused_k batch.
-    let (c0, c1, sk_raw) = unsafe {
-        (*(p.cu_seqlens_q as *const i32).add(b), *(p.cu_seqlens_q as *const i32).add(b + 1), *(p.seqused_k as *const i32).add(b))
-    };
-    let rows_ok = c0 >= 0 && c1 >= c0 && c1 as u32 <= p.total_q && (c1 - c0) as u32 <= p.max_seqlen_q;
-    if !rows_ok || sk_raw < 0 || sk_raw as u32 > p.max_seqlen_k {
-        if mt == 0 && kvh == 0 && tid == 0 && p.maybe_status != 0 {
-            // SAFETY: a non-null status pointer is a device u32.
-            unsafe { atomic_or(p.maybe_status as *mut u32, status::BAD_SEQ_LEN) };
-        }
-        if rows_ok {
-            // Only the key count is bad: the sequence's rows are known, mark them NaN.
-            let (q0, rows_total) = (c0 as usize, (c1 - c0) as usize * group);
-            let mut r = mt * bm + tid;
-            while r < rows_total && r < (mt + 1) * bm {
-                let (i, h) = (query(r), head(r));
-                let base = (q0 + i) * p.out_stride_token as usize + h * p.out_stride_head as usize;
-                for e in 0..D / 2 {
-                    // SAFETY: row q0 + i < total_q of out (4-byte aligned pairs, host-checked).
-                    unsafe { *(p.out as *mut u32).add(base / 2 + e) = tc::pack2::<E>(f32::NAN, f32::NAN) };
-                }
-                if p.softmax_lse != 0 {
-                    // SAFETY: `[num_heads, total_q]`.
-                    unsafe { *(p.softmax_lse as *mut f32).add(h * p.total_q as usize + q0 + i) = f32::NAN };
-                }
-                r += NT;
-            }
-        }
-        return;
-    }
-    let (q0, sq, sk) = (c0 as usize, (c1 - c0) as usize, sk_raw as usize);
-    let rows_total = sq * group;
     let m0 = mt * bm;
+    // SAFETY: b < batch (grid), the launch's params.
+    let Some(seq) = (unsafe { varlen::sequence::<E, D>(p, b, kvh, m0, bm, tid, NT) }) else { return };
+    let (q0, sk) = (seq.q0, seq.sk);
+    let rows_total = seq.rows();
     if m0 >= rows_total {
         return;
     }
-    let (left, right) = (p.window_left, p.window_right);
-
-    // The keys any row of this tile can see (its queries are m0 / group ..= last / group).
-    let last = if m0 + bm < rows_total { m0 + bm } else { rows_total } - 1;
-    let (d_lo, d_hi) = ((query(m0) + sk) as i64 - sq as i64, (query(last) + sk) as i64 - sq as i64);
-    let j_lo = if left >= 0 { (d_lo - left as i64).max(0) } else { 0 } as usize;
-    let j_hi = if right >= 0 { (d_hi + right as i64 + 1).clamp(0, sk as i64) } else { sk as i64 } as usize;
-    let first = j_lo / bn * bn;
-    let tiles = if j_hi > first { (j_hi - first).div_ceil(bn) } else { 0 };
+    let lg = Logits::new(p, &seq, m0, bm, bn);
+    let (first, tiles) = (lg.first, lg.tiles);
 
     let smem = dynamic_smem_chunks() as *mut u16;
     // Shared memory (halves): Q `[bm][row]`, then two stages of K `[bn][row]` and V `[bn][row]`,
@@ -154,7 +108,7 @@ pub unsafe fn flash_attn_varlen<E: MmaElem, const D: usize>(p: &FlashAttnVarlenP
         // aligned (host).
         unsafe {
             if pr < rows_total {
-                let src = q.add((q0 + query(pr)) * p.q_stride_token as usize + head(pr) * p.q_stride_head as usize + cc * 8);
+                let src = q.add((q0 + seq.query(pr)) * p.q_stride_token as usize + seq.head(pr) * p.q_stride_head as usize + cc * 8);
                 tc::cp_async_16(base + ((r * row + cc * 8) * 2) as u32, src);
             } else {
                 store_chunk(smem.add(r * row + cc * 8), Chunk([0; 4]));
@@ -204,29 +158,21 @@ pub unsafe fn flash_attn_varlen<E: MmaElem, const D: usize>(p: &FlashAttnVarlenP
     }
     tc::cp_async_commit();
 
-    let scale = p.scale;
-    let softcap = p.softcap;
-    let alibi = p.alibi_slopes != 0;
-    // Logits need only `s · scale · log2 e` where neither soft-cap nor ALiBi is on (and the scale is
-    // not negative: the row max is then taken on the raw scores).
-    let plain = softcap <= 0.0 && !alibi && scale >= 0.0;
-    let scale_log2 = scale * LOG2E;
     // This lane's rows: row tile m of the warp holds tile-local rows (warp · mts + m) · 16 + g and
-    // + 8; rr = 2m + (0 | 1) indexes them below.
-    let local = |rr: usize| (warp * mts + rr / 2) * 16 + g + 8 * (rr % 2);
-    let mut slope = [0f32; 4];
-    let mut qi = [0i32; 4];
-    for rr in 0..2 * mts {
-        let pr = m0 + local(rr);
-        qi[rr] = query(pr) as i32;
-        if alibi {
-            // SAFETY: `[num_heads]` slopes.
-            slope[rr] = unsafe { *(p.alibi_slopes as *const f32).add(head(pr)) };
+    // + 8.
+    let local = |m: usize, r: usize| (warp * mts + m) * 16 + g + 8 * r;
+    let mut slope = [[0f32; 2]; 2];
+    let mut qi = [[0i32; 2]; 2];
+    for m in 0..mts {
+        for r in 0..2 {
+            let pr = m0 + local(m, r);
+            qi[m][r] = seq.query(pr) as i32;
+            if p.alibi_slopes != 0 {
+                // SAFETY: `[num_heads]` slopes.
+                slope[m][r] = unsafe { *(p.alibi_slopes as *const f32).add(seq.head(pr)) };
+            }
         }
     }
-    // Key position of query i: i + d_off. Lengths are below 2^31 (host-checked i32 tables).
-    let d_off = sk as i32 - sq as i32;
-    let inv_softcap = if softcap > 0.0 { 1.0 / softcap } else { 0.0 };
 
     // Per-lane byte offsets of the ldmatrix rows (see `tensor_core`): Q as the A operand (rows
     // lane % 16, column half lane / 16); K as B of two 8-key tiles (keys (lane / 16) · 8 + lane % 8,
@@ -245,7 +191,7 @@ pub unsafe fn flash_attn_varlen<E: MmaElem, const D: usize>(p: &FlashAttnVarlenP
     };
 
     let mut o = [[[0f32; 4]; 32]; 2];
-    let (mut m_run, mut l_run) = ([f32::NEG_INFINITY; 4], [0f32; 4]);
+    let (mut m_run, mut l_run) = ([[f32::NEG_INFINITY; 2]; 2], [[0f32; 2]; 2]);
 
     for it in 0..tiles {
         let n0 = first + it * bn;
@@ -283,108 +229,34 @@ pub unsafe fn flash_attn_varlen<E: MmaElem, const D: usize>(p: &FlashAttnVarlenP
                 }
             }
         }
-        // Logits in log2 units, masked. A tile every row sees whole (inside the keys and every
-        // row's window) needs no mask.
-        let whole =
-            n0 + bn <= sk && (right < 0 || (n0 + bn - 1) as i64 <= d_lo + right as i64) && (left < 0 || n0 as i64 >= d_hi - left as i64);
-        // (Small loops, one concern each: every one unrolls fully, so `s` stays in registers.)
-        // `ls`: the factor from `s` to log2 units still to apply. On a whole tile without soft-cap
-        // or ALiBi that is the whole scaling (the row max is taken on the raw scores, scale ≥ 0, and
-        // the factor folds into the FMA under the exp2); otherwise the logits are finished here.
-        let ls = if whole && plain {
-            scale_log2
-        } else {
-            for m in 0..mts {
-                for nt in 0..bn / 8 {
-                    for e in 0..4 {
-                        s[m][nt][e] *= scale;
-                    }
-                }
-            }
-            if softcap > 0.0 {
-                for m in 0..mts {
-                    for nt in 0..bn / 8 {
-                        for e in 0..4 {
-                            s[m][nt][e] = softcap * tanh(s[m][nt][e] * inv_softcap);
-                        }
-                    }
-                }
-            }
-            if alibi {
-                for m in 0..mts {
-                    for nt in 0..bn / 8 {
-                        for e in 0..4 {
-                            let (rr, j) = (2 * m + e / 2, (n0 + nt * 8 + 2 * t + e % 2) as i32);
-                            s[m][nt][e] -= slope[rr] * ((qi[rr] + d_off - j).abs() as f32);
-                        }
-                    }
-                }
-            }
-            for m in 0..mts {
-                for nt in 0..bn / 8 {
-                    for e in 0..4 {
-                        let (rr, j) = (2 * m + e / 2, (n0 + nt * 8 + 2 * t + e % 2) as i32);
-                        let d = qi[rr] + d_off;
-                        let visible = qi[rr] < sq as i32 && j < sk as i32 && (left < 0 || j >= d - left) && (right < 0 || j <= d + right);
-                        s[m][nt][e] = if visible { s[m][nt][e] * LOG2E } else { f32::NEG_INFINITY };
-                    }
-                }
-            }
-            1.0
-        };
-        // Row maxima: four independent chains per row, then the quad's lanes.
-        let mut m_ref = [0f32; 4];
-        let mut corr = [1f32; 4];
-        for rr in 0..2 * mts {
-            let (m, half) = (rr / 2, 2 * (rr % 2));
-            let mut part = [f32::NEG_INFINITY; 4];
-            for nt in 0..bn / 8 {
-                part[nt % 4] = part[nt % 4].max(s[m][nt][half].max(s[m][nt][half + 1]));
-            }
-            let mut mx = part[0].max(part[1]).max(part[2].max(part[3]));
-            mx = mx.max(shfl_xor(mx, 1));
-            mx = mx.max(shfl_xor(mx, 2));
-            let m_new = m_run[rr].max(mx * ls);
-            // Rows without a visible key so far (max -inf) use 0 as the reference: every exp2 is
-            // then 0, and so is the correction of their (zero) sums.
-            m_ref[rr] = if m_new == f32::NEG_INFINITY { 0.0 } else { m_new };
-            corr[rr] = exp2(m_run[rr] - m_ref[rr]);
-            m_run[rr] = m_new;
-            l_run[rr] *= corr[rr];
+        // Logits in log2 units, masked; then the online softmax.
+        // (Row tiles one by one with constant indices: a loop over m with this body does not
+        // unroll, and the arrays it indexes went to local memory.)
+        let whole = lg.whole(n0);
+        let (mut m_ref, mut corr) = ([[0f32; 2]; 2], [[1f32; 2]; 2]);
+        let ls = lg.prepare::<_, true>(&mut s[0], bn, n0, whole, t, qi[0], slope[0]);
+        if mts == 2 {
+            lg.prepare::<_, true>(&mut s[1], bn, n0, whole, t, qi[1], slope[1]);
+        }
+        (m_ref[0], corr[0]) = varlen::row_max(&s[0], bn, ls, &mut m_run[0], &mut l_run[0]);
+        if mts == 2 {
+            (m_ref[1], corr[1]) = varlen::row_max(&s[1], bn, ls, &mut m_run[1], &mut l_run[1]);
         }
         // Rescale the outputs only when some row's max moved (late in long rows it rarely does).
-        if vote_any(corr[0] != 1.0 || corr[1] != 1.0 || corr[2] != 1.0 || corr[3] != 1.0) {
-            for rr in 0..2 * mts {
-                for nt in 0..dp / 8 {
-                    o[rr / 2][nt][2 * (rr % 2)] *= corr[rr];
-                    o[rr / 2][nt][2 * (rr % 2) + 1] *= corr[rr];
-                }
+        if vote_any(corr[0][0] != 1.0 || corr[0][1] != 1.0 || corr[1][0] != 1.0 || corr[1][1] != 1.0) {
+            for m in 0..mts {
+                varlen::rescale(&mut o[m], dp, corr[m]);
             }
         }
-        // Probabilities exp2(s · ls − m), row sums in four chains per row.
-        for rr in 0..2 * mts {
-            let (m, half) = (rr / 2, 2 * (rr % 2));
-            let mut part = [0f32; 4];
-            for nt in 0..bn / 8 {
-                for e in half..half + 2 {
-                    let pe = exp2(fma(s[m][nt][e], ls, -m_ref[rr]));
-                    s[m][nt][e] = pe;
-                    part[nt % 4] += pe;
-                }
-            }
-            l_run[rr] += (part[0] + part[1]) + (part[2] + part[3]);
+        varlen::exponentiate(&mut s[0], bn, ls, m_ref[0], &mut l_run[0]);
+        if mts == 2 {
+            varlen::exponentiate(&mut s[1], bn, ls, m_ref[1], &mut l_run[1]);
         }
         // O += P·V: P's accumulator tiles 2k, 2k + 1 are the A fragment of keys 16k .. 16k + 16.
         for ks in 0..bn / 16 {
             let mut a = [[0u32; 4]; 2];
             for m in 0..mts {
-                let (lo, hi) = (s[m][2 * ks], s[m][2 * ks + 1]);
-                a[m] = [
-                    tc::pack2::<E>(lo[0], lo[1]),
-                    tc::pack2::<E>(lo[2], lo[3]),
-                    tc::pack2::<E>(hi[0], hi[1]),
-                    tc::pack2::<E>(hi[2], hi[3]),
-                ];
+                a[m] = varlen::a_fragment::<E, { Geo::MAX_BLOCK_N / 8 }>(&s[m], ks);
             }
             for np in 0..dp / 16 {
                 // SAFETY: ldmatrix rows inside the V tile, all lanes together.
@@ -405,50 +277,20 @@ pub unsafe fn flash_attn_varlen<E: MmaElem, const D: usize>(p: &FlashAttnVarlenP
         // SAFETY: a non-null status pointer is a device u32.
         unsafe { atomic_or(p.maybe_status as *mut u32, status::BAD_BLOCK_ID) };
     }
-    let out = p.out as *mut u32;
-    for rr in 0..2 * mts {
-        let l = l_run[rr] + shfl_xor(l_run[rr], 1);
-        let l = l + shfl_xor(l, 2);
-        let pr = m0 + local(rr);
-        if pr >= rows_total {
-            continue;
+    let store = |m: usize, r: usize| {
+        let l = varlen::quad_sum(l_run[m][r]);
+        let pr = m0 + local(m, r);
+        if pr < rows_total {
+            // SAFETY: pr is one of the sequence's rows.
+            unsafe { varlen::store_row::<E, D, 32>(p, &seq, pr, &o[m], r, t, l, m_run[m][r], bad) };
         }
-        let (i, h) = (query(pr), head(pr));
-        let inv = if bad {
-            f32::NAN
-        } else if l > 0.0 {
-            1.0 / l
-        } else {
-            0.0
-        };
-        let base = (q0 + i) * p.out_stride_token as usize + h * p.out_stride_head as usize;
-        let (m, half) = (rr / 2, 2 * (rr % 2));
-        for nt in 0..D / 8 {
-            // SAFETY: two halves of the row's dims nt*8 + 2t (4-byte aligned: the host checked
-            // even strides and offset).
-            unsafe { *out.add((base + nt * 8 + 2 * t) / 2) = tc::pack2::<E>(o[m][nt][half] * inv, o[m][nt][half + 1] * inv) };
-        }
-        if t == 0 && p.softmax_lse != 0 {
-            let lse = if bad {
-                f32::NAN
-            } else if l > 0.0 {
-                (m_run[rr] + log2(l)) * LN2
-            } else {
-                f32::NEG_INFINITY
-            };
-            // SAFETY: `[num_heads, total_q]`, q0 + i < total_q.
-            unsafe { *(p.softmax_lse as *mut f32).add(h * p.total_q as usize + q0 + i) = lse };
-        }
+    };
+    store(0, 0);
+    store(0, 1);
+    if mts == 2 {
+        store(1, 0);
+        store(1, 1);
     }
-}
-
-macro_rules! tc_elem {
-    (F16) => {
-        $crate::tensor_core::F16
-    };
-    (BF16) => {
-        $crate::tensor_core::Bf16
-    };
 }
 
 macro_rules! export_flash_attn {

@@ -77,6 +77,14 @@ pub fn gpu_of(device: &mut Device) -> &mut Gpu {
     }
 }
 
+/// The GPU of a GPU device.
+pub fn gpu_ref(device: &Device) -> &Gpu {
+    match device {
+        Device::Gpu(g) => g,
+        Device::Cpu => panic!("not a GPU device"),
+    }
+}
+
 /// How a test runs the op: v1, or v2 with a partition size (small ones make many partitions out of
 /// short sequences, so the reduce is exercised cheaply).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -114,6 +114,56 @@ impl FlashAttnGeometry {
 /// Head sizes of the varlen kernel (every head size of the walking skeleton; 120 runs padded to 128).
 pub const FLASH_HEAD_SIZES: &[usize] = &[32, 64, 80, 96, 112, 120, 128, 192, 256];
 
+/// Head sizes of the Hopper varlen kernel (`kernels-gpu/src/flash_attn_sm90.rs`); the others run
+/// on the `mma.sync` kernel everywhere.
+pub const FLASH_SM90_HEAD_SIZES: &[usize] = &[64, 128];
+
+/// Launch geometry of the Hopper varlen kernel: three warpgroups of 128 threads, the first the
+/// producer (it gathers Q, K and V tiles into shared memory), the other two consumers of
+/// [`Self::CONSUMER_ROWS`] packed rows each (rows packed as in [`FlashAttnGeometry`]). Grid
+/// `(ceil(max_seqlen_q · group / BLOCK_M), num_kv_heads, batch)`.
+///
+/// Shared memory, from a 1024-byte aligned base (the 128-byte swizzle repeats every 8 rows of 128
+/// bytes): Q `[BLOCK_M][head]`, then [`Self::stages`] stages of K and V `[block_n][head]`, each tile
+/// stored as column panels of 64 elements (128-byte rows, the 16-byte pieces of row `r` rotated by
+/// XOR with `r % 8`), then the stage barriers and the flag word.
+pub struct FlashAttnSm90Geometry;
+
+impl FlashAttnSm90Geometry {
+    pub const NUM_WARPGROUPS: usize = 3;
+    pub const NUM_THREADS: usize = Self::NUM_WARPGROUPS * 128;
+    /// Packed rows per consumer warpgroup (one `wgmma` m64 tile).
+    pub const CONSUMER_ROWS: usize = 64;
+    pub const BLOCK_M: usize = 2 * Self::CONSUMER_ROWS;
+    /// Elements per swizzled column panel (128 bytes of f16/bf16).
+    pub const PANEL: usize = 64;
+    /// Registers per thread the producer keeps and the consumers take (`setmaxnreg`, from the 168
+    /// of the entry cap): 128 · (56 + 2 · 224) = 64512 of the 65536. The producer holds a tile's
+    /// block ids and gather addresses (more than a bulk-copy producer's 24).
+    pub const PRODUCER_REGS: u32 = 56;
+    pub const CONSUMER_REGS: u32 = 224;
+
+    /// Keys per tile.
+    pub const fn block_n(head_size: usize) -> usize {
+        if head_size <= 128 { 128 } else { 64 }
+    }
+
+    /// K/V stages in flight (the shared memory of three fits up to head 128).
+    pub const fn stages(head_size: usize) -> usize {
+        if head_size <= 128 { 3 } else { 2 }
+    }
+
+    /// Bytes of the tiles (Q and every stage).
+    pub const fn tile_bytes(head_size: usize) -> usize {
+        (Self::BLOCK_M + Self::stages(head_size) * 2 * Self::block_n(head_size)) * head_size * 2
+    }
+
+    /// Dynamic shared memory: the tiles, up to 1008 bytes of alignment, barriers and flag.
+    pub const fn smem_bytes(head_size: usize) -> usize {
+        Self::tile_bytes(head_size) + 1024 + 128
+    }
+}
+
 /// `merge_attn_states` parameters, passed by value: `[num_tokens, num_heads, head_size]` outputs
 /// (token and head strides given, the head dim contiguous) and `[num_heads, num_tokens]` f32 LSEs
 /// (head and token strides given). Pointers are device addresses; `output_lse` 0 when absent.

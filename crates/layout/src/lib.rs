@@ -20,7 +20,10 @@ mod variants;
 
 pub use cache::{CopyBlocksParams, ReshapeAndCacheFlashParams, ReshapeAndCacheParams, SwapBlocksParams};
 pub use dtype::{DType, KvCacheDType};
-pub use flash_attn::{FLASH_HEAD_SIZES, FlashAttnGeometry, FlashAttnVarlenParams, MERGE_THREADS, MergeAttnStatesParams};
+pub use flash_attn::{
+    FLASH_HEAD_SIZES, FLASH_SM90_HEAD_SIZES, FlashAttnGeometry, FlashAttnSm90Geometry, FlashAttnVarlenParams, MERGE_THREADS,
+    MergeAttnStatesParams,
+};
 pub use fp8::Fp8Kind;
 pub use paged_attention::{
     BlockSparse, DEFAULT_PARTITION_SIZE, PagedAttentionGeometry, PagedAttentionParams, PagedAttentionReduceParams, REDUCE_THREADS,
@@ -38,6 +41,10 @@ pub const DTYPES: &[DType] = &[DType::F32, DType::F16, DType::BF16];
 pub const FP8_HEAD_SIZES: &[usize] = &[32, 64, 80, 96, 112, 128, 192, 256];
 /// GPU architectures the builder compiles for, lowest first. Cubins for `sm_80` also run on sm_86/sm_89.
 pub const ARCHS: &[&str] = &["sm_80", "sm_90"];
+/// Arch-specific targets of the families that use instructions only one chip has (`wgmma` and
+/// `setmaxnreg` need `sm_90a`): see [`KernelFamily::archs`]. Each is built when its base arch
+/// (`sm_90`) is.
+pub const SPECIFIC_ARCHS: &[&str] = &["sm_90a"];
 
 /// Kernel families: each is one PTX module, compiled and loaded on its own (lazily, on first use).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -55,12 +62,21 @@ pub enum KernelFamily {
     /// `flash_attn_varlen_func` (tensor cores), every (dtype f16/bf16, head size), and
     /// `merge_attn_states` (f32/f16/bf16).
     FlashAttn,
+    /// `flash_attn_varlen_func` on Hopper (`wgmma`, warp-specialized), built for `sm_90a` only;
+    /// the host takes it on compute capability 9.0 for the head sizes it has.
+    FlashAttnSm90,
 }
 
 impl KernelFamily {
     /// Every family, in the order of the host's module table.
-    pub const ALL: [KernelFamily; 5] =
-        [KernelFamily::PagedAttention, KernelFamily::Cache, KernelFamily::Util, KernelFamily::PagedAttentionFp8, KernelFamily::FlashAttn];
+    pub const ALL: [KernelFamily; 6] = [
+        KernelFamily::PagedAttention,
+        KernelFamily::Cache,
+        KernelFamily::Util,
+        KernelFamily::PagedAttentionFp8,
+        KernelFamily::FlashAttn,
+        KernelFamily::FlashAttnSm90,
+    ];
 
     /// The family's name: the cargo feature of `pagedattn-kernels` that compiles it, and the stem of
     /// its PTX/cubin files.
@@ -71,6 +87,26 @@ impl KernelFamily {
             KernelFamily::Util => "util",
             KernelFamily::PagedAttentionFp8 => "paged_attention_fp8",
             KernelFamily::FlashAttn => "flash_attn",
+            KernelFamily::FlashAttnSm90 => "flash_attn_sm90",
+        }
+    }
+
+    /// The archs the family is compiled for: [`ARCHS`], or an arch-specific target for a family
+    /// that uses that chip's own instructions.
+    pub const fn archs(self) -> &'static [&'static str] {
+        match self {
+            KernelFamily::FlashAttnSm90 => SPECIFIC_ARCHS,
+            _ => ARCHS,
+        }
+    }
+
+    /// Entry-point bounds the builder writes into the PTX (`.maxntid`, `.minnctapersm`) for the
+    /// family's kernels whose names start with the prefix: a register cap at entry, which
+    /// `setmaxnreg` needs.
+    pub const fn launch_bounds(self) -> Option<(&'static str, u32, u32)> {
+        match self {
+            KernelFamily::FlashAttnSm90 => Some(("flash_attn_sm90_", flash_attn::FlashAttnSm90Geometry::NUM_THREADS as u32, 1)),
+            _ => None,
         }
     }
 

@@ -140,6 +140,33 @@ macro_rules! flash_attn_symbol {
     };
 }
 
+/// Symbol of one Hopper varlen variant, e.g. `flash_attn_sm90_bf16_h128`.
+#[macro_export]
+macro_rules! flash_attn_sm90_symbol {
+    ($dtn:literal, $h:literal) => {
+        concat!("flash_attn_sm90_", $dtn, "_h", stringify!($h))
+    };
+}
+
+/// Symbol of the Hopper varlen variant with soft-cap and ALiBi compiled in, e.g.
+/// `flash_attn_sm90_bf16_h128_extras` (the plain one serves calls that use neither).
+#[macro_export]
+macro_rules! flash_attn_sm90_extras_symbol {
+    ($dtn:literal, $h:literal) => {
+        concat!("flash_attn_sm90_", $dtn, "_h", stringify!($h), "_extras")
+    };
+}
+
+/// Calls `$cb!(DTYPE, "dtype", HEAD_SIZE)` for every Hopper varlen (dtype, head size), each
+/// compiled twice, plain and extras (heads: [`crate::FLASH_SM90_HEAD_SIZES`]).
+#[macro_export]
+macro_rules! for_each_flash_attn_sm90_variant {
+    ($cb:ident) => {
+        $crate::__for_each_flash_head!($cb; F16, "f16"; [64 128]);
+        $crate::__for_each_flash_head!($cb; BF16, "bf16"; [64 128]);
+    };
+}
+
 /// Symbol of one `merge_attn_states` variant, e.g. `merge_attn_states_bf16`.
 #[macro_export]
 macro_rules! merge_attn_states_symbol {

@@ -112,6 +112,8 @@ pub struct PtxBuilder {
     extra_watch: Vec<PathBuf>,
     llvm_args: Vec<String>,
     emit_cargo_lines: bool,
+    family_archs: Vec<(String, Vec<String>)>,
+    launch_bounds: Vec<(String, u32, u32)>,
 }
 
 impl PtxBuilder {
@@ -127,6 +129,8 @@ impl PtxBuilder {
             extra_watch: Vec::new(),
             llvm_args: Vec::new(),
             emit_cargo_lines: true,
+            family_archs: Vec::new(),
+            launch_bounds: Vec::new(),
         }
     }
 
@@ -144,6 +148,23 @@ impl PtxBuilder {
     /// default features, named after the crate.
     pub fn families(mut self, families: &[&str]) -> Self {
         self.families = families.iter().map(|s| s.to_string()).collect();
+        self
+    }
+
+    /// Archs of one family instead of [`Self::archs`] (e.g. only `sm_90a` for a family of Hopper-only
+    /// instructions); the other families keep the common list.
+    pub fn family_archs(mut self, family: &str, archs: &[&str]) -> Self {
+        self.family_archs.retain(|(f, _)| f != family);
+        self.family_archs.push((family.to_string(), archs.iter().map(|s| s.to_string()).collect()));
+        self
+    }
+
+    /// Launch bounds for every entry point whose name starts with `prefix`: `.maxntid max_threads, 1, 1`
+    /// and `.minnctapersm min_ctas` are written into the PTX (CUDA C++'s `__launch_bounds__`, which
+    /// rustc's nvptx target has no attribute for). `ptxas` then caps registers at entry, which
+    /// `setmaxnreg` needs.
+    pub fn launch_bounds(mut self, prefix: &str, max_threads: u32, min_ctas: u32) -> Self {
+        self.launch_bounds.push((prefix.to_string(), max_threads, min_ctas));
         self
     }
 
@@ -223,17 +244,31 @@ impl PtxBuilder {
             if self.families.is_empty() { vec![None] } else { self.families.iter().cloned().map(Some).collect() };
         let crate_name = crate_name(&crate_path)?;
 
+        // The archs of a family: its own list, else the common one.
+        let archs_of = |family: &Option<String>| -> &[String] {
+            let own = family.as_ref().and_then(|f| self.family_archs.iter().find(|(n, _)| n == f));
+            own.map_or(&self.archs, |(_, a)| a)
+        };
+        let mut all_archs: Vec<&String> = Vec::new();
+        for f in &families {
+            for a in archs_of(f) {
+                if !all_archs.contains(&a) {
+                    all_archs.push(a);
+                }
+            }
+        }
+
         // Archs in parallel (separate target dirs, separate cargo locks); families in sequence.
         let results: Vec<Result<Vec<Artifact>, BuildError>> = std::thread::scope(|s| {
-            let handles: Vec<_> = self
-                .archs
+            let handles: Vec<_> = all_archs
                 .iter()
-                .map(|arch| {
+                .map(|&arch| {
                     let (toolchain, families, crate_path, crate_name) = (&toolchain, &families, &crate_path, &crate_name);
                     let (target_dir, copy_to, ptxas, llvm_args) = (&target_dir, &copy_to, &ptxas, &self.llvm_args);
+                    let (archs_of, bounds) = (&archs_of, &self.launch_bounds);
                     s.spawn(move || {
                         let mut out = Vec::new();
-                        for family in families {
+                        for family in families.iter().filter(|f| archs_of(f).contains(arch)) {
                             let name = family.clone().unwrap_or_else(|| crate_name.replace('-', "_"));
                             // A target dir per (arch, family): cargo keeps one fingerprint per crate
                             // and target dir, whatever the features, so families sharing a dir
@@ -242,7 +277,11 @@ impl PtxBuilder {
                             let dir = target_dir.join(arch).join(&name);
                             let ptx = compile_ptx(toolchain, crate_path, &dir, arch, family.as_deref(), &name, llvm_args)?;
                             let dst = copy_to.join(format!("{name}.{arch}.ptx"));
-                            copy_if_changed(&ptx, &dst)?;
+                            if bounds.is_empty() {
+                                copy_if_changed(&ptx, &dst)?;
+                            } else {
+                                write_if_changed(&dst, add_launch_bounds(&std::fs::read_to_string(&ptx)?, bounds).as_bytes())?;
+                            }
                             let (cubin, log) = match ptxas {
                                 Some(ptxas) => {
                                     let (c, l) = assemble_cached(ptxas, &dst, arch, &dir)?;
@@ -606,8 +645,49 @@ fn write_if_changed(path: &Path, data: &[u8]) -> std::io::Result<()> {
     std::fs::write(path, data)
 }
 
+/// `ptx` with `.maxntid` / `.minnctapersm` lines after the parameter list of each `.entry` whose
+/// name starts with one of the prefixes (the first match wins).
+pub fn add_launch_bounds(ptx: &str, bounds: &[(String, u32, u32)]) -> String {
+    let mut out = String::with_capacity(ptx.len() + 256);
+    let mut pending: Option<(u32, u32)> = None;
+    for line in ptx.lines() {
+        let t = line.trim_start();
+        if let Some(rest) = t.strip_prefix(".visible .entry ").or_else(|| t.strip_prefix(".entry ")) {
+            let name = rest.split('(').next().unwrap_or("").trim();
+            pending = bounds.iter().find(|(p, _, _)| name.starts_with(p.as_str())).map(|&(_, n, m)| (n, m));
+        }
+        if let (Some((n, m)), "{") = (pending, t.trim_end()) {
+            out += &format!(".maxntid {n}, 1, 1\n.minnctapersm {m}\n");
+            pending = None;
+        }
+        out += line;
+        out.push('\n');
+    }
+    out
+}
+
 /// Whether `arch` (`sm_XY`, optionally with a suffix) gets PTX ISA 8.0: compute capability 9.0 and up.
 fn ptx80(arch: &str) -> bool {
     let digits: String = arch.trim_start_matches("sm_").chars().take_while(char::is_ascii_digit).collect();
     digits.parse::<u32>().is_ok_and(|v| v >= 90)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn launch_bounds_go_after_the_matching_entries_parameters() {
+        let ptx = ".visible .entry k_a(\n\t.param .u64 p\n)\n{\n\tret;\n}\n.visible .entry other(\n)\n{\n\tret;\n}\n";
+        let out = add_launch_bounds(ptx, &[("k_".into(), 384, 1)]);
+        assert_eq!(out.matches(".maxntid 384, 1, 1\n.minnctapersm 1\n{").count(), 1, "{out}");
+        assert!(out.find(".maxntid").unwrap() < out.find("other").unwrap());
+        assert_eq!(add_launch_bounds(ptx, &[]), ptx);
+    }
+
+    #[test]
+    fn ptx80_from_compute_capability_9() {
+        assert!(ptx80("sm_90") && ptx80("sm_90a") && ptx80("sm_100"));
+        assert!(!ptx80("sm_80") && !ptx80("sm_89"));
+    }
 }

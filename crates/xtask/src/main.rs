@@ -63,9 +63,17 @@ fn kernels(root: &Path, clean: bool) -> Result<ExitCode> {
         let _ = std::fs::remove_dir_all(&out);
     }
     let families = KernelFamily::ALL.map(KernelFamily::name);
-    let built = ptx_builder::PtxBuilder::new(root.join("kernels-gpu"))
-        .archs(ARCHS)
-        .families(&families)
+    let mut builder = ptx_builder::PtxBuilder::new(root.join("kernels-gpu")).archs(ARCHS).families(&families);
+    // As `host/build.rs`: a family's own archs and launch bounds.
+    for f in KernelFamily::ALL {
+        if f.archs() != ARCHS {
+            builder = builder.family_archs(f.name(), f.archs());
+        }
+        if let Some((prefix, threads, ctas)) = f.launch_bounds() {
+            builder = builder.launch_bounds(prefix, threads, ctas);
+        }
+    }
+    let built = builder
         .target_dir(&target)
         .copy_to(&out)
         .llvm_args(&["-unroll-threshold=2000"])

@@ -9,7 +9,7 @@ use pagedattn_layout::DType;
 use super::{Errors, Rng, compare};
 use crate::device::Device;
 use crate::error::Result;
-use crate::flash_attn::{FlashAttnVarlenArgs, flash_attn_varlen_func, merge_attn_states, validate};
+use crate::flash_attn::{FlashAttnVarlenArgs, FlashKernel, flash_attn_varlen_func_with, merge_attn_states, validate};
 use crate::tensor::{ScalarType, Tensor};
 
 /// Host inputs of a `flash_attn_varlen_func` batch (see [`varlen_inputs`]).
@@ -273,7 +273,7 @@ fn args<'a>(
 
 /// Runs `case` on `device` (outputs NaN-poisoned first, host tables uploaded by the op) and
 /// compares the output and LSE with the float64 reference.
-pub fn check_varlen(device: &Device, case: &VarlenCase) -> Result<VarlenErrors> {
+pub fn check_varlen(device: &Device, case: &VarlenCase, kernel: FlashKernel) -> Result<VarlenErrors> {
     let i = case.inputs()?;
     let slopes = case.slopes()?;
     let host = args(case, &i, &i.q, &i.k, &i.v, slopes.as_ref());
@@ -283,7 +283,7 @@ pub fn check_varlen(device: &Device, case: &VarlenCase) -> Result<VarlenErrors> 
     let alibi = slopes.as_ref().map(|s| device.upload(s)).transpose()?;
     let mut out = device.nan(i.q.dtype(), i.q.shape())?;
     let mut lse = device.nan(ScalarType::F32, &[case.heads.0, i.q.shape()[0]])?;
-    flash_attn_varlen_func(device, &mut out, Some(&mut lse), &args(case, &i, &q, &k, &v, alibi.as_ref()))?;
+    flash_attn_varlen_func_with(device, &mut out, Some(&mut lse), &args(case, &i, &q, &k, &v, alibi.as_ref()), kernel)?;
     let got = out.to_cpu()?.to_f64_vec();
     let (lse_err, lse_bad) = compare_lse(&lse.to_cpu()?.to_f64_vec(), &want_lse);
     Ok(VarlenErrors { out: compare(&got, &want), lse_err, lse_bad })
@@ -376,7 +376,7 @@ impl VarlenGuard {
 /// Runs a batch whose device tables hold `guard`'s bad entry; returns what is wrong: rows of the
 /// good sequences must match the reference, the bad sequence's rows must be NaN where the guard
 /// says so. The caller checks the status flag ([`VarlenGuard::flag`]).
-pub fn check_varlen_guard(device: &Device, guard: VarlenGuard) -> Result<Vec<String>> {
+pub fn check_varlen_guard(device: &Device, guard: VarlenGuard, kernel: FlashKernel) -> Result<Vec<String>> {
     let case = VarlenCase {
         dtype: DType::F16,
         heads: (8, 2),
@@ -418,7 +418,7 @@ pub fn check_varlen_guard(device: &Device, guard: VarlenGuard) -> Result<Vec<Str
     let table_d = up(&Tensor::from_i32(i.block_table.shape(), &table)?)?;
     let mut out = device.nan(i.q.dtype(), i.q.shape())?;
     let a = FlashAttnVarlenArgs { cu_seqlens_q: &cu_d, seqused_k: &used_d, block_table: &table_d, ..args(&case, &i, &q, &k, &v, None) };
-    flash_attn_varlen_func(device, &mut out, None, &a)?;
+    flash_attn_varlen_func_with(device, &mut out, None, &a, kernel)?;
     let got = out.to_cpu()?.to_f64_vec();
     let row = case.heads.0 * case.head_size;
     let mut problems = Vec::new();

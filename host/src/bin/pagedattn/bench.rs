@@ -7,7 +7,7 @@ use clap::Args;
 use pagedattn::bench_cache::{self, CacheOp};
 use pagedattn::layout::{DType, KvCacheDType};
 use pagedattn::testing::cache::{KvLayout, SwapDirection};
-use pagedattn::{Device, ReduceMode, Version, bench};
+use pagedattn::{Device, FlashKernel, ReduceMode, Version, bench};
 
 use crate::{
     CliError, CliResult, Op, check_cache_shape, check_shape, check_status, gib, open_gpu, parse_dtype, parse_kv_cache_dtype, progress_bar,
@@ -69,6 +69,10 @@ pub struct BenchArgs {
     /// separate (vLLM's reduce kernel) or auto (fused while the grid is small).
     #[arg(long, default_value = "auto")]
     pub reduce: ReduceMode,
+    /// flash-attn-varlen: the kernels to time (mma: `mma.sync`, every GPU; wgmma: Hopper; auto:
+    /// the library's choice); one the GPU cannot run is skipped.
+    #[arg(long, value_delimiter = ',', default_value = "mma,wgmma")]
+    pub flash_kernel: Vec<FlashKernel>,
     /// Timed runs per point (cold and hot each).
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
     iters: u32,
@@ -257,11 +261,16 @@ fn varlen(a: &BenchArgs) -> CliResult {
         a.iters,
         a.warmup
     );
-    println!("{:<5} {:<58} {:>14} {:>10} {:>10} {:>9} {:>9}", "dtype", "scenario", "pairs", "cold µs", "hot µs", "cold TF/s", "hot TF/s");
-    let points = pagedattn::bench_varlen::run(&device, &a.dtype, a.block_size, a.iters as usize, a.warmup as usize, |p| {
+    println!(
+        "{:<5} {:<6} {:<58} {:>14} {:>10} {:>10} {:>9} {:>9}",
+        "dtype", "kernel", "scenario", "pairs", "cold µs", "hot µs", "cold TF/s", "hot TF/s"
+    );
+    let (iters, warmup) = (a.iters as usize, a.warmup as usize);
+    let points = pagedattn::bench_varlen::run(&device, &a.dtype, &a.flash_kernel, a.block_size, iters, warmup, |p| {
         println!(
-            "{:<5} {:<58} {:>14} {:>10.1} {:>10.1} {:>9.1} {:>9.1}{}",
+            "{:<5} {:<6} {:<58} {:>14} {:>10.1} {:>10.1} {:>9.1} {:>9.1}{}",
             p.dtype,
+            p.kernel,
             p.scenario.name,
             p.pairs,
             p.cold_us,

@@ -16,7 +16,7 @@ use pagedattn::testing::cache::{
 };
 use pagedattn::testing::varlen::{self, VarlenCase, VarlenErrors, VarlenGuard};
 use pagedattn::testing::{self, Case, Errors};
-use pagedattn::{Device, Error, PagedAttentionWorkspace, Tensor, Version, paged_attention};
+use pagedattn::{Device, Error, FlashKernel, PagedAttentionWorkspace, Tensor, Version, paged_attention};
 use serde::Serialize;
 use serde_json::json;
 
@@ -272,7 +272,7 @@ fn run_guard(device: &mut Device, guard: Guard, version: Version) -> pagedattn::
 
 /// A varlen guard case: `testing::varlen::check_varlen_guard` plus the status flag.
 fn run_varlen_guard(device: &mut Device, guard: VarlenGuard) -> pagedattn::Result<CaseResult> {
-    let mut problems = varlen::check_varlen_guard(device, guard)?;
+    let mut problems = varlen::check_varlen_guard(device, guard, FlashKernel::Auto)?;
     expect_flag(device, guard.flag(), &mut problems)?;
     let mut r = CaseResult::failed(
         varlen_guard_name(guard),
@@ -536,7 +536,7 @@ pub fn verify(a: VerifyArgs) -> CliResult {
         let name = case.to_string();
         rec.pb.set_message(name.clone());
         let (tol, group) = (testing::tolerance(case.dtype), format!("flash_attn_varlen {}", case.dtype));
-        let r = match varlen::check_varlen(&device, case) {
+        let r = match varlen::check_varlen(&device, case, FlashKernel::Auto) {
             Ok(e) => CaseResult::within(name, "flash_attn_varlen", group, e.out, tol, Some((e.lse_err, e.lse_bad))),
             Err(e) => CaseResult::failed(name, "flash_attn_varlen", group, Check::Tolerance, tol, e.to_string()),
         };

@@ -1,0 +1,389 @@
+//! `flash_attn_varlen_func` over a paged KV cache on Hopper (`sm_90a`): `wgmma` and warp
+//! specialization. The same function as `flash_attn.rs` (masks, soft-cap, ALiBi, LSE, device-data
+//! guards; the shared pieces are `varlen.rs`), the same CPU reference (`host/src/cpu/flash_attn.rs`)
+//! and tests (`tests/flash_attn.rs`, run on both kernels).
+//!
+//! Grid `(ceil(max_seqlen_q · group / 128), num_kv_heads, batch)`, 384 threads (launch bounds 384 × 1
+//! CTA, so `ptxas` caps registers at 168 on entry), `FlashAttnSm90Geometry::smem_bytes(D)` of dynamic
+//! shared memory. A CTA takes 128 packed rows of one sequence and KV head:
+//! - warpgroup 0, the producer, drops to 56 registers (`setmaxnreg`) and gathers the Q tile, then
+//!   each tile of `block_n` keys and values, through the block table into shared memory with
+//!   `cp.async` (rows past the keys and rows of a bad block id: zeros, and the flag), in the 128-byte
+//!   swizzled layout `wgmma` reads, `stages` deep. Each thread signals a stage's `full` barrier once
+//!   its copies of that stage have landed and its proxy fence has ordered them before the tensor
+//!   cores' reads; it refills a stage after both consumers released it on its `empty` barrier.
+//! - warpgroups 1 and 2, the consumers, grow to 224 registers and own 64 rows each: per tile,
+//!   `S = Q·Kᵀ` (`wgmma` m64n128k16, Q and K from shared memory), the logits and online softmax of
+//!   `varlen.rs` on the accumulators, then `O += P·V` (`wgmma` m64nDk16, P from registers, V from
+//!   shared memory transposed), and the stage released. A tile's `Q·Kᵀ` is issued with the
+//!   previous tile's `P·V`, so its softmax runs while that product finishes; and while one
+//!   consumer runs its softmax the other's `wgmma`s keep the tensor cores busy.
+//!
+//! Finally `O / l` and the LSE are written from registers, as in the `mma.sync` kernel.
+
+use crate::intrinsics::{
+    atomic_or, block_idx_x, block_idx_y, block_idx_z, dynamic_smem_chunks, grid_dim_x, sync_threads, thread_idx_x, vote_any,
+};
+use crate::tensor_core::{self as tc, MmaElem};
+use crate::varlen::{self, Logits};
+use crate::wgmma as wg;
+use pagedattn_layout::{FlashAttnSm90Geometry as Geo, FlashAttnVarlenParams, status};
+
+const NT: usize = Geo::NUM_THREADS;
+const BM: usize = Geo::BLOCK_M;
+
+/// Byte offset of 16-byte piece `c` of row `r` in a swizzled tile of `rows` rows (see `wgmma`).
+#[inline(always)]
+fn swizzled(r: usize, c: usize, rows: usize) -> usize {
+    (c / 8) * rows * 128 + r * 128 + (((c % 8) ^ (r % 8)) * 16)
+}
+
+/// # Safety
+/// Launched with the geometry above on buffers the host validated (16-byte aligned rows of q, k, v;
+/// 4-byte aligned rows of out).
+#[inline(always)]
+pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const NS: usize, const EXTRAS: bool>(p: &FlashAttnVarlenParams) {
+    // ND: 8-column tiles of the output (D / 8); NS: of the scores (block_n / 8).
+    const { assert!((D == 64 || D == 128) && ND * 8 == D && NS * 8 == Geo::block_n(D) && NS == 16) };
+    let bn = NS * 8;
+    let stages = Geo::stages(D);
+    let (mt, kvh, b) = (grid_dim_x() - 1 - block_idx_x(), block_idx_y(), block_idx_z());
+    let tid = thread_idx_x();
+    let m0 = mt * BM;
+    // SAFETY: b < batch (grid), the launch's params.
+    let Some(seq) = (unsafe { varlen::sequence::<E, D>(p, b, kvh, m0, BM, tid, NT) }) else { return };
+    if m0 >= seq.rows() {
+        return;
+    }
+    let lg = Logits::new(p, &seq, m0, BM, bn);
+    let (first, tiles) = (lg.first, lg.tiles);
+
+    // Shared memory from a 1024-byte boundary: Q, the K/V stages, the barriers, the flag word.
+    let smem = dynamic_smem_chunks() as *mut u8;
+    let raw = tc::shared_addr(smem);
+    let pad = (raw.wrapping_neg() & 1023) as usize;
+    let base = raw + pad as u32;
+    // SAFETY: the launch-sized carve-up (smem_bytes keeps 1024 bytes for the alignment).
+    let gbase = unsafe { smem.add(pad) };
+    let kv_bytes = bn * D * 2;
+    let k_at = |st: usize| BM * D * 2 + st * 2 * kv_bytes;
+    let v_at = |st: usize| k_at(st) + kv_bytes;
+    let bars = base + Geo::tile_bytes(D) as u32;
+    let full = |st: usize| bars + 8 * st as u32;
+    let empty = |st: usize| bars + 8 * (stages + st) as u32;
+    // SAFETY: after the barriers, inside the carve-up.
+    let flag = unsafe { gbase.add(Geo::tile_bytes(D) + 16 * stages) as *mut u32 };
+    if tid == 0 {
+        for st in 0..stages {
+            // SAFETY: 8-byte aligned words of the carve-up, used by no thread before the barrier below.
+            unsafe {
+                wg::mbarrier_init(full(st), 128);
+                wg::mbarrier_init(empty(st), 8);
+            }
+        }
+        // SAFETY: the flag word.
+        unsafe { *flag = 0 };
+        wg::fence_mbarrier_init();
+    }
+    sync_threads();
+
+    if tid < 128 {
+        wg::setmaxnreg_dec::<{ Geo::PRODUCER_REGS }>();
+        // SAFETY: the carve-up above; the producer's part of the protocol.
+        unsafe { produce::<D, ND>(p, &seq, b, m0, first, tiles, bn, tid, base, flag, &full, &empty) };
+        return;
+    }
+    wg::setmaxnreg_inc::<{ Geo::CONSUMER_REGS }>();
+    let cw = tid / 128 - 1;
+    let ctid = tid % 128;
+    let (warp, lane) = (ctid / 32, ctid % 32);
+    let (g, t) = (lane / 4, lane % 4);
+    // This lane's rows: tile-local rows cw · 64 + warp · 16 + g and + 8.
+    let local = |r: usize| cw * 64 + warp * 16 + g + 8 * r;
+    let mut slope = [0f32; 2];
+    let mut qi = [0i32; 2];
+    for r in 0..2 {
+        let pr = m0 + local(r);
+        qi[r] = seq.query(pr) as i32;
+        if EXTRAS && p.alibi_slopes != 0 {
+            // SAFETY: `[num_heads]` slopes.
+            slope[r] = unsafe { *(p.alibi_slopes as *const f32).add(seq.head(pr)) };
+        }
+    }
+    // Descriptors: Q rows cw · 64 .. (K-major, k step kk: panel kk / 4, 32 bytes per step inside
+    // it); K of stage st the same over bn rows; V of stage st at keys 16 ks (MN-major, panels bn ·
+    // 128 bytes apart). Each is a base descriptor plus an offset (`wgmma::desc_add`), so no
+    // descriptor is kept in registers across the loop.
+    let (kq_desc, v_desc0) = (wg::desc(base, 16, 1024), wg::desc(base, (bn * 128) as u32, 1024));
+    let q_desc = |kk: usize| wg::desc_add(kq_desc, (kk / 4) * BM * 128 + cw * 64 * 128 + (kk % 4) * 32);
+    let k_desc = |st: usize, kk: usize| wg::desc_add(kq_desc, k_at(st) + (kk / 4) * bn * 128 + (kk % 4) * 32);
+    let v_desc = |st: usize, ks: usize| wg::desc_add(v_desc0, v_at(st) + ks * 16 * 128);
+
+    // Tile it's S = Q·Kᵀ (64 rows × bn keys) is issued together with tile it − 1's O += P·V: the
+    // softmax of tile it then runs while the tensor cores finish that P·V (FlashAttention-3's
+    // intra-warpgroup overlap). P waits in registers, as A fragments of 16 keys.
+    let issue_s = #[inline(always)]
+    |s: &mut [[f32; 4]; NS], st: usize| {
+        for kk in 0..D / 16 {
+            // SAFETY: descriptors of the landed Q tile and stage st; the whole warpgroup runs it.
+            unsafe { wg::ss::<E, NS>(s, q_desc(kk), k_desc(st, kk), kk > 0) };
+        }
+        wg::commit();
+    };
+    let issue_pv = #[inline(always)]
+    |o: &mut [[f32; 4]; ND], pa: &[[u32; 4]; 8], st: usize| {
+        for ks in 0..bn / 16 {
+            // SAFETY: a descriptor of stage st's V tile; the whole warpgroup runs it.
+            unsafe { wg::rs::<E, ND>(o, pa[ks], v_desc(st, ks), true) };
+        }
+        wg::commit();
+    };
+    let release = #[inline(always)]
+    |st: usize| {
+        if lane == 0 {
+            // SAFETY: an initialized barrier (8 arrivals: every consumer warp).
+            unsafe { wg::mbarrier_arrive(empty(st)) };
+        }
+    };
+    let wait_full = #[inline(always)]
+    |it: usize| {
+        // SAFETY: an initialized barrier; every producer thread's copies of the fill landed.
+        unsafe { wg::mbarrier_wait(full(it % stages), ((it / stages) & 1) as u32) };
+        // The copies wrote through the generic proxy; the tensor cores read through the async one.
+        wg::fence_proxy_async();
+    };
+    // Logits and the online softmax of tile it; returns the correction of the output so far.
+    let softmax = #[inline(always)]
+    |s: &mut [[f32; 4]; NS], it: usize, m_run: &mut [f32; 2], l_run: &mut [f32; 2]| {
+        let n0 = first + it * bn;
+        let ls = lg.prepare::<NS, EXTRAS>(s, bn, n0, lg.whole(n0), t, qi, slope);
+        let (m_ref, corr) = varlen::row_max(s, bn, ls, m_run, l_run);
+        varlen::exponentiate(s, bn, ls, m_ref, l_run);
+        corr
+    };
+    let to_a = #[inline(always)]
+    |s: &[[f32; 4]; NS], pa: &mut [[u32; 4]; 8]| {
+        for ks in 0..bn / 16 {
+            pa[ks] = varlen::a_fragment::<E, NS>(s, ks);
+            wg::fence_a(&mut pa[ks]);
+        }
+    };
+
+    // Ping-pong: the consumers take turns issuing their products (named barriers 1 + cw, 256
+    // threads: this consumer syncs on its own, the other arrives on it), so one's softmax runs
+    // under the other's products. Consumer 1 hands the first turn to consumer 0.
+    let (my_turn, their_turn) = (1 + cw as u32, 2 - cw as u32);
+    if cw == 1 {
+        wg::barrier_arrive(their_turn, 256);
+    }
+
+    let mut o = [[0f32; 4]; ND];
+    let (mut m_run, mut l_run) = ([f32::NEG_INFINITY; 2], [0f32; 2]);
+    let mut pa = [[0u32; 4]; 8];
+    if tiles > 0 {
+        wait_full(0);
+        let mut s = [[0f32; 4]; NS];
+        wg::barrier_sync(my_turn, 256);
+        wg::fence();
+        issue_s(&mut s, 0);
+        wg::barrier_arrive(their_turn, 256);
+        wg::wait::<0>();
+        wg::fence_regs(&mut s);
+        softmax(&mut s, 0, &mut m_run, &mut l_run);
+        to_a(&s, &mut pa);
+    }
+    for it in 1..tiles {
+        wait_full(it);
+        let mut s = [[0f32; 4]; NS];
+        wg::fence_regs(&mut o);
+        wg::barrier_sync(my_turn, 256);
+        wg::fence();
+        issue_s(&mut s, it % stages);
+        issue_pv(&mut o, &pa, (it - 1) % stages);
+        wg::barrier_arrive(their_turn, 256);
+        wg::wait::<1>();
+        wg::fence_regs(&mut s);
+        let corr = softmax(&mut s, it, &mut m_run, &mut l_run);
+        wg::wait::<0>();
+        wg::fence_regs(&mut o);
+        release((it - 1) % stages);
+        if vote_any(corr[0] != 1.0 || corr[1] != 1.0) {
+            varlen::rescale(&mut o, D, corr);
+        }
+        to_a(&s, &mut pa);
+    }
+    if tiles > 0 {
+        wg::fence_regs(&mut o);
+        wg::barrier_sync(my_turn, 256);
+        wg::fence();
+        issue_pv(&mut o, &pa, (tiles - 1) % stages);
+        wg::barrier_arrive(their_turn, 256);
+        wg::wait::<0>();
+        wg::fence_regs(&mut o);
+        release((tiles - 1) % stages);
+    }
+    // Consumer 1's last hand-over has no turn after it: consumer 0 takes it, so both barriers
+    // end balanced.
+    if cw == 0 {
+        wg::barrier_sync(my_turn, 256);
+    }
+
+    sync_threads();
+    // SAFETY: the flag word, written by the producer before the barrier above.
+    let bad = unsafe { *flag } != 0;
+    if bad && ctid == 0 && cw == 0 && p.maybe_status != 0 {
+        // SAFETY: a non-null status pointer is a device u32.
+        unsafe { atomic_or(p.maybe_status as *mut u32, status::BAD_BLOCK_ID) };
+    }
+    for r in 0..2 {
+        let l = varlen::quad_sum(l_run[r]);
+        let pr = m0 + local(r);
+        if pr < seq.rows() {
+            // SAFETY: pr is one of the sequence's rows.
+            unsafe { varlen::store_row::<E, D, ND>(p, &seq, pr, &o, r, t, l, m_run[r], bad) };
+        }
+    }
+}
+
+/// The producer warpgroup (threads `ptid` 0..128): the Q tile, then every K/V tile into its stage.
+///
+/// # Safety
+/// Called by the producer warpgroup of [`flash_attn_sm90`] with its carve-up.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn produce<const D: usize, const ND: usize>(
+    p: &FlashAttnVarlenParams,
+    seq: &varlen::Seq,
+    b: usize,
+    m0: usize,
+    first: usize,
+    tiles: usize,
+    bn: usize,
+    ptid: usize,
+    base: u32,
+    flag: *mut u32,
+    full: &impl Fn(usize) -> u32,
+    empty: &impl Fn(usize) -> u32,
+) {
+    let stages = Geo::stages(D);
+    let kv_bytes = bn * D * 2;
+    // Zeros come through the copy path too (a copy of 0 source bytes), so the stage's barrier,
+    // which counts this thread's copies, covers every byte of the stage.
+    let zero = |at: usize| {
+        // SAFETY: a 16-byte piece inside the carve-up; nothing is read.
+        unsafe { tc::cp_async_zero_16(base + at as u32, p.q as *const u16) }
+    };
+    // Q rows (rows past the sequence: zeros).
+    let q = p.q as *const u16;
+    let mut c = ptid;
+    while c < BM * ND {
+        let (r, cc) = (c / ND, c % ND);
+        let pr = m0 + r;
+        let at = swizzled(r, cc, BM);
+        if pr < seq.rows() {
+            // SAFETY: a query's head row (16-byte aligned, host-checked).
+            unsafe {
+                let src = q.add((seq.q0 + seq.query(pr)) * p.q_stride_token as usize + seq.head(pr) * p.q_stride_head as usize + cc * 8);
+                tc::cp_async_16(base + at as u32, src);
+            }
+        } else {
+            zero(at);
+        }
+        c += 128;
+    }
+
+    let (k_cache, v_cache) = (p.k_cache as *const u16, p.v_cache as *const u16);
+    // SAFETY: row b of the table (b < batch; the row stride validated).
+    let table = unsafe { (p.block_table as *const i32).add(b * p.block_table_stride as usize) };
+    let bs = p.block_size;
+    let (pow2, bs_shift) = (bs.is_power_of_two(), bs.trailing_zeros());
+    // This thread's piece of the head's row in slot 0 of block 0 (the offsets add to it).
+    let cc = ptid % ND;
+    let k_row = k_cache.wrapping_add(seq.kvh * p.k_stride_head as usize + cc * 8);
+    let v_row = v_cache.wrapping_add(seq.kvh * p.v_stride_head as usize + cc * 8);
+    let sk = seq.sk;
+    for it in 0..tiles {
+        let st = it % stages;
+        if it >= stages {
+            // SAFETY: an initialized barrier: both consumers released this stage's previous tile.
+            unsafe { wg::mbarrier_wait(empty(st), ((it / stages + 1) & 1) as u32) };
+        }
+        let n0 = first + it * bn;
+        let (k_st, v_st) = (BM * D * 2 + st * 2 * kv_bytes, BM * D * 2 + st * 2 * kv_bytes + kv_bytes);
+        // This thread's rows are r0 + k · step (step = 128 / ND, a multiple of 8, so every row
+        // has the swizzle of r0 and sits k · step · 128 bytes further), in batches of 4: the
+        // batch's block ids first, all loads in flight together (-1: past the keys), then its
+        // copies.
+        let (r0, step) = (ptid / ND, 128 / ND);
+        let at0 = swizzled(r0, ptid % ND, bn);
+        for batch in 0..bn * ND / 128 / 4 {
+            let mut blk = [-1i32; 4];
+            for k in 0..4 {
+                let j = (n0 + r0 + (batch * 4 + k) * step) as u32;
+                let page = if pow2 { j >> bs_shift } else { j / bs };
+                if (j as usize) < sk {
+                    // SAFETY: j < sk <= max_blocks · block_size, so the table entry exists.
+                    blk[k] = unsafe { *table.add(page as usize) };
+                }
+            }
+            for k in 0..4 {
+                let row = (batch * 4 + k) * step;
+                let j = (n0 + r0 + row) as u32;
+                let at = at0 + row * 128;
+                let slot = if pow2 { j & (bs - 1) } else { j % bs };
+                let b = blk[k];
+                if b >= 0 && (b as u32) < p.num_blocks {
+                    let ko = b as usize * p.k_stride_block as usize + slot as usize * p.k_stride_slot as usize;
+                    let vo = b as usize * p.v_stride_block as usize + slot as usize * p.v_stride_slot as usize;
+                    // SAFETY: a block id in range: rows of the caches (16-byte aligned, host-checked).
+                    unsafe {
+                        tc::cp_async_16(base + (k_st + at) as u32, k_row.add(ko));
+                        tc::cp_async_16(base + (v_st + at) as u32, v_row.add(vo));
+                    }
+                } else {
+                    if (j as usize) < sk {
+                        // SAFETY: the flag word.
+                        unsafe { *flag = 1 };
+                    }
+                    zero(k_st + at);
+                    zero(v_st + at);
+                }
+            }
+        }
+        // The stage's barrier completes when this thread's copies so far (Q's too) have landed.
+        // SAFETY: an initialized barrier (128 arrivals: every producer thread).
+        unsafe { wg::cp_async_mbarrier_arrive(full(st)) };
+    }
+    // The flag word is read after this barrier (the consumers' last one).
+    sync_threads();
+}
+
+macro_rules! export_flash_attn_sm90 {
+    ($dt:ident, $dtn:literal, $h:literal) => {
+        const _: () = {
+            /// One Hopper varlen variant without soft-cap and ALiBi; see the module docs.
+            ///
+            /// # Safety
+            /// Launched by the host's dispatch with this variant's geometry on validated buffers,
+            /// `softcap == 0` and no ALiBi slopes.
+            #[unsafe(export_name = pagedattn_layout::flash_attn_sm90_symbol!($dtn, $h))]
+            pub unsafe extern "ptx-kernel" fn kernel(p: FlashAttnVarlenParams) {
+                // SAFETY: forwarded from the entry point's contract.
+                unsafe { flash_attn_sm90::<tc_elem!($dt), $h, { $h / 8 }, { Geo::block_n($h) / 8 }, false>(&p) }
+            }
+        };
+        const _: () = {
+            /// One Hopper varlen variant with soft-cap and ALiBi; see the module docs.
+            ///
+            /// # Safety
+            /// Launched by the host's dispatch with this variant's geometry on validated buffers.
+            #[unsafe(export_name = pagedattn_layout::flash_attn_sm90_extras_symbol!($dtn, $h))]
+            pub unsafe extern "ptx-kernel" fn kernel(p: FlashAttnVarlenParams) {
+                // SAFETY: forwarded from the entry point's contract.
+                unsafe { flash_attn_sm90::<tc_elem!($dt), $h, { $h / 8 }, { Geo::block_n($h) / 8 }, true>(&p) }
+            }
+        };
+    };
+}
+
+pagedattn_layout::for_each_flash_attn_sm90_variant!(export_flash_attn_sm90);
