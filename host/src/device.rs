@@ -66,6 +66,8 @@ pub struct Gpu {
     functions: Mutex<std::collections::HashMap<&'static str, CudaFunction>>,
     /// The status word kernels OR flags into (see `pagedattn_layout::status`).
     status: CudaSlice<u32>,
+    /// Bulk-copy tensor maps in device memory, by what they describe (see `crate::tma`).
+    pub(crate) tensor_maps: Mutex<crate::tma::MapCache>,
 }
 
 impl Gpu {
@@ -95,7 +97,16 @@ impl Gpu {
         let arch = ctx.compute_capability()?;
         let sm_count = ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(1) as usize;
         let status = stream.alloc_zeros::<u32>(1)?;
-        Ok(Gpu { ctx, stream, arch, sm_count, modules: Default::default(), functions: Mutex::new(Default::default()), status })
+        Ok(Gpu {
+            ctx,
+            stream,
+            arch,
+            sm_count,
+            modules: Default::default(),
+            functions: Mutex::new(Default::default()),
+            status,
+            tensor_maps: Default::default(),
+        })
     }
 
     pub fn name(&self) -> String {

@@ -170,10 +170,25 @@ fn launch_gpu(
     out: &mut Tensor,
     lse: Option<&mut Tensor>,
     a: &FlashAttnVarlenArgs,
-    kernel: FlashKernel,
+    requested: FlashKernel,
 ) -> Result<()> {
     let dtype = plan.dtype.float().expect("validated: f16 or bf16");
-    let kernel = kernel.resolve(gpu, dtype, plan.head_size)?;
+    let mut kernel = requested.resolve(gpu, dtype, plan.head_size)?;
+    if kernel == FlashKernel::Wgmma {
+        // The Hopper kernel reads K and V pages with bulk tensor copies: caches they cannot describe
+        // go to the mma.sync kernel (or fail, where the caller asked for wgmma).
+        if let Some((name, why)) = [("k", a.k), ("v", a.v)].into_iter().find_map(|(n, t)| crate::tma::unsupported(t).map(|w| (n, w))) {
+            if requested == FlashKernel::Wgmma {
+                return Err(Error::Unsupported {
+                    op: OP,
+                    what: "the wgmma kernel's bulk copies of the cache",
+                    got: format!("{name}: {why}"),
+                    supported: "blocks that follow one another slot by slot, power-of-two block sizes, 16-byte strides".into(),
+                });
+            }
+            kernel = FlashKernel::MmaSync;
+        }
+    }
     let symbol = match kernel {
         FlashKernel::Wgmma => {
             let extras = a.softcap > 0.0 || a.alibi_slopes.is_some();
@@ -203,6 +218,12 @@ fn launch_gpu(
     let ptr = |t: &Tensor| t.device_ptr().expect("validated: on the GPU");
     let to_i32 = |w: Option<usize>| w.map_or(-1, |v| v.min(i32::MAX as usize) as i32);
     let (ks, vs) = (a.k.strides(), a.v.strides());
+    let (k_map, v_map) = if kernel == FlashKernel::Wgmma {
+        let rows = FlashAttnSm90Geometry::box_rows(plan.block_size);
+        (crate::tma::kv_map(gpu, a.k, rows)?, crate::tma::kv_map(gpu, a.v, rows)?)
+    } else {
+        (0, 0)
+    };
     let params = FlashAttnVarlenParams {
         out: ptr(out),
         q: ptr(a.q),
@@ -214,6 +235,8 @@ fn launch_gpu(
         alibi_slopes: a.alibi_slopes.map(ptr).unwrap_or(0),
         softmax_lse: lse.as_deref().map(ptr).unwrap_or(0),
         maybe_status: gpu.status_ptr(),
+        k_map,
+        v_map,
         batch: plan.batch as u32,
         num_heads: plan.num_heads as u32,
         num_kv_heads: plan.num_kv_heads as u32,

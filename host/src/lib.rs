@@ -55,6 +55,7 @@ pub mod paged_attention;
 pub mod ptx;
 pub mod tensor;
 pub mod testing;
+pub mod tma;
 pub mod util;
 
 pub use cache::{

@@ -22,7 +22,8 @@
 //! Finally `O / l` and the LSE are written from registers, as in the `mma.sync` kernel.
 
 use crate::intrinsics::{
-    atomic_or, block_idx_x, block_idx_y, block_idx_z, dynamic_smem_chunks, grid_dim_x, sync_threads, thread_idx_x, vote_any,
+    Chunk, atomic_or, block_idx_x, block_idx_y, block_idx_z, dynamic_smem_chunks, grid_dim_x, shfl_idx, store_chunk, sync_threads,
+    thread_idx_x, vote_any,
 };
 use crate::tensor_core::{self as tc, MmaElem};
 use crate::varlen::{self, Logits};
@@ -31,6 +32,13 @@ use pagedattn_layout::{FlashAttnSm90Geometry as Geo, FlashAttnVarlenParams, stat
 
 const NT: usize = Geo::NUM_THREADS;
 const BM: usize = Geo::BLOCK_M;
+
+/// The first barrier of each kind (K, V) of the stages; stage `st`'s is 8 · `st` bytes further.
+#[derive(Clone, Copy)]
+struct Stages {
+    k: u32,
+    v: u32,
+}
 
 /// Byte offset of 16-byte piece `c` of row `r` in a swizzled tile of `rows` rows (see `wgmma`).
 #[inline(always)]
@@ -69,18 +77,27 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
     let k_at = |st: usize| BM * D * 2 + st * 2 * kv_bytes;
     let v_at = |st: usize| k_at(st) + kv_bytes;
     let bars = base + Geo::tile_bytes(D) as u32;
-    let full = |st: usize| bars + 8 * st as u32;
-    let empty = |st: usize| bars + 8 * (stages + st) as u32;
+    // Per stage, K and V each have a `full` barrier (the producer's bytes landed) and an `empty`
+    // one (both consumers are done with it): a key tile is refilled as soon as its S = Q·Kᵀ is
+    // done, while the values of the same stage may still be in use.
+    let bar = |i: usize| bars + 8 * i as u32;
+    let full = Stages { k: bar(0), v: bar(stages) };
+    let empty = Stages { k: bar(2 * stages), v: bar(3 * stages) };
+    let q_bar = bar(4 * stages);
     // SAFETY: after the barriers, inside the carve-up.
-    let flag = unsafe { gbase.add(Geo::tile_bytes(D) + 16 * stages) as *mut u32 };
+    let flag = unsafe { gbase.add(Geo::tile_bytes(D) + 8 * (4 * stages + 1)) as *mut u32 };
     if tid == 0 {
         for st in 0..stages {
             // SAFETY: 8-byte aligned words of the carve-up, used by no thread before the barrier below.
             unsafe {
-                wg::mbarrier_init(full(st), 128);
-                wg::mbarrier_init(empty(st), 8);
+                wg::mbarrier_init(full.k + 8 * st as u32, 1);
+                wg::mbarrier_init(full.v + 8 * st as u32, 1);
+                wg::mbarrier_init(empty.k + 8 * st as u32, 8);
+                wg::mbarrier_init(empty.v + 8 * st as u32, 8);
             }
         }
+        // SAFETY: as above.
+        unsafe { wg::mbarrier_init(q_bar, 128) };
         // SAFETY: the flag word.
         unsafe { *flag = 0 };
         wg::fence_mbarrier_init();
@@ -90,7 +107,7 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
     if tid < 128 {
         wg::setmaxnreg_dec::<{ Geo::PRODUCER_REGS }>();
         // SAFETY: the carve-up above; the producer's part of the protocol.
-        unsafe { produce::<D, ND>(p, &seq, b, m0, first, tiles, bn, tid, base, flag, &full, &empty) };
+        unsafe { produce::<D, ND>(p, &seq, b, m0, first, tiles, bn, tid, base, q_bar, flag, full, empty) };
         return;
     }
     wg::setmaxnreg_inc::<{ Geo::CONSUMER_REGS }>();
@@ -138,19 +155,45 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
         }
         wg::commit();
     };
+    // Tile it's keys or values are done in this warp: one of the 8 arrivals.
     let release = #[inline(always)]
-    |st: usize| {
+    |bars: u32, it: usize| {
         if lane == 0 {
             // SAFETY: an initialized barrier (8 arrivals: every consumer warp).
-            unsafe { wg::mbarrier_arrive(empty(st)) };
+            unsafe { wg::mbarrier_arrive(bars + 8 * (it % stages) as u32) };
         }
     };
-    let wait_full = #[inline(always)]
+    let wait_k = #[inline(always)]
     |it: usize| {
-        // SAFETY: an initialized barrier; every producer thread's copies of the fill landed.
-        unsafe { wg::mbarrier_wait(full(it % stages), ((it / stages) & 1) as u32) };
-        // The copies wrote through the generic proxy; the tensor cores read through the async one.
-        wg::fence_proxy_async();
+        // SAFETY: an initialized barrier; the fill's bytes have all landed when its phase completes.
+        unsafe { wg::mbarrier_wait(full.k + 8 * (it % stages) as u32, ((it / stages) & 1) as u32) };
+    };
+    // A tile's bulk copies read whole pages: past the sequence's last key the page holds whatever
+    // the cache holds there, which the masks hide from S but P · V would still multiply (0 · NaN).
+    // On the tile that holds the last key, consumer 0 zeroes those value rows, then both meet.
+    let sk = seq.sk;
+    let wait_v = #[inline(always)]
+    |it: usize| {
+        let st = it % stages;
+        // SAFETY: an initialized barrier; the fill's bytes have all landed when its phase completes.
+        unsafe { wg::mbarrier_wait(full.v + 8 * st as u32, ((it / stages) & 1) as u32) };
+        let n0 = first + it * bn;
+        if n0 + bn > sk {
+            if cw == 0 {
+                let mut c = ctid;
+                while c < bn * ND {
+                    let (r, cc) = (c / ND, c % ND);
+                    if n0 + r >= sk {
+                        // SAFETY: a 16-byte piece of stage st's value tile.
+                        unsafe { store_chunk(gbase.add(v_at(st) + swizzled(r, cc, bn)), Chunk([0; 4])) };
+                    }
+                    c += 128;
+                }
+                // Ordinary stores, read next by the tensor cores.
+                wg::fence_proxy_async();
+            }
+            wg::barrier_sync(3, 256);
+        }
     };
     // Logits and the online softmax of tile it; returns the correction of the output so far.
     let softmax = #[inline(always)]
@@ -180,8 +223,12 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
     let mut o = [[0f32; 4]; ND];
     let (mut m_run, mut l_run) = ([f32::NEG_INFINITY; 2], [0f32; 2]);
     let mut pa = [[0u32; 4]; 8];
+    // (Waited even without tiles: no copy is left in flight when the CTA ends.)
+    // SAFETY: an initialized barrier: every producer thread's Q copies landed (generic proxy).
+    unsafe { wg::mbarrier_wait(q_bar, 0) };
+    wg::fence_proxy_async();
     if tiles > 0 {
-        wait_full(0);
+        wait_k(0);
         let mut s = [[0f32; 4]; NS];
         wg::barrier_sync(my_turn, 256);
         wg::fence();
@@ -189,11 +236,13 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
         wg::barrier_arrive(their_turn, 256);
         wg::wait::<0>();
         wg::fence_regs(&mut s);
+        release(empty.k, 0);
         softmax(&mut s, 0, &mut m_run, &mut l_run);
         to_a(&s, &mut pa);
     }
     for it in 1..tiles {
-        wait_full(it);
+        wait_k(it);
+        wait_v(it - 1);
         let mut s = [[0f32; 4]; NS];
         wg::fence_regs(&mut o);
         wg::barrier_sync(my_turn, 256);
@@ -203,16 +252,18 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
         wg::barrier_arrive(their_turn, 256);
         wg::wait::<1>();
         wg::fence_regs(&mut s);
+        release(empty.k, it);
         let corr = softmax(&mut s, it, &mut m_run, &mut l_run);
         wg::wait::<0>();
         wg::fence_regs(&mut o);
-        release((it - 1) % stages);
+        release(empty.v, it - 1);
         if vote_any(corr[0] != 1.0 || corr[1] != 1.0) {
             varlen::rescale(&mut o, D, corr);
         }
         to_a(&s, &mut pa);
     }
     if tiles > 0 {
+        wait_v(tiles - 1);
         wg::fence_regs(&mut o);
         wg::barrier_sync(my_turn, 256);
         wg::fence();
@@ -220,7 +271,7 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
         wg::barrier_arrive(their_turn, 256);
         wg::wait::<0>();
         wg::fence_regs(&mut o);
-        release((tiles - 1) % stages);
+        release(empty.v, tiles - 1);
     }
     // Consumer 1's last hand-over has no turn after it: consumer 0 takes it, so both barriers
     // end balanced.
@@ -245,7 +296,9 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
     }
 }
 
-/// The producer warpgroup (threads `ptid` 0..128): the Q tile, then every K/V tile into its stage.
+/// The producer warpgroup (threads `ptid` 0..128): the Q tile with `cp.async` (all threads, on
+/// `q_bar`), then warp 0 fills each stage with bulk tensor copies, one per page (box) and 64-column
+/// panel of K and of V, all on the stage's `full` barrier.
 ///
 /// # Safety
 /// Called by the producer warpgroup of [`flash_attn_sm90`] with its carve-up.
@@ -261,98 +314,102 @@ unsafe fn produce<const D: usize, const ND: usize>(
     bn: usize,
     ptid: usize,
     base: u32,
+    q_bar: u32,
     flag: *mut u32,
-    full: &impl Fn(usize) -> u32,
-    empty: &impl Fn(usize) -> u32,
+    full: Stages,
+    empty: Stages,
 ) {
     let stages = Geo::stages(D);
     let kv_bytes = bn * D * 2;
-    // Zeros come through the copy path too (a copy of 0 source bytes), so the stage's barrier,
-    // which counts this thread's copies, covers every byte of the stage.
-    let zero = |at: usize| {
-        // SAFETY: a 16-byte piece inside the carve-up; nothing is read.
-        unsafe { tc::cp_async_zero_16(base + at as u32, p.q as *const u16) }
-    };
-    // Q rows (rows past the sequence: zeros).
+    // Q rows (rows past the sequence: zeros, through the copy path too so that the barrier, which
+    // counts this thread's copies, covers them).
     let q = p.q as *const u16;
     let mut c = ptid;
     while c < BM * ND {
         let (r, cc) = (c / ND, c % ND);
         let pr = m0 + r;
-        let at = swizzled(r, cc, BM);
-        if pr < seq.rows() {
-            // SAFETY: a query's head row (16-byte aligned, host-checked).
-            unsafe {
-                let src = q.add((seq.q0 + seq.query(pr)) * p.q_stride_token as usize + seq.head(pr) * p.q_stride_head as usize + cc * 8);
-                tc::cp_async_16(base + at as u32, src);
+        let at = base + swizzled(r, cc, BM) as u32;
+        // SAFETY: a query's head row (16-byte aligned, host-checked); past the rows nothing is read.
+        unsafe {
+            if pr < seq.rows() {
+                tc::cp_async_16(
+                    at,
+                    q.add((seq.q0 + seq.query(pr)) * p.q_stride_token as usize + seq.head(pr) * p.q_stride_head as usize + cc * 8),
+                );
+            } else {
+                tc::cp_async_zero_16(at, q);
             }
-        } else {
-            zero(at);
         }
         c += 128;
     }
+    // SAFETY: an initialized barrier (128 arrivals: every producer thread).
+    unsafe { wg::cp_async_mbarrier_arrive(q_bar) };
 
-    let (k_cache, v_cache) = (p.k_cache as *const u16, p.v_cache as *const u16);
-    // SAFETY: row b of the table (b < batch; the row stride validated).
-    let table = unsafe { (p.block_table as *const i32).add(b * p.block_table_stride as usize) };
-    let bs = p.block_size;
-    let (pow2, bs_shift) = (bs.is_power_of_two(), bs.trailing_zeros());
-    // This thread's piece of the head's row in slot 0 of block 0 (the offsets add to it).
-    let cc = ptid % ND;
-    let k_row = k_cache.wrapping_add(seq.kvh * p.k_stride_head as usize + cc * 8);
-    let v_row = v_cache.wrapping_add(seq.kvh * p.v_stride_head as usize + cc * 8);
-    let sk = seq.sk;
-    for it in 0..tiles {
-        let st = it % stages;
-        if it >= stages {
-            // SAFETY: an initialized barrier: both consumers released this stage's previous tile.
-            unsafe { wg::mbarrier_wait(empty(st), ((it / stages + 1) & 1) as u32) };
-        }
-        let n0 = first + it * bn;
-        let (k_st, v_st) = (BM * D * 2 + st * 2 * kv_bytes, BM * D * 2 + st * 2 * kv_bytes + kv_bytes);
-        // This thread's rows are r0 + k · step (step = 128 / ND, a multiple of 8, so every row
-        // has the swizzle of r0 and sits k · step · 128 bytes further), in batches of 4: the
-        // batch's block ids first, all loads in flight together (-1: past the keys), then its
-        // copies.
-        let (r0, step) = (ptid / ND, 128 / ND);
-        let at0 = swizzled(r0, ptid % ND, bn);
-        for batch in 0..bn * ND / 128 / 4 {
-            let mut blk = [-1i32; 4];
-            for k in 0..4 {
-                let j = (n0 + r0 + (batch * 4 + k) * step) as u32;
-                let page = if pow2 { j >> bs_shift } else { j / bs };
-                if (j as usize) < sk {
-                    // SAFETY: j < sk <= max_blocks · block_size, so the table entry exists.
-                    blk[k] = unsafe { *table.add(page as usize) };
+    if ptid < 32 {
+        // Warp 0 runs the loop: lane l looks up the block of box l of a tile (one table load for
+        // the warp); lane 0 takes the slots by shuffle and issues the copies.
+        let lane = ptid;
+        // SAFETY: row b of the table (b < batch; the row stride validated).
+        let table = unsafe { (p.block_table as *const i32).add(b * p.block_table_stride as usize) };
+        let bs = p.block_size as usize;
+        let rows = Geo::box_rows(bs);
+        let boxes = bn / rows;
+        // A slot past the cache: its box reads as zeros.
+        let outside = (p.num_blocks as usize * bs) as i32;
+        let (sk, kvh) = (seq.sk, seq.kvh as i32);
+        let box_slot = |it: usize| {
+            let j = first + it * bn + lane * rows;
+            if lane >= boxes || j >= sk {
+                return outside;
+            }
+            // SAFETY: j < sk <= max_blocks · block_size, so the table entry exists.
+            let blk = unsafe { *table.add(j / bs) };
+            if blk >= 0 && (blk as u32) < p.num_blocks {
+                (blk as usize * bs + j % bs) as i32
+            } else {
+                // SAFETY: the flag word.
+                unsafe { *flag = 1 };
+                outside
+            }
+        };
+        // Tile it's keys or values into its stage once both consumers released the stage's
+        // previous tile (`slots`: this lane's box slot of tile it).
+        let fill = #[inline(always)]
+        |it: usize, slots: i32, map: u64, kind: u32, full: u32, empty: u32| {
+            let st = it % stages;
+            let dst = base + (BM * D * 2 + st * 2 * kv_bytes) as u32 + kind;
+            let (full, empty) = (full + 8 * st as u32, empty + 8 * st as u32);
+            if it >= stages {
+                // SAFETY: an initialized barrier.
+                unsafe { wg::mbarrier_wait(empty, ((it / stages + 1) & 1) as u32) };
+            }
+            if lane == 0 {
+                // SAFETY: an initialized barrier (one arrival: this thread).
+                unsafe { wg::mbarrier_arrive_expect_tx(full, kv_bytes as u32) };
+            }
+            for bx in 0..boxes {
+                let slot = shfl_idx(f32::from_bits(slots as u32), bx as u32).to_bits() as i32;
+                if lane == 0 {
+                    for panel in 0..D / 64 {
+                        let at = (panel * bn * 128 + bx * rows * 128) as u32;
+                        // SAFETY: the host's map of the cache; 1024-byte aligned rows of the stage.
+                        unsafe { wg::tma_load_3d(dst + at, map, [(panel * 64) as i32, kvh, slot], full) };
+                    }
                 }
             }
-            for k in 0..4 {
-                let row = (batch * 4 + k) * step;
-                let j = (n0 + r0 + row) as u32;
-                let at = at0 + row * 128;
-                let slot = if pow2 { j & (bs - 1) } else { j % bs };
-                let b = blk[k];
-                if b >= 0 && (b as u32) < p.num_blocks {
-                    let ko = b as usize * p.k_stride_block as usize + slot as usize * p.k_stride_slot as usize;
-                    let vo = b as usize * p.v_stride_block as usize + slot as usize * p.v_stride_slot as usize;
-                    // SAFETY: a block id in range: rows of the caches (16-byte aligned, host-checked).
-                    unsafe {
-                        tc::cp_async_16(base + (k_st + at) as u32, k_row.add(ko));
-                        tc::cp_async_16(base + (v_st + at) as u32, v_row.add(vo));
-                    }
-                } else {
-                    if (j as usize) < sk {
-                        // SAFETY: the flag word.
-                        unsafe { *flag = 1 };
-                    }
-                    zero(k_st + at);
-                    zero(v_st + at);
-                }
+        };
+        // Keys, then values, tile by tile; the block ids of the next tile are looked up before
+        // this tile's copies are issued, so the lookup is in flight meanwhile. (Keys a tile ahead
+        // of values measured slower: the wait for a free key stage then holds the values back.)
+        let mut next = if tiles > 0 { box_slot(0) } else { outside };
+        for it in 0..tiles {
+            let slots = next;
+            if it + 1 < tiles {
+                next = box_slot(it + 1);
             }
+            fill(it, slots, p.k_map, 0, full.k, empty.k);
+            fill(it, slots, p.v_map, kv_bytes as u32, full.v, empty.v);
         }
-        // The stage's barrier completes when this thread's copies so far (Q's too) have landed.
-        // SAFETY: an initialized barrier (128 arrivals: every producer thread).
-        unsafe { wg::cp_async_mbarrier_arrive(full(st)) };
     }
     // The flag word is read after this barrier (the consumers' last one).
     sync_threads();

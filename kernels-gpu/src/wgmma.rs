@@ -1,5 +1,5 @@
 //! Hopper building blocks (`sm_90a`): `wgmma.mma_async` (warpgroup matrix products with shared-memory
-//! descriptors), `mbarrier` waits, proxy fences, `setmaxnreg` and `cp.async` groups. Inline `asm!`,
+//! descriptors), `mbarrier` waits, bulk tensor copies, proxy fences, `setmaxnreg` and named barriers. Inline `asm!`,
 //! never `pure`: these are collective or ordered operations LLVM must not move, merge or drop.
 //!
 //! A warpgroup is 4 consecutive warps starting at a warp index divisible by 4. `wgmma` m64nNk16
@@ -208,6 +208,43 @@ pub unsafe fn mbarrier_wait(bar: u32, parity: u32) {
     }
 }
 
+/// `mbarrier.arrive.expect_tx`: one arrival on `bar`, and `bytes` more bytes of bulk copies the
+/// current phase waits for.
+///
+/// # Safety
+/// `bar` is an initialized barrier.
+#[inline(always)]
+pub unsafe fn mbarrier_arrive_expect_tx(bar: u32, bytes: u32) {
+    // SAFETY: the caller's promise.
+    unsafe {
+        asm!(
+            "{{ .reg .b64 st; mbarrier.arrive.expect_tx.shared::cta.b64 st, [{b}], {n}; }}",
+            b = in(reg32) bar, n = in(reg32) bytes,
+            options(nostack)
+        )
+    };
+}
+
+/// `cp.async.bulk.tensor.3d`: the box of the tensor map `map` at coordinates `c` (innermost first)
+/// into shared memory at `dst` (the map's swizzle applied), completing `bytes` of `bar`'s
+/// transaction count. Coordinates outside the tensor read as zeros.
+///
+/// # Safety
+/// `map` is the device address of a valid `CUtensorMap` (64-byte aligned) that no thread writes;
+/// `dst` a shared address aligned for the map's swizzle with room for the box; `bar` a barrier whose
+/// phase expects these bytes.
+#[inline(always)]
+pub unsafe fn tma_load_3d(dst: u32, map: u64, c: [i32; 3], bar: u32) {
+    // SAFETY: the caller's promise.
+    unsafe {
+        asm!(
+            "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [{d}], [{m}, {{{c0}, {c1}, {c2}}}], [{b}];",
+            d = in(reg32) dst, m = in(reg64) map, c0 = in(reg32) c[0], c1 = in(reg32) c[1], c2 = in(reg32) c[2], b = in(reg32) bar,
+            options(nostack)
+        )
+    };
+}
+
 /// `cp.async.mbarrier.arrive.noinc`: one arrival on `bar` once every `cp.async` this thread issued
 /// so far has landed (the arrival is one of the barrier's expected count).
 ///
@@ -225,13 +262,6 @@ pub unsafe fn cp_async_mbarrier_arrive(bar: u32) {
 pub fn fence_proxy_async() {
     // SAFETY: no operands.
     unsafe { asm!("fence.proxy.async.shared::cta;", options(nostack)) };
-}
-
-/// `cp.async.wait_group N`: at most `N` of this thread's committed `cp.async` groups still in flight.
-#[inline(always)]
-pub fn cp_async_wait<const N: u32>() {
-    // SAFETY: no operands.
-    unsafe { asm!("cp.async.wait_group {n};", n = const N, options(nostack)) };
 }
 
 /// `setmaxnreg.inc`: this warpgroup's threads grow to `N` registers (all 128 call it together).

@@ -23,6 +23,12 @@ pub struct FlashAttnVarlenParams {
     pub softmax_lse: u64,
     /// `*mut u32` status word, or 0.
     pub maybe_status: u64,
+    /// Hopper kernel: device addresses of the bulk-copy tensor maps (`CUtensorMap`, 128 bytes,
+    /// 64-byte aligned) of the key and value caches, each over `(head_size, num_kv_heads,
+    /// num_blocks · block_size)` with a box of `(64, 1, min(block_size, 128))` and the 128-byte
+    /// swizzle (see `FlashAttnSm90Geometry`); 0 for the `mma.sync` kernel.
+    pub k_map: u64,
+    pub v_map: u64,
     pub batch: u32,
     pub num_heads: u32,
     pub num_kv_heads: u32,
@@ -54,7 +60,7 @@ pub struct FlashAttnVarlenParams {
     pub window_right: i32,
 }
 
-const _: () = assert!(core::mem::size_of::<FlashAttnVarlenParams>() == 10 * 8 + 24 * 4);
+const _: () = assert!(core::mem::size_of::<FlashAttnVarlenParams>() == 12 * 8 + 24 * 4);
 
 /// Launch geometry of the varlen kernel. Rows of a tile are (query, query head) pairs of one
 /// sequence and one KV head, query-major: packed row `r` is query `r / group`, head
@@ -119,7 +125,8 @@ pub const FLASH_HEAD_SIZES: &[usize] = &[32, 64, 80, 96, 112, 120, 128, 192, 256
 pub const FLASH_SM90_HEAD_SIZES: &[usize] = &[64, 128];
 
 /// Launch geometry of the Hopper varlen kernel: three warpgroups of 128 threads, the first the
-/// producer (it gathers Q, K and V tiles into shared memory), the other two consumers of
+/// producer (it gathers the Q tile with `cp.async`, then K and V tiles page by page with bulk
+/// tensor copies), the other two consumers of
 /// [`Self::CONSUMER_ROWS`] packed rows each (rows packed as in [`FlashAttnGeometry`]). Grid
 /// `(ceil(max_seqlen_q · group / BLOCK_M), num_kv_heads, batch)`.
 ///
@@ -138,10 +145,9 @@ impl FlashAttnSm90Geometry {
     /// Elements per swizzled column panel (128 bytes of f16/bf16).
     pub const PANEL: usize = 64;
     /// Registers per thread the producer keeps and the consumers take (`setmaxnreg`, from the 168
-    /// of the entry cap): 128 · (56 + 2 · 224) = 64512 of the 65536. The producer holds a tile's
-    /// block ids and gather addresses (more than a bulk-copy producer's 24).
-    pub const PRODUCER_REGS: u32 = 56;
-    pub const CONSUMER_REGS: u32 = 224;
+    /// of the entry cap): 128 · (24 + 2 · 240) = 64512, all the CTA has.
+    pub const PRODUCER_REGS: u32 = 24;
+    pub const CONSUMER_REGS: u32 = 240;
 
     /// Keys per tile.
     pub const fn block_n(head_size: usize) -> usize {
@@ -158,7 +164,13 @@ impl FlashAttnSm90Geometry {
         (Self::BLOCK_M + Self::stages(head_size) * 2 * Self::block_n(head_size)) * head_size * 2
     }
 
-    /// Dynamic shared memory: the tiles, up to 1008 bytes of alignment, barriers and flag.
+    /// Rows of one bulk copy (the tensor maps' box): a page, at most a tile.
+    pub const fn box_rows(block_size: usize) -> usize {
+        if block_size < 128 { block_size } else { 128 }
+    }
+
+    /// Dynamic shared memory: the tiles, up to 1008 bytes of alignment, the barriers (full and empty
+    /// per stage, Q's) and the flag word.
     pub const fn smem_bytes(head_size: usize) -> usize {
         Self::tile_bytes(head_size) + 1024 + 128
     }
