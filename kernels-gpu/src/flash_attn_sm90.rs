@@ -40,6 +40,14 @@ struct Stages {
     v: u32,
 }
 
+/// Stage and barrier parity of tile `it` with `stages` stages (32-bit: a division by 3 on 64
+/// bits cost a wide multiply in every loop).
+#[inline(always)]
+fn stage_of(it: usize, stages: usize) -> (usize, u32) {
+    let (it, n) = (it as u32, stages as u32);
+    ((it % n) as usize, (it / n) & 1)
+}
+
 /// Byte offset of 16-byte piece `c` of row `r` in a swizzled tile of `rows` rows (see `wgmma`).
 #[inline(always)]
 fn swizzled(r: usize, c: usize, rows: usize) -> usize {
@@ -160,13 +168,15 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
     |bars: u32, it: usize| {
         if lane == 0 {
             // SAFETY: an initialized barrier (8 arrivals: every consumer warp).
-            unsafe { wg::mbarrier_arrive(bars + 8 * (it % stages) as u32) };
+            unsafe { wg::mbarrier_arrive(bars + 8 * stage_of(it, stages).0 as u32) };
         }
     };
     let wait_k = #[inline(always)]
     |it: usize| {
         // SAFETY: an initialized barrier; the fill's bytes have all landed when its phase completes.
-        unsafe { wg::mbarrier_wait(full.k + 8 * (it % stages) as u32, ((it / stages) & 1) as u32) };
+        let (st, parity) = stage_of(it, stages);
+        // SAFETY: as above.
+        unsafe { wg::mbarrier_wait(full.k + 8 * st as u32, parity) };
     };
     // A tile's bulk copies read whole pages: past the sequence's last key the page holds whatever
     // the cache holds there, which the masks hide from S but P · V would still multiply (0 · NaN).
@@ -174,9 +184,9 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
     let sk = seq.sk;
     let wait_v = #[inline(always)]
     |it: usize| {
-        let st = it % stages;
+        let (st, parity) = stage_of(it, stages);
         // SAFETY: an initialized barrier; the fill's bytes have all landed when its phase completes.
-        unsafe { wg::mbarrier_wait(full.v + 8 * st as u32, ((it / stages) & 1) as u32) };
+        unsafe { wg::mbarrier_wait(full.v + 8 * st as u32, parity) };
         let n0 = first + it * bn;
         if n0 + bn > sk {
             if cw == 0 {
@@ -247,8 +257,8 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
         wg::fence_regs(&mut o);
         wg::barrier_sync(my_turn, 256);
         wg::fence();
-        issue_s(&mut s, it % stages);
-        issue_pv(&mut o, &pa, (it - 1) % stages);
+        issue_s(&mut s, stage_of(it, stages).0);
+        issue_pv(&mut o, &pa, stage_of(it - 1, stages).0);
         wg::barrier_arrive(their_turn, 256);
         wg::wait::<1>();
         wg::fence_regs(&mut s);
@@ -267,7 +277,7 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
         wg::fence_regs(&mut o);
         wg::barrier_sync(my_turn, 256);
         wg::fence();
-        issue_pv(&mut o, &pa, (tiles - 1) % stages);
+        issue_pv(&mut o, &pa, stage_of(tiles - 1, stages).0);
         wg::barrier_arrive(their_turn, 256);
         wg::wait::<0>();
         wg::fence_regs(&mut o);
@@ -297,8 +307,8 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
 }
 
 /// The producer warpgroup (threads `ptid` 0..128): the Q tile with `cp.async` (all threads, on
-/// `q_bar`), then warp 0 fills each stage with bulk tensor copies, one per page (box) and 64-column
-/// panel of K and of V, all on the stage's `full` barrier.
+/// `q_bar`), then its four warps fill each stage's keys and values with bulk tensor copies, one per
+/// page (box) and 64-column panel, on the stage's `full` barriers.
 ///
 /// # Safety
 /// Called by the producer warpgroup of [`flash_attn_sm90`] with its carve-up.
@@ -345,10 +355,13 @@ unsafe fn produce<const D: usize, const ND: usize>(
     // SAFETY: an initialized barrier (128 arrivals: every producer thread).
     unsafe { wg::cp_async_mbarrier_arrive(q_bar) };
 
-    if ptid < 32 {
-        // Warp 0 runs the loop: lane l looks up the block of box l of a tile (one table load for
-        // the warp); lane 0 takes the slots by shuffle and issues the copies.
-        let lane = ptid;
+    {
+        // Warps 0 and 2 load the keys, 1 and 3 the values, each warp every other box: with small
+        // pages the copies one thread can issue are the limit (page 16, one warp for all: 337
+        // TFLOP/s; a warp per K and V: 425). In each warp, lane l looks up the block of box l of a
+        // tile (one table load for the warp) and lane 0 takes the slots by shuffle and issues the
+        // copies; warps 0 and 1 set each fill's byte count.
+        let (values, half, lane) = (ptid / 32 % 2 == 1, ptid / 64, ptid % 32);
         // SAFETY: row b of the table (b < batch; the row stride validated).
         let table = unsafe { (p.block_table as *const i32).add(b * p.block_table_stride as usize) };
         let bs = p.block_size as usize;
@@ -376,18 +389,20 @@ unsafe fn produce<const D: usize, const ND: usize>(
         // previous tile (`slots`: this lane's box slot of tile it).
         let fill = #[inline(always)]
         |it: usize, slots: i32, map: u64, kind: u32, full: u32, empty: u32| {
-            let st = it % stages;
+            let (st, parity) = stage_of(it, stages);
             let dst = base + (BM * D * 2 + st * 2 * kv_bytes) as u32 + kind;
             let (full, empty) = (full + 8 * st as u32, empty + 8 * st as u32);
             if it >= stages {
                 // SAFETY: an initialized barrier.
-                unsafe { wg::mbarrier_wait(empty, ((it / stages + 1) & 1) as u32) };
+                unsafe { wg::mbarrier_wait(empty, parity ^ 1) };
             }
-            if lane == 0 {
-                // SAFETY: an initialized barrier (one arrival: this thread).
+            if lane == 0 && half == 0 {
+                // SAFETY: an initialized barrier (one arrival: this thread; the other warp's
+                // copies may land first, the count is signed).
                 unsafe { wg::mbarrier_arrive_expect_tx(full, kv_bytes as u32) };
             }
-            for bx in 0..boxes {
+            let mut bx = half;
+            while bx < boxes {
                 let slot = shfl_idx(f32::from_bits(slots as u32), bx as u32).to_bits() as i32;
                 if lane == 0 {
                     for panel in 0..D / 64 {
@@ -396,19 +411,19 @@ unsafe fn produce<const D: usize, const ND: usize>(
                         unsafe { wg::tma_load_3d(dst + at, map, [(panel * 64) as i32, kvh, slot], full) };
                     }
                 }
+                bx += 2;
             }
         };
-        // Keys, then values, tile by tile; the block ids of the next tile are looked up before
-        // this tile's copies are issued, so the lookup is in flight meanwhile. (Keys a tile ahead
-        // of values measured slower: the wait for a free key stage then holds the values back.)
+        // Tile by tile; the block ids of the next tile are looked up before this tile's copies
+        // are issued, so the lookup is in flight meanwhile.
+        let (map, kind, full, empty) = if values { (p.v_map, kv_bytes as u32, full.v, empty.v) } else { (p.k_map, 0, full.k, empty.k) };
         let mut next = if tiles > 0 { box_slot(0) } else { outside };
         for it in 0..tiles {
             let slots = next;
             if it + 1 < tiles {
                 next = box_slot(it + 1);
             }
-            fill(it, slots, p.k_map, 0, full.k, empty.k);
-            fill(it, slots, p.v_map, kv_bytes as u32, full.v, empty.v);
+            fill(it, slots, map, kind, full, empty);
         }
     }
     // The flag word is read after this barrier (the consumers' last one).
