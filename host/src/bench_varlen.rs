@@ -150,12 +150,14 @@ pub fn run_scenario(
     })
 }
 
-/// Every issue scenario for every dtype and kernel (a kernel the device cannot run is skipped).
+/// Every issue scenario for every dtype and kernel (a kernel the device cannot run is skipped), 32 q /
+/// 8 KV heads of `head_size`.
 #[allow(clippy::too_many_arguments)]
 pub fn run(
     device: &Device,
     dtypes: &[DType],
     kernels: &[FlashKernel],
+    head_size: usize,
     block_size: usize,
     iters: usize,
     warmup: usize,
@@ -168,11 +170,11 @@ pub fn run(
     let mut points = Vec::new();
     for &dtype in dtypes {
         for &kernel in kernels {
-            if kernel.resolve(gpu, dtype, 128).is_err() {
+            if kernel.resolve(gpu, dtype, head_size).is_err() {
                 continue;
             }
             for sc in issue_scenarios() {
-                let p = run_scenario(device, &sc, dtype, (32, 8), 128, block_size, kernel, iters, warmup)?;
+                let p = run_scenario(device, &sc, dtype, (32, 8), head_size, block_size, kernel, iters, warmup)?;
                 each(&p);
                 points.push(p);
             }

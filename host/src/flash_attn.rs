@@ -219,7 +219,7 @@ fn launch_gpu(
     let to_i32 = |w: Option<usize>| w.map_or(-1, |v| v.min(i32::MAX as usize) as i32);
     let (ks, vs) = (a.k.strides(), a.v.strides());
     let (k_map, v_map) = if kernel == FlashKernel::Wgmma {
-        let rows = FlashAttnSm90Geometry::box_rows(plan.block_size);
+        let rows = FlashAttnSm90Geometry::box_rows(plan.block_size, plan.head_size);
         (crate::tma::kv_map(gpu, a.k, rows)?, crate::tma::kv_map(gpu, a.v, rows)?)
     } else {
         (0, 0)

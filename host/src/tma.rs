@@ -91,7 +91,8 @@ pub fn kv_map(gpu: &Gpu, cache: &Tensor, rows: usize) -> Result<u64> {
 
 fn encode(k: &MapKey) -> Result<CUtensorMap> {
     let mut map = std::mem::MaybeUninit::<CUtensorMap>::uninit();
-    let dtype = if k.bf16 { CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 } else { CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16 };
+    let dtype =
+        if k.bf16 { CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 } else { CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16 };
     let boxes: [u32; 3] = [64, 1, k.rows];
     let element_strides = [1u32; 3];
     // SAFETY: every pointer is to a live array of the rank's length (strides: rank − 1); the map

@@ -60,7 +60,7 @@ fn swizzled(r: usize, c: usize, rows: usize) -> usize {
 #[inline(always)]
 pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const NS: usize, const EXTRAS: bool>(p: &FlashAttnVarlenParams) {
     // ND: 8-column tiles of the output (D / 8); NS: of the scores (block_n / 8).
-    const { assert!((D == 64 || D == 128) && ND * 8 == D && NS * 8 == Geo::block_n(D) && NS == 16) };
+    const { assert!((D == 64 || D == 128 || D == 256) && ND * 8 == D && NS * 8 == Geo::block_n(D) && NS <= 16) };
     let bn = NS * 8;
     let stages = Geo::stages(D);
     let (mt, kvh, b) = (grid_dim_x() - 1 - block_idx_x(), block_idx_y(), block_idx_z());
@@ -365,7 +365,7 @@ unsafe fn produce<const D: usize, const ND: usize>(
         // SAFETY: row b of the table (b < batch; the row stride validated).
         let table = unsafe { (p.block_table as *const i32).add(b * p.block_table_stride as usize) };
         let bs = p.block_size as usize;
-        let rows = Geo::box_rows(bs);
+        let rows = Geo::box_rows(bs, D);
         let boxes = bn / rows;
         // A slot past the cache: its box reads as zeros.
         let outside = (p.num_blocks as usize * bs) as i32;

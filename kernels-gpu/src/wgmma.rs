@@ -157,6 +157,7 @@ macro_rules! wgmma_fns {
 }
 
 wgmma_fns!(ss_n64, rs_n64, "64", 8, [0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31]);
+wgmma_fns!(ss_n256, rs_n256, "256", 32, [0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32 33 34 35 36 37 38 39 40 41 42 43 44 45 46 47 48 49 50 51 52 53 54 55 56 57 58 59 60 61 62 63 64 65 66 67 68 69 70 71 72 73 74 75 76 77 78 79 80 81 82 83 84 85 86 87 88 89 90 91 92 93 94 95 96 97 98 99 100 101 102 103 104 105 106 107 108 109 110 111 112 113 114 115 116 117 118 119 120 121 122 123 124 125 126 127]);
 wgmma_fns!(ss_n128, rs_n128, "128", 16, [0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32 33 34 35 36 37 38 39 40 41 42 43 44 45 46 47 48 49 50 51 52 53 54 55 56 57 58 59 60 61 62 63]);
 
 /// `mbarrier.init` with an expected arrival count.
@@ -310,18 +311,19 @@ pub unsafe fn ss<E: MmaElem, const T: usize>(d: &mut [[f32; 4]; T], a: u64, b: u
     }
 }
 
-/// [`rs_n64`] / [`rs_n128`] by the accumulator's tile count.
+/// [`rs_n64`] / [`rs_n128`] / [`rs_n256`] by the accumulator's tile count.
 ///
 /// # Safety
 /// As [`rs_n64`].
 #[inline(always)]
 pub unsafe fn rs<E: MmaElem, const T: usize>(d: &mut [[f32; 4]; T], a: [u32; 4], b: u64, accumulate: bool) {
-    const { assert!(T == 8 || T == 16, "wgmma: N of 64 or 128") };
+    const { assert!(T == 8 || T == 16 || T == 32, "wgmma: N of 64, 128 or 256") };
     // SAFETY: the caller's promise.
     unsafe {
         match T {
             8 => rs_n64::<E, T>(d, a, b, accumulate),
             16 => rs_n128::<E, T>(d, a, b, accumulate),
+            32 => rs_n256::<E, T>(d, a, b, accumulate),
             _ => {}
         }
     }

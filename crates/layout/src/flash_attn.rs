@@ -122,7 +122,7 @@ pub const FLASH_HEAD_SIZES: &[usize] = &[32, 64, 80, 96, 112, 120, 128, 192, 256
 
 /// Head sizes of the Hopper varlen kernel (`kernels-gpu/src/flash_attn_sm90.rs`); the others run
 /// on the `mma.sync` kernel everywhere.
-pub const FLASH_SM90_HEAD_SIZES: &[usize] = &[64, 128];
+pub const FLASH_SM90_HEAD_SIZES: &[usize] = &[64, 128, 256];
 
 /// Launch geometry of the Hopper varlen kernel: three warpgroups of 128 threads, the first the
 /// producer (it gathers the Q tile with `cp.async`, then K and V tiles page by page with bulk
@@ -165,8 +165,9 @@ impl FlashAttnSm90Geometry {
     }
 
     /// Rows of one bulk copy (the tensor maps' box): a page, at most a tile.
-    pub const fn box_rows(block_size: usize) -> usize {
-        if block_size < 128 { block_size } else { 128 }
+    pub const fn box_rows(block_size: usize, head_size: usize) -> usize {
+        let bn = Self::block_n(head_size);
+        if block_size < bn { block_size } else { bn }
     }
 
     /// Dynamic shared memory: the tiles, up to 1008 bytes of alignment, the barriers (full and empty

@@ -162,8 +162,8 @@ macro_rules! flash_attn_sm90_extras_symbol {
 #[macro_export]
 macro_rules! for_each_flash_attn_sm90_variant {
     ($cb:ident) => {
-        $crate::__for_each_flash_head!($cb; F16, "f16"; [64 128]);
-        $crate::__for_each_flash_head!($cb; BF16, "bf16"; [64 128]);
+        $crate::__for_each_flash_head!($cb; F16, "f16"; [64 128 256]);
+        $crate::__for_each_flash_head!($cb; BF16, "bf16"; [64 128 256]);
     };
 }
 

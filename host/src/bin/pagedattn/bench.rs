@@ -251,22 +251,23 @@ fn attention_row(p: &bench::Point) -> String {
 
 // ------------------------------------------------------------------------------ varlen attention
 
-/// The scenarios (32 q / 8 KV heads, head 128, `--block-size`), one line each.
+/// The scenarios (32 q / 8 KV heads, `--head-size`, `--block-size`), one line each.
 fn varlen(a: &BenchArgs) -> CliResult {
     let device = Device::Gpu(open_gpu("benchmark")?);
     println!(
-        "flash_attn_varlen_func on {}: 32 heads / 8 KV heads, head 128, block {}, {} timed runs after {} warm-up; TFLOP/s = 4 · 128 · 32 · visible pairs / time",
+        "flash_attn_varlen_func on {}: 32 heads / 8 KV heads, head {h}, block {}, {} timed runs after {} warm-up; TFLOP/s = 4 · {h} · 32 · visible pairs / time",
         device.name(),
         a.block_size,
         a.iters,
-        a.warmup
+        a.warmup,
+        h = a.head_size
     );
     println!(
         "{:<5} {:<6} {:<58} {:>14} {:>10} {:>10} {:>9} {:>9}",
         "dtype", "kernel", "scenario", "pairs", "cold µs", "hot µs", "cold TF/s", "hot TF/s"
     );
     let (iters, warmup) = (a.iters as usize, a.warmup as usize);
-    let points = pagedattn::bench_varlen::run(&device, &a.dtype, &a.flash_kernel, a.block_size, iters, warmup, |p| {
+    let points = pagedattn::bench_varlen::run(&device, &a.dtype, &a.flash_kernel, a.head_size, a.block_size, iters, warmup, |p| {
         println!(
             "{:<5} {:<6} {:<58} {:>14} {:>10.1} {:>10.1} {:>9.1} {:>9.1}{}",
             p.dtype,
