@@ -66,8 +66,9 @@ pub struct Gpu {
     functions: Mutex<std::collections::HashMap<&'static str, CudaFunction>>,
     /// The status word kernels OR flags into (see `pagedattn_layout::status`).
     status: CudaSlice<u32>,
-    /// Bulk-copy tensor maps in device memory, by what they describe (see `crate::tma`).
-    pub(crate) tensor_maps: Mutex<crate::tma::MapCache>,
+    /// Bulk-copy tensor maps in device memory, by what they describe (see `crate::tma`; boxed: it
+    /// keeps `Device` small).
+    pub(crate) tensor_maps: Box<Mutex<crate::tma::MapCache>>,
 }
 
 impl Gpu {

@@ -52,7 +52,7 @@ pub fn unsupported(cache: &Tensor) -> Option<String> {
     if !bs.is_power_of_two() {
         return Some(format!("block size {bs} is not a power of two"));
     }
-    if addr % 16 != 0 || (st[1] * bytes) % 16 != 0 || (st[2] * bytes) % 16 != 0 {
+    if !addr.is_multiple_of(16) || !(st[1] * bytes).is_multiple_of(16) || !(st[2] * bytes).is_multiple_of(16) {
         return Some("base, slot and head strides must be multiples of 16 bytes".into());
     }
     if blocks * bs > i32::MAX as usize || (st[1] * bytes) as u64 >= 1 << 40 {
