@@ -100,8 +100,10 @@ pub enum FlashKernel {
     Auto,
     /// `kernels-gpu/src/flash_attn.rs`: `mma.sync` tensor cores, every arch from 8.0, every head size.
     MmaSync,
-    /// `kernels-gpu/src/flash_attn_sm90.rs`: `wgmma` and warp specialization, on compute capability
-    /// 9.0 (an `sm_90a` image) for head sizes `FLASH_SM90_HEAD_SIZES`.
+    /// `kernels-gpu/src/flash_attn_sm90.rs`: `wgmma`, warp specialization and bulk tensor copies,
+    /// on compute capability 9.0 (an `sm_90a` image), for head sizes `FLASH_SM90_HEAD_SIZES` and
+    /// caches the copies can read ([`crate::tma::unsupported`]); `Auto` takes `MmaSync` elsewhere.
+    /// A cache's tensor map is uploaded on its first call (see `crate::tma`).
     Wgmma,
 }
 

@@ -6,18 +6,19 @@
 //! Grid `(ceil(max_seqlen_q · group / 128), num_kv_heads, batch)`, 384 threads (launch bounds 384 × 1
 //! CTA, so `ptxas` caps registers at 168 on entry), `FlashAttnSm90Geometry::smem_bytes(D)` of dynamic
 //! shared memory. A CTA takes 128 packed rows of one sequence and KV head:
-//! - warpgroup 0, the producer, drops to 56 registers (`setmaxnreg`) and gathers the Q tile, then
-//!   each tile of `block_n` keys and values, through the block table into shared memory with
-//!   `cp.async` (rows past the keys and rows of a bad block id: zeros, and the flag), in the 128-byte
-//!   swizzled layout `wgmma` reads, `stages` deep. Each thread signals a stage's `full` barrier once
-//!   its copies of that stage have landed and its proxy fence has ordered them before the tensor
-//!   cores' reads; it refills a stage after both consumers released it on its `empty` barrier.
-//! - warpgroups 1 and 2, the consumers, grow to 224 registers and own 64 rows each: per tile,
-//!   `S = Q·Kᵀ` (`wgmma` m64n128k16, Q and K from shared memory), the logits and online softmax of
+//! - warpgroup 0, the producer, drops to 24 registers (`setmaxnreg`). Its threads gather the Q tile
+//!   with `cp.async` (completing on `q_bar`); then its four warps fill each stage's keys and values
+//!   with bulk tensor copies (`cp.async.bulk.tensor`), one box per page and 64-column panel, from
+//!   the tensor maps the host keeps for the caches (`host/src/tma.rs`), in the 128-byte swizzled
+//!   layout `wgmma` reads, `stages` deep. A stage's K and V each complete on their `full` barrier
+//!   (byte counts) and are refilled after both consumers released them on their `empty` barrier.
+//!   A bad block id reads as zeros (its box lies outside the tensor) and raises the flag.
+//! - warpgroups 1 and 2, the consumers, grow to 240 registers and own 64 rows each: per tile,
+//!   `S = Q·Kᵀ` (`wgmma` m64nNk16, Q and K from shared memory), the logits and online softmax of
 //!   `varlen.rs` on the accumulators, then `O += P·V` (`wgmma` m64nDk16, P from registers, V from
-//!   shared memory transposed), and the stage released. A tile's `Q·Kᵀ` is issued with the
-//!   previous tile's `P·V`, so its softmax runs while that product finishes; and while one
-//!   consumer runs its softmax the other's `wgmma`s keep the tensor cores busy.
+//!   shared memory transposed). A tile's `Q·Kᵀ` is issued with the previous tile's `P·V`, so its
+//!   softmax runs while that product finishes, and the two consumers take turns issuing (named
+//!   barriers), so one's softmax runs under the other's products.
 //!
 //! Finally `O / l` and the LSE are written from registers, as in the `mma.sync` kernel.
 

@@ -25,8 +25,8 @@ pub struct FlashAttnVarlenParams {
     pub maybe_status: u64,
     /// Hopper kernel: device addresses of the bulk-copy tensor maps (`CUtensorMap`, 128 bytes,
     /// 64-byte aligned) of the key and value caches, each over `(head_size, num_kv_heads,
-    /// num_blocks · block_size)` with a box of `(64, 1, min(block_size, 128))` and the 128-byte
-    /// swizzle (see `FlashAttnSm90Geometry`); 0 for the `mma.sync` kernel.
+    /// num_blocks · block_size)` with a box of `(64, 1, FlashAttnSm90Geometry::box_rows)` and the
+    /// 128-byte swizzle; 0 for the `mma.sync` kernel.
     pub k_map: u64,
     pub v_map: u64,
     pub batch: u32,
@@ -126,14 +126,14 @@ pub const FLASH_SM90_HEAD_SIZES: &[usize] = &[64, 128, 256];
 
 /// Launch geometry of the Hopper varlen kernel: three warpgroups of 128 threads, the first the
 /// producer (it gathers the Q tile with `cp.async`, then K and V tiles page by page with bulk
-/// tensor copies), the other two consumers of
-/// [`Self::CONSUMER_ROWS`] packed rows each (rows packed as in [`FlashAttnGeometry`]). Grid
+/// tensor copies), the other two consumers of [`Self::CONSUMER_ROWS`] packed rows each (rows packed as in [`FlashAttnGeometry`]). Grid
 /// `(ceil(max_seqlen_q · group / BLOCK_M), num_kv_heads, batch)`.
 ///
 /// Shared memory, from a 1024-byte aligned base (the 128-byte swizzle repeats every 8 rows of 128
 /// bytes): Q `[BLOCK_M][head]`, then [`Self::stages`] stages of K and V `[block_n][head]`, each tile
 /// stored as column panels of 64 elements (128-byte rows, the 16-byte pieces of row `r` rotated by
-/// XOR with `r % 8`), then the stage barriers and the flag word.
+/// XOR with `r % 8`), then the barriers (per stage: K full, V full, K empty, V empty; then Q's) and
+/// the flag word.
 pub struct FlashAttnSm90Geometry;
 
 impl FlashAttnSm90Geometry {
@@ -142,8 +142,6 @@ impl FlashAttnSm90Geometry {
     /// Packed rows per consumer warpgroup (one `wgmma` m64 tile).
     pub const CONSUMER_ROWS: usize = 64;
     pub const BLOCK_M: usize = 2 * Self::CONSUMER_ROWS;
-    /// Elements per swizzled column panel (128 bytes of f16/bf16).
-    pub const PANEL: usize = 64;
     /// Registers per thread the producer keeps and the consumers take (`setmaxnreg`, from the 168
     /// of the entry cap): 128 · (24 + 2 · 240) = 64512, all the CTA has.
     pub const PRODUCER_REGS: u32 = 24;
@@ -154,7 +152,7 @@ impl FlashAttnSm90Geometry {
         if head_size <= 128 { 128 } else { 64 }
     }
 
-    /// K/V stages in flight (the shared memory of three fits up to head 128).
+    /// K/V stages in flight (three fit the shared memory up to head 128; two of 64 keys at 256).
     pub const fn stages(head_size: usize) -> usize {
         if head_size <= 128 { 3 } else { 2 }
     }
