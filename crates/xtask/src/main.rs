@@ -100,14 +100,20 @@ fn parse_ptxas(text: &str) -> Vec<Entry> {
         let toks: Vec<&str> = line.split_whitespace().collect();
         toks.windows(2).find(|w| w[1].starts_with(word)).and_then(|w| w[0].parse().ok()).unwrap_or(0)
     };
+    // ptxas lists the properties of the functions an entry calls (core's panic paths) after the
+    // entry's own: only the block headed by the entry's name counts.
+    let mut props_of = String::new();
     for line in text.lines() {
         if let Some(rest) = line.split("Compiling entry function '").nth(1) {
             let name = rest.split('\'').next().unwrap_or("").to_string();
             entries.push(Entry { name, registers: 0, stack: 0, spill_bytes: 0 });
+        } else if let Some(rest) = line.split("Function properties for ").nth(1) {
+            props_of = rest.trim().to_string();
         } else if let Some(e) = entries.last_mut() {
-            if line.contains("bytes stack frame") {
+            if line.contains("bytes stack frame") && props_of == e.name {
                 e.stack = num_before(line, "bytes");
-                e.spill_bytes = num_before(line, "bytes spill stores") + line.split(',').nth(2).map_or(0, |p| num_before(p, "bytes"));
+                // "S bytes stack frame, T bytes spill stores, L bytes spill loads": stores + loads.
+                e.spill_bytes = line.split(',').skip(1).map(|p| num_before(p, "bytes")).sum();
             } else if line.contains("Used") && line.contains("registers") {
                 e.registers = num_before(line, "registers");
             }
@@ -141,7 +147,7 @@ fn ptxas_report(dir: &Path) -> Result<(String, bool)> {
             with_stack.len(),
             with_spills.len()
         );
-        for e in with_stack.iter().chain(&with_spills).take(8) {
+        for e in entries.iter().filter(|e| e.stack > 0 || e.spill_bytes > 0).take(8) {
             s += &format!("      {}: {} regs, {} B stack, {} B spills\n", e.name, e.registers, e.stack, e.spill_bytes);
         }
     }
@@ -256,3 +262,19 @@ esac
 case "$what" in sanitize) step sanitize compute-sanitizer --tool memcheck --error-exitcode 9 "$here/pagedattn-tests" --test-threads=1 gpu ;; esac
 exit $status
 "#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ptxas_entries_keep_their_own_properties() {
+        let log = "ptxas info    : Compiling entry function 'k' for 'sm_90a'\n\
+                   ptxas info    : Function properties for k\n    64 bytes stack frame, 88 bytes spill stores, 204 bytes spill loads\n\
+                   ptxas info    : Used 168 registers, used 16 barriers, 64 bytes cumulative stack size\n\
+                   ptxas info    : Function properties for panic_fmt\n    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n";
+        let e = parse_ptxas(log);
+        assert_eq!(e.len(), 1);
+        assert_eq!((e[0].registers, e[0].stack, e[0].spill_bytes), (168, 64, 88 + 204));
+    }
+}
