@@ -926,10 +926,7 @@ fn gpu_decode_step_replays_in_a_graph() {
         let c = case(DType::F16, (8, 2), 128, 16, &base, false, 1500 + i as u64);
         let mut host = c.inputs().unwrap();
         let Inputs { query, mut key_cache, mut value_cache, block_tables, mut seq_lens, .. } = host.upload(&device).unwrap();
-        let (k_view, v_view) = (
-            key_cache.view(key_cache.shape(), key_cache.strides(), key_cache.offset()).unwrap(),
-            value_cache.view(value_cache.shape(), value_cache.strides(), value_cache.offset()).unwrap(),
-        );
+        let (k_view, v_view) = (key_cache.alias(), value_cache.alias());
         let args = PagedAttentionArgs {
             query: &query,
             key_cache: &k_view,

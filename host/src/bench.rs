@@ -406,10 +406,7 @@ fn run_point(device: &Device, gpu: &Gpu, cfg: &Config, ceilings: &Ceilings, flus
     let scale = 1.0 / (hs as f32).sqrt();
     // The attention reads the caches through views of their storage, so the decode step below can
     // write them (`reshape_and_cache`) between attention calls.
-    let (k_view, v_view) = (
-        key_cache.view(key_cache.shape(), key_cache.strides(), key_cache.offset())?,
-        value_cache.view(value_cache.shape(), value_cache.strides(), value_cache.offset())?,
-    );
+    let (k_view, v_view) = (key_cache.alias(), value_cache.alias());
     let args = PagedAttentionArgs {
         query: &query,
         key_cache: &k_view,

@@ -481,7 +481,7 @@ impl PointBench<'_> {
 /// Fills the storages of device caches with the util kernel's deterministic random values.
 fn fill(gpu: &Gpu, caches: &KvCaches, seed: u64) -> Result<()> {
     for (i, t) in caches.storages().into_iter().enumerate() {
-        let mut view = t.view(t.shape(), t.strides(), t.offset())?;
+        let mut view = t.alias();
         fill_uniform(gpu, &mut view, seed.wrapping_mul(2).wrapping_add(i as u64), 1.0)?;
     }
     Ok(())

@@ -398,6 +398,12 @@ impl Tensor {
         Ok(Tensor::with_storage(self.storage.clone(), self.dtype, shape, strides, offset))
     }
 
+    /// A second handle on this very view (same storage, shape, strides and offset), e.g. to read a
+    /// tensor through one handle while another, mutable one writes it between calls.
+    pub fn alias(&self) -> Tensor {
+        Tensor::with_storage(self.storage.clone(), self.dtype, &self.shape, &self.strides, self.offset)
+    }
+
     /// The view at `index` along axis `dim`, which is dropped (torch's `t.select(dim, index)`, one
     /// element of `t.unbind(dim)`), over the same storage. Splits vLLM's combined KV cache:
     /// `kv.select(0, 0)` / `kv.select(0, 1)` for `[2, num_blocks, ...]`, `kv.select(1, _)` for

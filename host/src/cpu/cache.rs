@@ -126,7 +126,7 @@ pub fn copy_blocks(plan: &CopyBlocksPlan, key_caches: &mut [&mut Tensor], value_
     for l in 0..plan.num_layers {
         for cache in [&mut *key_caches[l], &mut *value_caches[l]] {
             // A second view of the same storage: `copy_pairs` reads every source before it writes.
-            let source = cache.view(cache.shape(), cache.strides(), cache.offset())?;
+            let source = cache.alias();
             copy_pairs(&source, cache, pairs);
         }
     }
