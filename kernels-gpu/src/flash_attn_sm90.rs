@@ -83,7 +83,7 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
     // SAFETY: the launch-sized carve-up (smem_bytes keeps 1024 bytes for the alignment).
     let gbase = unsafe { smem.add(pad) };
     let kv_bytes = bn * D * 2;
-    let k_at = |st: usize| BM * D * 2 + st * 2 * kv_bytes;
+    let k_at = |st: usize| Geo::stage_offset(D, st);
     let v_at = |st: usize| k_at(st) + kv_bytes;
     let bars = base + Geo::tile_bytes(D) as u32;
     // Per stage, K and V each have a `full` barrier (the producer's bytes landed) and an `empty`
@@ -391,7 +391,7 @@ unsafe fn produce<const D: usize, const ND: usize>(
         let fill = #[inline(always)]
         |it: usize, slots: i32, map: u64, kind: u32, full: u32, empty: u32| {
             let (st, parity) = stage_of(it, stages);
-            let dst = base + (BM * D * 2 + st * 2 * kv_bytes) as u32 + kind;
+            let dst = base + Geo::stage_offset(D, st) as u32 + kind;
             let (full, empty) = (full + 8 * st as u32, empty + 8 * st as u32);
             if it >= stages {
                 // SAFETY: an initialized barrier.

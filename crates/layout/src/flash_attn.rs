@@ -157,9 +157,15 @@ impl FlashAttnSm90Geometry {
         if head_size <= 128 { 3 } else { 2 }
     }
 
+    /// Byte offset of stage `stage`'s key tile (its value tile follows, `block_n · head_size · 2`
+    /// bytes further); stage `stages` is the end of the tiles.
+    pub const fn stage_offset(head_size: usize, stage: usize) -> usize {
+        (Self::BLOCK_M + stage * 2 * Self::block_n(head_size)) * head_size * 2
+    }
+
     /// Bytes of the tiles (Q and every stage).
     pub const fn tile_bytes(head_size: usize) -> usize {
-        (Self::BLOCK_M + Self::stages(head_size) * 2 * Self::block_n(head_size)) * head_size * 2
+        Self::stage_offset(head_size, Self::stages(head_size))
     }
 
     /// Rows of one bulk copy (the tensor maps' box): a page, at most a tile.
