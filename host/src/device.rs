@@ -61,6 +61,8 @@ pub struct Gpu {
     pub arch: (i32, i32),
     /// Streaming multiprocessors (for launch heuristics such as the v1/v2 choice).
     pub sm_count: usize,
+    /// L2 cache bytes (for launch heuristics such as the varlen tile order).
+    pub l2_bytes: usize,
     /// One lazily loaded module per family (boxed: it keeps `Device` small).
     modules: Box<[OnceLock<Arc<CudaModule>>; KernelFamily::ALL.len()]>,
     functions: Mutex<std::collections::HashMap<&'static str, CudaFunction>>,
@@ -97,12 +99,14 @@ impl Gpu {
         let ctx = stream.context().clone();
         let arch = ctx.compute_capability()?;
         let sm_count = ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(1) as usize;
+        let l2_bytes = ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)?.max(0) as usize;
         let status = stream.alloc_zeros::<u32>(1)?;
         Ok(Gpu {
             ctx,
             stream,
             arch,
             sm_count,
+            l2_bytes,
             modules: Default::default(),
             functions: Mutex::new(Default::default()),
             status,

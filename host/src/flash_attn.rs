@@ -226,6 +226,34 @@ fn launch_gpu(
     } else {
         (0, 0)
     };
+    let (family, smem, block_m, threads) = match kernel {
+        FlashKernel::Wgmma => (
+            KernelFamily::FlashAttnSm90,
+            FlashAttnSm90Geometry::smem_bytes(plan.head_size),
+            FlashAttnSm90Geometry::BLOCK_M,
+            FlashAttnSm90Geometry::NUM_THREADS,
+        ),
+        _ => (
+            KernelFamily::FlashAttn,
+            FlashAttnGeometry::smem_bytes(plan.head_size),
+            FlashAttnGeometry::block_m(plan.head_size),
+            FlashAttnGeometry::NUM_THREADS,
+        ),
+    };
+    // A 1-D grid over (sequence, KV head, row tile), ordered by `varlen_tile`: groups of pairs
+    // whose keys and values take at most half the L2 (the longest sequence's, all of them).
+    let row_tiles = (a.max_seqlen_q * (plan.num_heads / plan.num_kv_heads)).div_ceil(block_m).max(1);
+    let pairs = plan.batch * plan.num_kv_heads;
+    if pairs.checked_mul(row_tiles).is_none_or(|n| n > i32::MAX as usize) {
+        return Err(Error::Unsupported {
+            op: OP,
+            what: "batch × num_kv_heads × row tiles",
+            got: format!("{} × {} × {row_tiles}", plan.batch, plan.num_kv_heads),
+            supported: format!("at most {} CTAs (row tiles of {block_m} rows)", i32::MAX),
+        });
+    }
+    let pair_bytes = a.max_seqlen_k.max(1) * plan.head_size * 2 * 2; // K and V, 16-bit
+    let tile_group = (gpu.l2_bytes / 2 / pair_bytes).clamp(1, pairs.max(1));
     let params = FlashAttnVarlenParams {
         out: ptr(out),
         q: ptr(a.q),
@@ -259,34 +287,15 @@ fn launch_gpu(
         v_stride_slot: vs[1] as u32,
         v_stride_head: vs[2] as u32,
         block_table_stride: bt.strides()[0] as u32,
+        row_tiles: row_tiles as u32,
+        tile_group: tile_group as u32,
         scale: plan.scale,
         softcap: a.softcap,
         window_left: to_i32(plan.window.0),
         window_right: to_i32(plan.window.1),
     };
-    let (family, smem, block_m, threads) = match kernel {
-        FlashKernel::Wgmma => (
-            KernelFamily::FlashAttnSm90,
-            FlashAttnSm90Geometry::smem_bytes(plan.head_size),
-            FlashAttnSm90Geometry::BLOCK_M,
-            FlashAttnSm90Geometry::NUM_THREADS,
-        ),
-        _ => (
-            KernelFamily::FlashAttn,
-            FlashAttnGeometry::smem_bytes(plan.head_size),
-            FlashAttnGeometry::block_m(plan.head_size),
-            FlashAttnGeometry::NUM_THREADS,
-        ),
-    };
-    let cfg = LaunchConfig {
-        grid_dim: (
-            (a.max_seqlen_q * (plan.num_heads / plan.num_kv_heads)).div_ceil(block_m).max(1) as u32,
-            plan.num_kv_heads as u32,
-            plan.batch as u32,
-        ),
-        block_dim: (threads as u32, 1, 1),
-        shared_mem_bytes: smem as u32,
-    };
+    let cfg =
+        LaunchConfig { grid_dim: ((pairs * row_tiles) as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: smem as u32 };
     let func = gpu.function(family, symbol)?;
     if smem > 48 * 1024 {
         func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)?;

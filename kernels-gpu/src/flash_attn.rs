@@ -1,6 +1,6 @@
 //! `flash_attn_varlen_func` over a paged KV cache, on tensor cores (FlashAttention-2's scheme).
 //!
-//! Grid `(ceil(max_seqlen_q · group / block_m), num_kv_heads, batch)`, `NUM_THREADS` threads,
+//! Grid `batch · num_kv_heads · row_tiles` (1-D; `varlen_tile` orders the work), `NUM_THREADS` threads,
 //! `smem_bytes(HEAD_SIZE)` of dynamic shared memory (`pagedattn_layout::FlashAttnGeometry`). A CTA
 //! takes `block_m` packed rows of one sequence and one KV head: row `r` is query `r / group` with
 //! query head `kv_head · group + r % group`, so one staged K/V tile serves the whole GQA group
@@ -34,12 +34,12 @@
 //! NaN.
 
 use crate::intrinsics::{
-    Chunk, Element, atomic_or, block_idx_x, block_idx_y, block_idx_z, dynamic_smem_chunks, exp2, fmax, grid_dim_x, log2, store_chunk,
-    sync_threads, thread_idx_x, vote_any,
+    Chunk, Element, atomic_or, block_idx_x, block_idx_y, dynamic_smem_chunks, exp2, fmax, log2, store_chunk, sync_threads, thread_idx_x,
+    vote_any,
 };
 use crate::tensor_core::{self as tc, MmaElem};
 use crate::varlen::{self, LOG2E, Logits};
-use pagedattn_layout::{FlashAttnGeometry as Geo, FlashAttnVarlenParams, MERGE_THREADS, MergeAttnStatesParams, status};
+use pagedattn_layout::{FlashAttnGeometry as Geo, FlashAttnVarlenParams, MERGE_THREADS, MergeAttnStatesParams, status, varlen_tile};
 
 const NT: usize = Geo::NUM_THREADS;
 const LN2: f32 = core::f32::consts::LN_2;
@@ -57,8 +57,9 @@ pub unsafe fn flash_attn_varlen<E: MmaElem, const D: usize>(p: &FlashAttnVarlenP
     let mts = Geo::m_tiles(D);
     let bm = Geo::block_m(D);
     let bn = Geo::block_n(D);
-    // Heavy (late, causal) tiles first: they start while the grid still fills the GPU.
-    let (mt, kvh, b) = (grid_dim_x() - 1 - block_idx_x(), block_idx_y(), block_idx_z());
+    // Heavy (late, causal) tiles first, in groups sharing their keys and values in L2.
+    let (b, kvh, mt) = varlen_tile(block_idx_x() as u32, p.batch, p.num_kv_heads, p.row_tiles, p.tile_group);
+    let (b, kvh, mt) = (b as usize, kvh as usize, mt as usize);
     let tid = thread_idx_x();
     let (warp, lane) = (tid / 32, tid % 32);
     let (g, t) = (lane / 4, lane % 4);

@@ -3,7 +3,7 @@
 //! guards; the shared pieces are `varlen.rs`), the same CPU reference (`host/src/cpu/flash_attn.rs`)
 //! and tests (`tests/flash_attn.rs`, run on both kernels).
 //!
-//! Grid `(ceil(max_seqlen_q · group / 128), num_kv_heads, batch)`, 384 threads (launch bounds 384 × 1
+//! Grid `batch · num_kv_heads · row_tiles` (1-D, row tiles of 128; `varlen_tile` orders the work), 384 threads (launch bounds 384 × 1
 //! CTA, so `ptxas` caps registers at 168 on entry), `FlashAttnSm90Geometry::smem_bytes(D)` of dynamic
 //! shared memory. A CTA takes 128 packed rows of one sequence and KV head:
 //! - warpgroup 0, the producer, drops to 24 registers (`setmaxnreg`). Its threads gather the Q tile
@@ -22,14 +22,11 @@
 //!
 //! Finally `O / l` and the LSE are written from registers, as in the `mma.sync` kernel.
 
-use crate::intrinsics::{
-    Chunk, atomic_or, block_idx_x, block_idx_y, block_idx_z, dynamic_smem_chunks, grid_dim_x, shfl_idx, store_chunk, sync_threads,
-    thread_idx_x, vote_any,
-};
+use crate::intrinsics::{Chunk, atomic_or, block_idx_x, dynamic_smem_chunks, shfl_idx, store_chunk, sync_threads, thread_idx_x, vote_any};
 use crate::tensor_core::{self as tc, MmaElem};
 use crate::varlen::{self, Logits};
 use crate::wgmma as wg;
-use pagedattn_layout::{FlashAttnSm90Geometry as Geo, FlashAttnVarlenParams, status};
+use pagedattn_layout::{FlashAttnSm90Geometry as Geo, FlashAttnVarlenParams, status, varlen_tile};
 
 const NT: usize = Geo::NUM_THREADS;
 const BM: usize = Geo::BLOCK_M;
@@ -64,7 +61,9 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
     const { assert!((D == 64 || D == 128 || D == 256) && ND * 8 == D && NS * 8 == Geo::block_n(D) && NS <= 16) };
     let bn = NS * 8;
     let stages = Geo::stages(D);
-    let (mt, kvh, b) = (grid_dim_x() - 1 - block_idx_x(), block_idx_y(), block_idx_z());
+    // Heavy (late, causal) tiles first, in groups sharing their keys and values in L2.
+    let (b, kvh, mt) = varlen_tile(block_idx_x() as u32, p.batch, p.num_kv_heads, p.row_tiles, p.tile_group);
+    let (b, kvh, mt) = (b as usize, kvh as usize, mt as usize);
     let tid = thread_idx_x();
     let m0 = mt * BM;
     // SAFETY: b < batch (grid), the launch's params.
@@ -120,7 +119,7 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
         return;
     }
     wg::setmaxnreg_inc::<{ Geo::CONSUMER_REGS }>();
-    let cw = tid / 128 - 1;
+    let cw = f32::to_bits(shfl_idx(f32::from_bits((tid / 128 - 1) as u32), 0)) as usize;
     let ctid = tid % 128;
     let (warp, lane) = (ctid / 32, ctid % 32);
     let (g, t) = (lane / 4, lane % 4);
@@ -141,9 +140,9 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
     // 128 bytes apart). Each is a base descriptor plus an offset (`wgmma::desc_add`), so no
     // descriptor is kept in registers across the loop.
     let (kq_desc, v_desc0) = (wg::desc(base, 16, 1024), wg::desc(base, (bn * 128) as u32, 1024));
-    let q_desc = |kk: usize| wg::desc_add(kq_desc, (kk / 4) * BM * 128 + cw * 64 * 128 + (kk % 4) * 32);
-    let k_desc = |st: usize, kk: usize| wg::desc_add(kq_desc, k_at(st) + (kk / 4) * bn * 128 + (kk % 4) * 32);
-    let v_desc = |st: usize, ks: usize| wg::desc_add(v_desc0, v_at(st) + ks * 16 * 128);
+    let q_desc = |kk: usize| wg::desc_add(kq_desc, ((kk / 4) * BM * 128 + cw * 64 * 128 + (kk % 4) * 32) as u32);
+    let k_desc = |st: usize, kk: usize| wg::desc_add(kq_desc, (k_at(st) + (kk / 4) * bn * 128 + (kk % 4) * 32) as u32);
+    let v_desc = |st: usize, ks: usize| wg::desc_add(v_desc0, (v_at(st) + ks * 16 * 128) as u32);
 
     // Tile it's S = Q·Kᵀ (64 rows × bn keys) is issued together with tile it − 1's O += P·V: the
     // softmax of tile it then runs while the tensor cores finish that P·V (FlashAttention-3's
@@ -183,6 +182,9 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
     // the cache holds there, which the masks hide from S but P · V would still multiply (0 · NaN).
     // On the tile that holds the last key, consumer 0 zeroes those value rows, then both meet.
     let sk = seq.sk;
+    // False at run time (the host always passes the key map), unknown to `ptxas` (see
+    // `wgmma::before_wait`).
+    let never = p.k_map == 0;
     let wait_v = #[inline(always)]
     |it: usize| {
         let (st, parity) = stage_of(it, stages);
@@ -265,6 +267,8 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
         wg::fence_regs(&mut s);
         release(empty.k, it);
         let corr = softmax(&mut s, it, &mut m_run, &mut l_run);
+        // The row sums need every probability of the tile: the wait stays below the softmax.
+        wg::before_wait(l_run, never, base);
         wg::wait::<0>();
         wg::fence_regs(&mut o);
         release(empty.v, it - 1);

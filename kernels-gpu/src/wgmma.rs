@@ -34,10 +34,13 @@ pub fn desc(addr: u32, leading: u32, stride: u32) -> u64 {
 }
 
 /// The descriptor of `d`'s matrix moved `bytes` further (a multiple of 16; the address stays below
-/// 256 KiB, so the start-address field does not carry into the next).
+/// 256 KiB, so the start-address field does not carry into the next). Only the low word changes:
+/// the high one (stride, swizzle) stays a constant, so a descriptor costs one 32-bit add, not a
+/// 64-bit add and shifts.
 #[inline(always)]
-pub fn desc_add(d: u64, bytes: usize) -> u64 {
-    d + (bytes >> 4) as u64
+pub fn desc_add(d: u64, bytes: u32) -> u64 {
+    let lo = (d as u32).wrapping_add(bytes >> 4);
+    (d & !0xFFFF_FFFF) | lo as u64
 }
 
 /// `wgmma.fence`: orders this warp's register accesses before the next `wgmma`s (before the first
@@ -81,6 +84,23 @@ pub fn fence_a(a: &mut [u32; 4]) {
         // SAFETY: an empty instruction on a register.
         unsafe { asm!("/* {0} */", inout(reg32) a[i], options(nomem, nostack, preserves_flags)) };
     }
+}
+
+/// Orders `x`'s computation before the next `wait` in `ptxas`'s schedule. `wait` has no operands,
+/// so `ptxas` may hoist it above independent arithmetic, and it did: above a whole tile's softmax,
+/// which then no longer overlapped the `P·V` in flight (it also took the in-flight A registers for
+/// the softmax's temporaries, which forces the wait early). A shared store of `x` that never runs
+/// (`never` is false at run time, which `ptxas` cannot see) is not moved below the wait after it.
+#[inline(always)]
+pub fn before_wait(x: [f32; 2], never: bool, addr: u32) {
+    // SAFETY: a predicated shared store whose predicate is false at run time.
+    unsafe {
+        asm!(
+            "{{ .reg .pred p; setp.ne.u32 p, {n}, 0; @p st.shared.v2.f32 [{addr}], {{{x0}, {x1}}}; }}",
+            n = in(reg32) never as u32, addr = in(reg32) addr, x0 = in(reg32) x[0], x1 = in(reg32) x[1],
+            options(nostack)
+        )
+    };
 }
 
 macro_rules! list {

@@ -36,7 +36,7 @@ pub struct FlashAttnVarlenParams {
     pub max_blocks: u32,
     pub num_blocks: u32,
     pub total_q: u32,
-    /// Bounds the host fixed (the grid's x extent comes from `max_seqlen_q`); device data beyond
+    /// Bounds the host fixed (the grid's row tiles come from `max_seqlen_q`); device data beyond
     /// them is `BAD_SEQ_LEN`.
     pub max_seqlen_q: u32,
     pub max_seqlen_k: u32,
@@ -51,6 +51,11 @@ pub struct FlashAttnVarlenParams {
     pub v_stride_slot: u32,
     pub v_stride_head: u32,
     pub block_table_stride: u32,
+    /// Row tiles per (sequence, KV head): the longest sequence's, `ceil(max_seqlen_q · group /
+    /// block_m)`.
+    pub row_tiles: u32,
+    /// (sequence, KV head) pairs per group of the tile order (see [`varlen_tile`]), ≥ 1.
+    pub tile_group: u32,
     /// `softmax_scale` (natural units: soft-cap and ALiBi apply before the kernel moves to log2).
     pub scale: f32,
     /// 0: off.
@@ -60,7 +65,24 @@ pub struct FlashAttnVarlenParams {
     pub window_right: i32,
 }
 
-const _: () = assert!(core::mem::size_of::<FlashAttnVarlenParams>() == 12 * 8 + 24 * 4);
+const _: () = assert!(core::mem::size_of::<FlashAttnVarlenParams>() == 12 * 8 + 26 * 4);
+
+/// The work of CTA `cta` of a varlen launch (a 1-D grid of `batch · num_kv_heads · row_tiles`):
+/// `(sequence, KV head, row tile)`. The (sequence, KV head) pairs go in groups of `tile_group`
+/// whose keys and values fit in L2 together; inside a group the row tiles go last to first, each
+/// across the group's pairs, so the heavy (late, causal) tiles start first while the CTAs running
+/// at once still share their keys and values in L2. `tile_group` 1 is pair by pair; `batch ·
+/// num_kv_heads`, every pair's tile `r` before any tile `r − 1`.
+#[inline(always)]
+pub fn varlen_tile(cta: u32, batch: u32, num_kv_heads: u32, row_tiles: u32, tile_group: u32) -> (u32, u32, u32) {
+    let pairs = batch * num_kv_heads;
+    let per_group = tile_group * row_tiles;
+    let (g, r) = (cta / per_group, cta % per_group);
+    let first = g * tile_group;
+    let width = if pairs - first < tile_group { pairs - first } else { tile_group };
+    let pair = first + r % width;
+    (pair / num_kv_heads, pair % num_kv_heads, row_tiles - 1 - r / width)
+}
 
 /// Launch geometry of the varlen kernel. Rows of a tile are (query, query head) pairs of one
 /// sequence and one KV head, query-major: packed row `r` is query `r / group`, head
@@ -212,3 +234,35 @@ const _: () = assert!(core::mem::size_of::<MergeAttnStatesParams>() == 6 * 8 + 1
 /// `merge_attn_states` launch: grid `(num_tokens, num_heads)`, one CTA of this many threads per
 /// (token, head), the threads striding over the head dim.
 pub const MERGE_THREADS: usize = 64;
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::varlen_tile;
+    use std::vec;
+
+    /// Every (sequence, KV head, row tile) once, row tiles descending inside a group.
+    #[test]
+    fn varlen_tile_order_is_a_permutation() {
+        for (batch, kvh, rows) in [(1, 1, 1), (3, 2, 5), (8, 8, 13), (7, 3, 1), (1, 8, 64)] {
+            for group in [1, 2, 3, 5, batch * kvh, batch * kvh + 4] {
+                let n = batch * kvh * rows;
+                let mut seen = vec![false; n as usize];
+                let mut last = None;
+                for cta in 0..n {
+                    let (b, h, r) = varlen_tile(cta, batch, kvh, rows, group);
+                    assert!(b < batch && h < kvh && r < rows, "{cta}: {b} {h} {r}");
+                    let i = ((b * kvh + h) * rows + r) as usize;
+                    assert!(!seen[i], "{cta} repeats ({b}, {h}, {r})");
+                    seen[i] = true;
+                    let g = (b * kvh + h) / group;
+                    if let Some((lg, lr)) = last {
+                        assert!(g > lg || (g == lg && r <= lr), "group {group}: cta {cta} breaks the order");
+                    }
+                    last = Some((g, r));
+                }
+                assert!(seen.iter().all(|&s| s));
+            }
+        }
+    }
+}

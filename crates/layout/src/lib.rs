@@ -22,7 +22,7 @@ pub use cache::{CopyBlocksParams, ReshapeAndCacheFlashParams, ReshapeAndCachePar
 pub use dtype::{DType, KvCacheDType};
 pub use flash_attn::{
     FLASH_HEAD_SIZES, FLASH_SM90_HEAD_SIZES, FlashAttnGeometry, FlashAttnSm90Geometry, FlashAttnVarlenParams, MERGE_THREADS,
-    MergeAttnStatesParams,
+    MergeAttnStatesParams, varlen_tile,
 };
 pub use fp8::Fp8Kind;
 pub use paged_attention::{
