@@ -169,9 +169,9 @@ impl Logits {
     /// Logits of a 16-row tile's scores `s` (`n` keys from `n0`; rows of queries `qi`, ALiBi slopes
     /// `slope`, this lane's `t`), in log2 units and masked. `EXTRAS`: soft-cap and ALiBi compiled
     /// in (a variant without them serves calls that use neither: fewer registers). Returns the
-    /// factor still to apply (see [`row_max`]): on a `whole` tile without soft-cap or ALiBi the
-    /// scaling folds into the FMA under the exp2 (the row max is taken on the raw scores, scale ≥
-    /// 0), else it is 1.
+    /// factor still to apply (see [`row_max`]): without soft-cap or ALiBi the scaling folds into
+    /// the FMA under the exp2 (the row max is taken on the raw scores, scale ≥ 0) and a tile that
+    /// is not `whole` is only masked; else it is 1.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     pub fn prepare<const NT: usize, const EXTRAS: bool>(
@@ -200,6 +200,18 @@ impl Logits {
             }
         }
         let j0 = (n0 + 2 * t) as i32;
+        if plain {
+            // Masked only: the scaling still folds into the FMA under the exp2.
+            for nt in 0..n / 8 {
+                for e in 0..4 {
+                    let (r, j) = (e / 2, j0 + (nt * 8 + e % 2) as i32);
+                    if j < lo[r] || j > hi[r] {
+                        s[nt][e] = f32::NEG_INFINITY;
+                    }
+                }
+            }
+            return self.scale * LOG2E;
+        }
         for nt in 0..n / 8 {
             for e in 0..4 {
                 let (r, j) = (e / 2, j0 + (nt * 8 + e % 2) as i32);
