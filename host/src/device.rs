@@ -66,10 +66,7 @@ pub struct Gpu {
     /// One lazily loaded module per family (boxed: it keeps `Device` small).
     modules: Box<[OnceLock<Arc<CudaModule>>; KernelFamily::ALL.len()]>,
     functions: Mutex<std::collections::HashMap<&'static str, CudaFunction>>,
-    /// Word 0: the status word kernels OR flags into (see `pagedattn_layout::status`). Words 1–2:
-    /// the Hopper varlen kernel's work counter (`FlashAttnVarlenParams::work_counter`), zero
-    /// between launches (the kernel leaves it so; launches on this `Gpu`'s one stream are
-    /// ordered, so they never share it at once).
+    /// The status word kernels OR flags into (see `pagedattn_layout::status`).
     status: CudaSlice<u32>,
     /// Bulk-copy tensor maps in device memory, by what they describe (see `crate::tma`; boxed: it
     /// keeps `Device` small).
@@ -103,7 +100,7 @@ impl Gpu {
         let arch = ctx.compute_capability()?;
         let sm_count = ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(1) as usize;
         let l2_bytes = ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)?.max(0) as usize;
-        let status = stream.alloc_zeros::<u32>(3)?;
+        let status = stream.alloc_zeros::<u32>(1)?;
         Ok(Gpu {
             ctx,
             stream,
@@ -134,17 +131,12 @@ impl Gpu {
         self.status.device_ptr(&self.stream).0
     }
 
-    /// Device address of the Hopper varlen kernel's two-word work counter.
-    pub(crate) fn work_counter_ptr(&self) -> u64 {
-        self.status.device_ptr(&self.stream).0 + 4
-    }
-
     /// Waits for the stream, then returns the flags kernels raised since the last call as
     /// [`Error::DeviceData`] (and clears them). Call after a batch of ops or a graph replay.
     pub fn check_status(&mut self) -> Result<()> {
-        let flags = self.stream.clone_dtoh(&self.status.slice(0..1))?[0];
+        let flags = self.stream.clone_dtoh(&self.status)?[0];
         if flags != 0 {
-            self.stream.memset_zeros(&mut self.status.slice_mut(0..1))?;
+            self.stream.memset_zeros(&mut self.status)?;
             return Err(Error::DeviceData { flags });
         }
         Ok(())

@@ -267,7 +267,6 @@ fn launch_gpu(
         maybe_status: gpu.status_ptr(),
         k_map,
         v_map,
-        work_counter: if kernel == FlashKernel::Wgmma { gpu.work_counter_ptr() } else { 0 },
         batch: plan.batch as u32,
         num_heads: plan.num_heads as u32,
         num_kv_heads: plan.num_kv_heads as u32,
@@ -295,9 +294,8 @@ fn launch_gpu(
         window_left: to_i32(plan.window.0),
         window_right: to_i32(plan.window.1),
     };
-    // The Hopper kernel is persistent: a CTA per SM (one fits) walks the work items.
-    let ctas = if kernel == FlashKernel::Wgmma { (pairs * row_tiles).min(gpu.sm_count) } else { pairs * row_tiles };
-    let cfg = LaunchConfig { grid_dim: (ctas as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: smem as u32 };
+    let cfg =
+        LaunchConfig { grid_dim: ((pairs * row_tiles) as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: smem as u32 };
     let func = gpu.function(family, symbol)?;
     if smem > 48 * 1024 {
         func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)?;
