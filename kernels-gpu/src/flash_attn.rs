@@ -39,7 +39,7 @@ use crate::intrinsics::{
 };
 use crate::tensor_core::{self as tc, MmaElem};
 use crate::varlen::{self, LOG2E, Logits};
-use pagedattn_layout::{FlashAttnGeometry as Geo, FlashAttnVarlenParams, MERGE_THREADS, MergeAttnStatesParams, status, varlen_tile};
+use pagedattn_layout::{FlashAttnGeometry as Geo, FlashAttnVarlenParams, MERGE_THREADS, MergeAttnStatesParams, status};
 
 const NT: usize = Geo::NUM_THREADS;
 const LN2: f32 = core::f32::consts::LN_2;
@@ -57,9 +57,7 @@ pub unsafe fn flash_attn_varlen<E: MmaElem, const D: usize>(p: &FlashAttnVarlenP
     let mts = Geo::m_tiles(D);
     let bm = Geo::block_m(D);
     let bn = Geo::block_n(D);
-    // Heavy (late, causal) tiles first, in groups sharing their keys and values in L2.
-    let (b, kvh, mt) = varlen_tile(block_idx_x() as u32, p.batch, p.num_kv_heads, p.row_tiles, p.tile_group);
-    let (b, kvh, mt) = (b as usize, kvh as usize, mt as usize);
+    let (b, kvh, mt) = varlen::tile(p);
     let tid = thread_idx_x();
     let (warp, lane) = (tid / 32, tid % 32);
     let (g, t) = (lane / 4, lane % 4);

@@ -77,13 +77,6 @@ pub fn grid_dim_y() -> usize {
     unsafe { nvptx::_grid_dim_y() as usize }
 }
 
-/// `gridDim.z`.
-#[inline(always)]
-pub fn grid_dim_z() -> usize {
-    // SAFETY: reads a special register.
-    unsafe { nvptx::_grid_dim_z() as usize }
-}
-
 /// `__syncthreads()`: every thread of the CTA must reach it (uniform control flow).
 #[inline(always)]
 pub fn sync_threads() {

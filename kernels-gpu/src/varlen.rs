@@ -6,9 +6,9 @@
 //! (`t = l % 4`). So the sequence bounds, the visible key range, the masks, the online-softmax step
 //! and the row output are written once, here.
 
-use crate::intrinsics::{atomic_or, exp2, fma, log2, rcp, shfl_xor};
+use crate::intrinsics::{atomic_or, block_idx_x, exp2, fma, log2, rcp, shfl_xor};
 use crate::tensor_core::{self as tc, MmaElem};
-use pagedattn_layout::{FlashAttnVarlenParams, status};
+use pagedattn_layout::{FlashAttnVarlenParams, status, varlen_tile};
 
 pub const LOG2E: f32 = core::f32::consts::LOG2_E;
 const LN2: f32 = core::f32::consts::LN_2;
@@ -17,6 +17,14 @@ const LN2: f32 = core::f32::consts::LN_2;
 #[inline(always)]
 fn tanh(x: f32) -> f32 {
     1.0 - 2.0 * rcp(exp2(2.0 * LOG2E * x) + 1.0)
+}
+
+/// This CTA's work, `(sequence, KV head, row tile)`, in `varlen_tile`'s order: heavy (late, causal)
+/// tiles first, in groups sharing their keys and values in L2.
+#[inline(always)]
+pub fn tile(p: &FlashAttnVarlenParams) -> (usize, usize, usize) {
+    let (b, kvh, mt) = varlen_tile(block_idx_x() as u32, p.batch, p.num_kv_heads, p.row_tiles, p.tile_group);
+    (b as usize, kvh as usize, mt as usize)
 }
 
 /// One sequence's rows as a CTA of KV head `kvh` sees them.

@@ -79,7 +79,7 @@ pub fn varlen_tile(cta: u32, batch: u32, num_kv_heads: u32, row_tiles: u32, tile
     let per_group = tile_group * row_tiles;
     let (g, r) = (cta / per_group, cta % per_group);
     let first = g * tile_group;
-    let width = if pairs - first < tile_group { pairs - first } else { tile_group };
+    let width = (pairs - first).min(tile_group);
     let pair = first + r % width;
     (pair / num_kv_heads, pair % num_kv_heads, row_tiles - 1 - r / width)
 }
