@@ -7,4 +7,5 @@ mod cache;
 mod flash_attn;
 mod fp8;
 mod paged_attention;
+mod serving;
 mod validation;

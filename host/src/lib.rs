@@ -43,6 +43,7 @@
 pub mod bench;
 pub mod bench_cache;
 pub mod bench_varlen;
+pub mod block_manager;
 pub mod cache;
 pub mod cpu;
 pub mod device;
@@ -50,6 +51,7 @@ pub mod dispatch;
 pub mod error;
 pub mod flash_attn;
 pub mod graph;
+pub mod kv_cache;
 mod launch;
 pub mod paged_attention;
 pub mod ptx;
@@ -58,13 +60,15 @@ pub mod testing;
 pub mod tma;
 pub mod util;
 
+pub use block_manager::{BlockError, BlockManager, BlockManagerConfig};
 pub use cache::{
-    Fp8Scales, copy_blocks, reshape_and_cache, reshape_and_cache_flash, reshape_and_cache_flash_fp8, reshape_and_cache_fp8, swap_blocks,
+    CacheLayout, Fp8Scales, copy_blocks, reshape_and_cache, reshape_and_cache_flash, reshape_and_cache_flash_fp8, reshape_and_cache_fp8, swap_blocks,
 };
 pub use device::{Device, Gpu};
 pub use error::{Error, Result};
 pub use flash_attn::{FlashAttnVarlenArgs, FlashKernel, flash_attn_varlen_func, flash_attn_varlen_func_with, merge_attn_states};
-pub use graph::Graph;
+pub use graph::{DecodeStep, Graph};
+pub use kv_cache::{KvCache, KvCacheConfig};
 pub use paged_attention::{
     PagedAttentionArgs, PagedAttentionWorkspace, ReduceMode, Version, choose_plan, choose_version, paged_attention, paged_attention_v1,
     paged_attention_v2,
