@@ -63,8 +63,8 @@ struct Args {
     max_prompt: usize,
     #[arg(long, default_value_t = 96)]
     max_output: usize,
-    /// Sequences whose decode output is checked against the reference each step (all prefills'
-    /// last rows are checked).
+    /// Sequences whose decode output is checked against the reference each step (at one layer
+    /// each; every prompt's last row is checked at one layer too).
     #[arg(long, default_value_t = 4)]
     check_per_step: usize,
     /// Decode by separate launches instead of the captured graph.
@@ -322,7 +322,7 @@ impl Engine<'_> {
         // A few system prompts shared by many requests (prefix-cache hits), then the user's part.
         let system = self.rng.below(3) as u64;
         let len = 1 + self.rng.below(self.args.max_prompt);
-        let shared = (self.args.block_size * (1 + system as usize)).min(len);
+        let shared = (self.args.max_prompt / 8 * (1 + system as usize)).min(len);
         self.next_id += 1;
         let mut r = Request {
             id: self.next_id,
@@ -368,11 +368,12 @@ impl Engine<'_> {
             self.stats.blocks_swapped += pairs.len();
             self.running.push(r);
         }
-        // Admissions, then one prefill launch per layer for all of them.
-        let mut admitted = Vec::new();
-        while self.swapped.is_empty() && self.running.len() + admitted.len() < self.args.max_batch {
+        // Admissions, then one prefill launch per layer for all of them. One request in four asks
+        // for two samples: it forks right after its prefill.
+        let (mut admitted, mut samples) = (Vec::new(), 0);
+        while self.swapped.is_empty() && self.running.len() + samples < self.args.max_batch {
             let Some(r) = self.waiting.front() else { break };
-            let need = r.tokens.len().div_ceil(self.args.block_size) + self.running.len() + admitted.len() + 1;
+            let need = r.tokens.len().div_ceil(self.args.block_size) + self.running.len() + samples + 1;
             if need > self.bm.num_free(Pool::Gpu) {
                 break;
             }
@@ -382,26 +383,24 @@ impl Engine<'_> {
             host += t.elapsed();
             self.stats.admitted += 1;
             self.stats.cached_prompt_tokens += a.cached_tokens;
-            admitted.push((r, a));
+            let two = self.running.len() + samples + 2 <= self.args.max_batch && self.rng.below(4) == 0;
+            samples += 1 + two as usize;
+            admitted.push((r, a, two));
         }
         if !admitted.is_empty() {
-            host += self.prefill(&admitted)?;
-            self.running.extend(admitted.into_iter().map(|(r, _)| r));
+            let prefilled: Vec<_> = admitted.iter().map(|(r, a, _)| (r.clone(), a.clone())).collect();
+            host += self.prefill(&prefilled)?;
+            for (r, _, two) in admitted {
+                self.running.push(r);
+                if two {
+                    host += self.fork(self.running.len() - 1)?;
+                }
+            }
         }
-        // Forks: now and then a running sequence samples a second continuation (parallel sampling).
-        while !self.running.is_empty() && self.running.len() < self.args.max_batch && self.rng.below(3) == 0 {
+        // And now and then a running sequence samples a second continuation.
+        if !self.running.is_empty() && self.running.len() < self.args.max_batch && self.rng.below(8) == 0 {
             let i = self.rng.below(self.running.len());
-            let mut child = self.running[i].clone();
-            self.next_id += 1;
-            child.id = self.next_id;
-            child.target_len =
-                child.tokens.len() + 1 + self.rng.below(self.args.max_output.min(self.max_seq_len() - child.tokens.len()).max(1));
-            child.target_len = child.target_len.min(self.max_seq_len());
-            let t = Instant::now();
-            self.bm.fork(self.running[i].id, child.id)?;
-            host += t.elapsed();
-            self.stats.forks += 1;
-            self.running.push(child);
+            host += self.fork(i)?;
         }
         // Preemption: when the pool cannot take a block per running sequence, and every 50 steps.
         let mut forced = step % 50 == 49 && self.running.len() > 1;
@@ -436,12 +435,29 @@ impl Engine<'_> {
         Ok(())
     }
 
+    /// Forks running sequence `i` (a new sample continuing from the same tokens); returns the
+    /// block manager's time.
+    fn fork(&mut self, i: usize) -> Res<Duration> {
+        let mut child = self.running[i].clone();
+        self.next_id += 1;
+        child.id = self.next_id;
+        let room = self.max_seq_len() - child.tokens.len();
+        child.target_len = child.tokens.len() + 1 + self.rng.below(self.args.max_output.min(room).max(1));
+        child.target_len = child.target_len.min(self.max_seq_len());
+        let t = Instant::now();
+        self.bm.fork(self.running[i].id, child.id)?;
+        let host = t.elapsed();
+        self.stats.forks += 1;
+        self.running.push(child);
+        Ok(host)
+    }
+
     fn max_seq_len(&self) -> usize {
         self.args.max_prompt + self.args.max_output
     }
 
     /// One varlen launch per layer over every admitted prompt's uncached tokens (their keys and
-    /// values written first), then the last row of each prompt checked against the reference.
+    /// values written first); each prompt's last row is checked against the reference at one layer.
     fn prefill(&mut self, admitted: &[(Request, pagedattn::block_manager::Allocation)]) -> Res<Duration> {
         let m = &self.model;
         let (h, kvh, d) = (m.heads, m.kv_heads, m.head_size);
@@ -464,6 +480,8 @@ impl Engine<'_> {
         let slots_t = up(Tensor::from_i64(&[slots.len()], &slots)?)?;
         let mut host = Duration::ZERO;
         self.stats.prefill_tokens += total;
+        // Each prompt's last row is checked at one layer (drawn per prompt).
+        let check_layer: Vec<usize> = admitted.iter().map(|_| self.rng.below(m.layers)).collect();
         for layer in 0..m.layers {
             let t_sim = Instant::now();
             let (mut q, mut k, mut v) = (Vec::with_capacity(total * h * d), Vec::new(), Vec::new());
@@ -501,7 +519,7 @@ impl Engine<'_> {
             host += t.elapsed();
             let t_sim = Instant::now();
             let got = out.to_cpu()?.to_f64_vec();
-            for (i, (r, _)) in admitted.iter().enumerate() {
+            for (i, (r, _)) in admitted.iter().enumerate().filter(|(i, _)| check_layer[*i] == layer) {
                 let row = cu[i + 1] as usize - 1;
                 let want = self.model.reference(r, layer, r.tokens.len() - 1, &q[row * h * d..][..h * d]);
                 self.stats.record_check(self.tol, &got[row * h * d..][..h * d], &want, "prefill", r.id);
@@ -547,10 +565,13 @@ impl Engine<'_> {
         let v_t = Tensor::from_f32(dt, &[layers, n, kvh, d], &v)?;
         let ids: Vec<SeqId> = self.running.iter().map(|r| r.id).collect();
         let lens: Vec<i32> = self.running.iter().map(|r| r.tokens.len() as i32).collect();
+        // The stand-in model's outputs arrive on the device (a real model writes them there:
+        // `DecodeStep::qkv_mut`), so this copy is not library time.
+        self.decode.set_qkv(&q_t, &k_t, &v_t)?;
         self.stats.sim += t_sim.elapsed();
         let t = Instant::now();
         let table = self.bm.block_table_rows(&ids, self.decode.max_blocks())?;
-        self.decode.set_inputs(&q_t, &k_t, &v_t, &slots, &table, &lens)?;
+        self.decode.set_tables(&slots, &table, &lens)?;
         if self.args.eager {
             self.decode.run_eager(self.device)?;
         } else {

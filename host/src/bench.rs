@@ -23,26 +23,37 @@ const GIB: usize = 1 << 30;
 /// What to measure. Every (dtype, batch, context) combination is one point.
 #[derive(Clone, Debug, Serialize)]
 pub struct Config {
+    /// Query and output dtypes.
     #[serde(serialize_with = "ser_dtypes")]
     pub dtypes: Vec<DType>,
     /// KV cache dtypes: `auto` (the query's) and/or fp8 (dequantized with [`BENCH_FP8_SCALES`]).
     #[serde(serialize_with = "ser_caches")]
     pub caches: Vec<KvCacheDType>,
+    /// Batch sizes: sequences per decode step, one query token each.
     pub batches: Vec<usize>,
+    /// Context lengths in tokens (every sequence of a point has the same length).
     pub contexts: Vec<usize>,
+    /// Query heads (a multiple of `num_kv_heads`).
     pub num_heads: usize,
+    /// KV heads of the caches.
     pub num_kv_heads: usize,
+    /// Elements per head vector.
     pub head_size: usize,
+    /// Tokens per cache block.
     pub block_size: usize,
     /// Each point is measured once per version (v2 and auto with a workspace bounded by the context).
     #[serde(serialize_with = "ser_versions")]
     pub versions: Vec<Version>,
     /// v2 and auto run once per partition size (tokens; vLLM's is 512).
     pub partition_sizes: Vec<usize>,
+    /// Timed calls per point in each of the cold and hot series (the back-to-back series and the
+    /// decode step run at least 20); each ceiling is measured `iters` times, clamped to 5..=20.
     pub iters: usize,
+    /// Untimed calls per point before the timed ones.
     pub warmup: usize,
     /// Points whose KV cache is larger are skipped.
     pub max_kv_bytes: u64,
+    /// Seed of the device fill (query, keys, values) and of the shuffled block tables.
     pub seed: u64,
     /// Also time a decode step (cache update + attention) launched op by op and as a CUDA graph.
     pub graph: bool,
@@ -54,17 +65,22 @@ pub struct Config {
 /// Bandwidth ceilings of the device, measured once per run.
 #[derive(Clone, Debug, Serialize)]
 pub struct Ceilings {
-    /// Device-to-device copy: bytes read + written per copy, median time, rate.
+    /// Device-to-device copy: bytes read + written per copy.
     pub copy_bytes: u64,
+    /// Median milliseconds of one device-to-device copy.
     pub copy_ms: f64,
+    /// Device-to-device copy rate in GB/s (10^9 bytes per second, read + written).
     pub copy_gbps: f64,
-    /// Read-only streaming pass (`util::stream_read`): bytes read, median time, rate.
+    /// Read-only streaming pass ([`stream_read`]): bytes read per pass.
     pub read_bytes: u64,
+    /// Median milliseconds of one streaming pass.
     pub read_ms: f64,
+    /// Streaming read rate in GB/s.
     pub read_gbps: f64,
     /// The launch floor: a one-CTA kernel (`util` fill of 16 elements) enqueued back to back, µs per
-    /// launch on the GPU's clock and of CPU (the driver's share of every op's host time).
+    /// launch on the GPU's clock.
     pub launch_gpu_us: f64,
+    /// The launch floor's CPU µs per launch (the median; the driver's share of every op's host time).
     pub launch_host_us: f64,
 }
 
@@ -78,9 +94,13 @@ pub struct Measurement {
     pub ran_partition_size: usize,
     /// K and V bytes the sequences' tokens occupy, plus query and output.
     pub bytes: u64,
+    /// Median µs per call with the L2 flushed before each call ([`Report::flush_bytes`] written).
     pub cold_us: f64,
+    /// Fastest cold call, µs.
     pub cold_min_us: f64,
+    /// Median µs per call with a warm L2 (no flush between calls; each call between its own events).
     pub hot_us: f64,
+    /// Fastest hot call, µs.
     pub hot_min_us: f64,
     /// `runs` calls enqueued back to back between one event pair, per call: the GPU's time per
     /// call when the host keeps ahead, else the host's.
@@ -88,17 +108,25 @@ pub struct Measurement {
     /// CPU time per call (validation, dispatch, launch; no sync): the median over the same
     /// back-to-back runs.
     pub host_us: f64,
+    /// `bytes` per median cold call, GB/s.
     pub cold_gbps: f64,
+    /// `bytes` per median hot call, GB/s.
     pub hot_gbps: f64,
-    /// Cold rate as a percentage of each ceiling.
+    /// Cold rate as a percentage of the device-to-device copy ceiling ([`Ceilings::copy_gbps`]).
     pub pct_copy: f64,
+    /// Cold rate as a percentage of the streaming read ceiling ([`Ceilings::read_gbps`]).
     pub pct_stream_read: f64,
-    /// Spot check of `checked_seqs` against the float64 reference.
+    /// The sequences spot-checked against the float64 reference (the first and the last).
     pub checked_seqs: Vec<usize>,
+    /// Relative L2 error of the checked sequences' outputs ([`Errors::rel_l2`](crate::testing::Errors::rel_l2)).
     pub rel_l2: f64,
+    /// Largest absolute error of a finite output element of the checked sequences.
     pub max_abs: f64,
+    /// NaN or infinite output elements of the checked sequences.
     pub non_finite: usize,
+    /// The dtype's bound on `rel_l2` ([`tolerance`]).
     pub tolerance: f64,
+    /// No non-finite element and `rel_l2 <= tolerance`.
     pub correct: bool,
     /// The decode step of this point (`Config::graph`).
     pub step: Option<DecodeStep>,
@@ -124,11 +152,15 @@ pub struct DecodeStep {
 /// One (dtype, batch, context) point: measured, or skipped with the reason.
 #[derive(Clone, Debug, Serialize)]
 pub struct Point {
+    /// Query and output dtype.
     #[serde(serialize_with = "ser_dtype")]
     pub dtype: DType,
+    /// KV cache dtype (`auto` or fp8).
     #[serde(serialize_with = "ser_cache")]
     pub cache: KvCacheDType,
+    /// Sequences in the batch.
     pub batch: usize,
+    /// Tokens per sequence.
     pub context: usize,
     /// The version asked for.
     #[serde(serialize_with = "ser_version")]
@@ -137,18 +169,28 @@ pub struct Point {
     pub partition_size: usize,
     /// Bytes of the allocated K and V caches.
     pub kv_bytes: u64,
+    /// Why the point was not run (KV cache above [`Config::max_kv_bytes`], or too little free device
+    /// memory); `None` when measured.
     pub skipped: Option<String>,
+    /// The figures; `None` when skipped.
     pub measured: Option<Measurement>,
 }
 
+/// What [`run`] returns: the device, its ceilings and every point of the configuration.
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
+    /// The device's name ([`Device::name`]).
     pub device: String,
+    /// The device's L2 cache size in bytes.
     pub l2_bytes: u64,
     /// Bytes written before each cold run to evict the L2.
     pub flush_bytes: u64,
+    /// The configuration that ran.
     pub config: Config,
+    /// The bandwidth ceilings, measured before the points.
     pub ceilings: Ceilings,
+    /// Every point in grid order (dtype, cache, batch, context, version, partition size; the first
+    /// varies slowest).
     pub points: Vec<Point>,
 }
 
@@ -157,11 +199,34 @@ pub enum Progress<'a> {
     /// Measuring the ceilings (before any point).
     Ceilings,
     /// Ceilings known; `points` points follow.
-    Ready { ceilings: &'a Ceilings, points: usize },
+    Ready {
+        /// The measured ceilings.
+        ceilings: &'a Ceilings,
+        /// How many points the run measures (or skips).
+        points: usize,
+    },
     /// Point `index` starts.
-    Start { index: usize, dtype: DType, cache: KvCacheDType, batch: usize, context: usize, version: Version },
+    Start {
+        /// The point's position in [`Report::points`].
+        index: usize,
+        /// Query and output dtype.
+        dtype: DType,
+        /// KV cache dtype.
+        cache: KvCacheDType,
+        /// Sequences in the batch.
+        batch: usize,
+        /// Tokens per sequence.
+        context: usize,
+        /// The version asked for.
+        version: Version,
+    },
     /// Point `index` is done (measured or skipped).
-    Done { index: usize, point: &'a Point },
+    Done {
+        /// The point's position in [`Report::points`].
+        index: usize,
+        /// The point's result.
+        point: &'a Point,
+    },
 }
 
 pub(crate) fn ser_dtype<S: serde::Serializer>(d: &DType, s: S) -> std::result::Result<S::Ok, S::Error> {

@@ -25,15 +25,22 @@ use crate::util::fill_uniform;
 /// The op a cache benchmark measures.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum CacheOp {
+    /// [`reshape_and_cache`](crate::reshape_and_cache): new tokens' keys and values into vLLM's layout.
     ReshapeAndCache,
+    /// [`reshape_and_cache_flash`](crate::reshape_and_cache_flash): the same into a flash layout.
     ReshapeAndCacheFlash,
+    /// [`copy_blocks`](crate::copy_blocks): block pairs copied within every layer's caches.
     CopyBlocks,
+    /// [`swap_blocks`]: blocks copied between two caches (device and/or pinned host memory).
     SwapBlocks,
 }
 
 impl CacheOp {
+    /// Every op, in the order above.
     pub const ALL: [CacheOp; 4] = [CacheOp::ReshapeAndCache, CacheOp::ReshapeAndCacheFlash, CacheOp::CopyBlocks, CacheOp::SwapBlocks];
 
+    /// The op's function name, e.g. `"reshape_and_cache"` (also its [`Display`](std::fmt::Display) and
+    /// what [`FromStr`](std::str::FromStr) parses).
     pub const fn name(self) -> &'static str {
         match self {
             CacheOp::ReshapeAndCache => "reshape_and_cache",
@@ -63,12 +70,17 @@ impl std::str::FromStr for CacheOp {
 /// (dtype, direction, size).
 #[derive(Clone, Debug, Serialize)]
 pub struct Config {
+    /// The op to measure.
     #[serde(serialize_with = "ser_display")]
     pub op: CacheOp,
+    /// Element types of the keys, values and caches.
     #[serde(serialize_with = "ser_dtypes")]
     pub dtypes: Vec<DType>,
+    /// KV heads of the caches.
     pub num_kv_heads: usize,
+    /// Elements per head vector.
     pub head_size: usize,
+    /// Tokens per cache block.
     pub block_size: usize,
     /// Cache layout: [`KvLayout::Vllm`] for `reshape_and_cache`, a flash layout for
     /// `reshape_and_cache_flash`, any for `copy_blocks` and `swap_blocks` (which see whole blocks).
@@ -83,8 +95,12 @@ pub struct Config {
     /// `swap_blocks`: directions to measure.
     #[serde(serialize_with = "ser_displays")]
     pub directions: Vec<SwapDirection>,
+    /// Timed calls per point in each of the cold and hot series (positive); the ceilings run
+    /// `iters` clamped to 5..=20 times.
     pub iters: usize,
+    /// Untimed calls per point before the timed ones.
     pub warmup: usize,
+    /// Seed of the inputs, the cache fill and the shuffled blocks.
     pub seed: u64,
     /// Points that allocate more (device plus pinned host memory) are skipped.
     pub max_bytes: u64,
@@ -99,6 +115,7 @@ pub struct Ceiling {
     pub bytes: u64,
     /// Median milliseconds per copy.
     pub ms: f64,
+    /// `bytes` per median copy, GB/s (10^9 bytes per second).
     pub gbps: f64,
 }
 
@@ -108,48 +125,68 @@ pub struct Measurement {
     /// Bytes per call: read + written for the on-device ops (keys, values and the slot mapping for
     /// the reshape ops; source and destination blocks for `copy_blocks`), copied for `swap_blocks`.
     pub bytes: u64,
+    /// Median µs per call with the L2 flushed before each call ([`Report::flush_bytes`] written).
     pub cold_us: f64,
+    /// Fastest cold call, µs.
     pub cold_min_us: f64,
+    /// Median µs per call with a warm L2 (no flush between calls).
     pub hot_us: f64,
+    /// Fastest hot call, µs.
     pub hot_min_us: f64,
+    /// `bytes` per median cold call, GB/s.
     pub cold_gbps: f64,
+    /// `bytes` per median hot call, GB/s.
     pub hot_gbps: f64,
-    /// The ceiling of this point (the device copy, or for `swap_blocks` a copy of `bytes` in the
-    /// same direction, timed cold) and the cold and hot rates as a percentage of it.
+    /// The ceiling of this point: the device copy, or for `swap_blocks` a copy of `bytes` in the
+    /// same direction, timed cold.
     pub ceiling: Ceiling,
+    /// The cold rate as a percentage of `ceiling`'s.
     pub pct_ceiling_cold: f64,
+    /// The hot rate as a percentage of `ceiling`'s.
     pub pct_ceiling_hot: f64,
     /// Elements compared with the expected result after the timed runs (0: too large to check on
-    /// the host), and how many differ.
+    /// the host).
     pub checked_elements: usize,
+    /// Checked elements whose bits differ from the expected result.
     pub mismatches: usize,
+    /// No checked element differs (also true when nothing was checked).
     pub correct: bool,
 }
 
 /// One point: measured, or skipped with the reason.
 #[derive(Clone, Debug, Serialize)]
 pub struct Point {
+    /// Element type of the keys, values and caches.
     #[serde(serialize_with = "ser_dtype")]
     pub dtype: DType,
     /// Tokens (reshape ops) or block pairs (`copy_blocks`, `swap_blocks`).
     pub size: usize,
+    /// `swap_blocks`: the direction of the copy; `None` for the other ops.
     #[serde(serialize_with = "ser_opt_display")]
     pub direction: Option<SwapDirection>,
     /// Bytes the point allocates (device memory, plus pinned host memory for swaps).
     pub footprint_bytes: u64,
+    /// Why the point was not run (footprint above [`Config::max_bytes`], or too little free device
+    /// memory); `None` when measured.
     pub skipped: Option<String>,
+    /// The figures; `None` when skipped.
     pub measured: Option<Measurement>,
 }
 
+/// What [`run`] returns: the device, its copy ceiling and every point of the configuration.
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
+    /// The device's name ([`Device::name`]).
     pub device: String,
+    /// The device's L2 cache size in bytes.
     pub l2_bytes: u64,
     /// Bytes written before each cold run to evict the L2.
     pub flush_bytes: u64,
+    /// The configuration that ran.
     pub config: Config,
     /// The device-to-device copy ceiling, measured once.
     pub device_copy: Ceiling,
+    /// Every point in grid order (dtype, direction, size; the first varies slowest).
     pub points: Vec<Point>,
 }
 
@@ -158,11 +195,30 @@ pub enum Progress<'a> {
     /// Measuring the device copy ceiling (before any point).
     Ceiling,
     /// Ceiling known; `points` points follow.
-    Ready { device_copy: &'a Ceiling, points: usize },
+    Ready {
+        /// The measured device-to-device copy ceiling.
+        device_copy: &'a Ceiling,
+        /// How many points the run measures (or skips).
+        points: usize,
+    },
     /// Point `index` starts.
-    Start { index: usize, dtype: DType, size: usize, direction: Option<SwapDirection> },
+    Start {
+        /// The point's position in [`Report::points`].
+        index: usize,
+        /// Element type of the point.
+        dtype: DType,
+        /// Tokens (reshape ops) or block pairs (`copy_blocks`, `swap_blocks`).
+        size: usize,
+        /// `swap_blocks`: the direction; `None` for the other ops.
+        direction: Option<SwapDirection>,
+    },
     /// Point `index` is done (measured or skipped).
-    Done { index: usize, point: &'a Point },
+    Done {
+        /// The point's position in [`Report::points`].
+        index: usize,
+        /// The point's result.
+        point: &'a Point,
+    },
 }
 
 fn ser_display<T: std::fmt::Display, S: serde::Serializer>(v: &T, s: S) -> std::result::Result<S::Ok, S::Error> {

@@ -19,8 +19,11 @@ use crate::util::fill_uniform;
 /// One batch: per sequence `(new query tokens, cached prefix tokens)`; keys = prefix + new.
 #[derive(Clone, Debug, Serialize)]
 pub struct Scenario {
+    /// A one-line description, e.g. "causal prefill, 1 × 8k".
     pub name: String,
+    /// Per sequence `(new query tokens, cached prefix tokens)`.
     pub seqs: Vec<(usize, usize)>,
+    /// Causal masking (each query sees the prefix and the new keys up to its own position).
     pub causal: bool,
 }
 
@@ -38,23 +41,35 @@ pub fn issue_scenarios() -> Vec<Scenario> {
     ]
 }
 
+/// One measured (scenario, dtype, kernel).
 #[derive(Clone, Debug, Serialize)]
 pub struct Point {
+    /// The batch that ran.
     pub scenario: Scenario,
     /// The kernel that ran (`mma` or `wgmma`).
     pub kernel: &'static str,
+    /// Query, cache and output dtype.
     #[serde(serialize_with = "crate::bench::ser_dtype")]
     pub dtype: DType,
+    /// Query heads.
     pub num_heads: usize,
+    /// KV heads of the paged caches.
     pub num_kv_heads: usize,
+    /// Elements per head vector.
     pub head_size: usize,
+    /// Tokens per cache block.
     pub block_size: usize,
     /// Σ over sequences and queries of the visible keys.
     pub pairs: u64,
+    /// Median µs per call with the L2 flushed before each call.
     pub cold_us: f64,
+    /// Median µs per call with a warm L2.
     pub hot_us: f64,
+    /// TFLOP/s at the cold median (`4 · head_size · num_heads · pairs` per call).
     pub cold_tflops: f64,
+    /// TFLOP/s at the hot median.
     pub hot_tflops: f64,
+    /// Every output element is finite after the timed runs.
     pub finite: bool,
 }
 

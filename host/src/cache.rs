@@ -44,6 +44,7 @@ pub enum CacheLayout {
 /// Sizes of a reshape op, once validated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ReshapePlan {
+    /// The caches' layout (which op it is).
     pub layout: CacheLayout,
     /// The inputs' dtype.
     pub dtype: DType,
@@ -52,9 +53,13 @@ pub struct ReshapePlan {
     /// Tokens written: `slot_mapping.len()`. `key` and `value` may have more rows (vLLM pads them
     /// for CUDA graphs); those are not read.
     pub num_tokens: usize,
+    /// KV heads per token.
     pub num_kv_heads: usize,
+    /// Elements per head vector.
     pub head_size: usize,
+    /// Tokens (slots) per cache block.
     pub block_size: usize,
+    /// Blocks in each cache (axis 0); slots run over `0..num_blocks * block_size`.
     pub num_blocks: usize,
     /// Flash layout: every row of the four tensors starts on a 16-byte boundary and a row is a whole
     /// number of 16-byte chunks, so the kernel copies 16 bytes at a time (fp8 caches: input rows
@@ -69,7 +74,9 @@ pub struct ReshapePlan {
 /// quantizing kernels write nothing and raise `BAD_SCALE`.
 #[derive(Clone, Copy)]
 pub struct Fp8Scales<'a> {
+    /// The key cache's scale, `[1]` f32.
     pub k_scale: &'a Tensor,
+    /// The value cache's scale, `[1]` f32.
     pub v_scale: &'a Tensor,
 }
 
@@ -569,13 +576,19 @@ fn launch_reshape(
 /// Sizes of a [`copy_blocks`] call, once validated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CopyBlocksPlan {
+    /// Layers: key (and value) caches in the call.
     pub num_layers: usize,
+    /// `(src, dst)` rows of `block_mapping`.
     pub num_pairs: usize,
+    /// Blocks in each cache (axis 0; 0 when there are no layers).
     pub num_blocks: usize,
-    /// Bytes of one block (axes 1.. of a cache, contiguous) and the distance between blocks.
+    /// Bytes of one key block (axes 1.. of a cache, contiguous).
     pub key_block_bytes: usize,
+    /// Bytes between consecutive key blocks.
     pub key_block_stride_bytes: usize,
+    /// Bytes of one value block.
     pub value_block_bytes: usize,
+    /// Bytes between consecutive value blocks.
     pub value_block_stride_bytes: usize,
 }
 
@@ -810,10 +823,13 @@ fn launch_copy_blocks(
 /// Sizes of a [`swap_blocks`] call, once validated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SwapBlocksPlan {
+    /// `(src_id, dst_id)` rows of `block_mapping`.
     pub num_pairs: usize,
     /// Bytes of one block (axes 1.., contiguous).
     pub block_bytes: usize,
+    /// Bytes between consecutive blocks of `src`.
     pub src_block_stride_bytes: usize,
+    /// Bytes between consecutive blocks of `dst`.
     pub dst_block_stride_bytes: usize,
 }
 

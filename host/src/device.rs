@@ -15,6 +15,7 @@ use crate::tensor::{ScalarType, Storage, Tensor, contiguous_strides};
 pub enum Device {
     /// The float64 reference implementation (the test oracle, and the fallback without a GPU).
     Cpu,
+    /// A CUDA device: ops launch its kernels asynchronously on its stream.
     Gpu(Gpu),
 }
 
@@ -30,6 +31,8 @@ impl Device {
         }
     }
 
+    /// A human-readable name: `"CPU (float64 reference)"`, or the GPU's name with its arch, e.g.
+    /// `"NVIDIA H100 80GB HBM3 (sm_90)"`.
     pub fn name(&self) -> String {
         match self {
             Device::Cpu => "CPU (float64 reference)".into(),
@@ -114,14 +117,17 @@ impl Gpu {
         })
     }
 
+    /// The driver's name for the device (`"unknown GPU"` if the query fails).
     pub fn name(&self) -> String {
         self.ctx.name().unwrap_or_else(|_| "unknown GPU".into())
     }
 
+    /// The CUDA context (for device attributes, events, memory queries).
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
     }
 
+    /// The stream every op of this GPU is queued on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
     }

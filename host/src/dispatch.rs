@@ -11,10 +11,15 @@ use crate::error::{Error, Result};
 /// One compiled `paged_attention` variant.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PagedAttentionVariant {
+    /// Query and output dtype.
     pub dtype: DType,
+    /// The KV cache's element type (`auto`: the query's).
     pub cache: KvCacheDType,
+    /// Head size the kernel is compiled for.
     pub head_size: usize,
+    /// Cache block size (tokens) the kernel is compiled for.
     pub block_size: usize,
+    /// The PTX entry point's name.
     pub symbol: &'static str,
 }
 
@@ -181,8 +186,9 @@ pub fn fill_uniform_symbol(dtype: DType) -> &'static str {
     }
 }
 
-/// Symbols of the util family's random fill of fp8 codes.
+/// Symbol of the util family's random fill of fp8 e4m3 codes.
 pub const FILL_UNIFORM_E4M3: &str = "fill_uniform_e4m3";
+/// Symbol of the util family's random fill of fp8 e5m2 codes.
 pub const FILL_UNIFORM_E5M2: &str = "fill_uniform_e5m2";
 
 /// Symbol of the util family's read-only streaming pass.
@@ -203,17 +209,21 @@ pub const SWAP_BLOCKS: &str = "swap_blocks";
 /// One compiled kernel entry point of any family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KernelVariant {
+    /// The family (PTX module) that holds it.
     pub family: KernelFamily,
     /// The kernel (op) the entry point belongs to: `paged_attention`, `paged_attention_v2_reduce`,
-    /// `reshape_and_cache`, `reshape_and_cache_flash`, `copy_blocks`, `swap_blocks`, `fill_uniform` or
-    /// `stream_read`.
+    /// `flash_attn_varlen`, `merge_attn_states`, `reshape_and_cache`, `reshape_and_cache_flash`,
+    /// `copy_blocks`, `swap_blocks`, `fill_uniform`, `stream_read`, `fp8_codec` or `mma_probe`.
     pub kernel: &'static str,
     /// `None` for kernels that move bytes or words whatever the dtype.
     pub dtype: Option<DType>,
     /// The KV cache's element type (`auto` for kernels without a cache or with the dtype's own).
     pub cache: KvCacheDType,
+    /// The head size it is compiled for; `None` for kernels that take any.
     pub head_size: Option<usize>,
+    /// The cache block size it is compiled for; `None` for kernels that take any.
     pub block_size: Option<usize>,
+    /// The PTX entry point's name.
     pub symbol: &'static str,
 }
 

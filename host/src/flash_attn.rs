@@ -49,6 +49,7 @@ pub struct FlashAttnVarlenArgs<'a> {
     pub seqused_k: &'a Tensor,
     /// `None`: `1 / sqrt(head_size)`.
     pub softmax_scale: Option<f32>,
+    /// Causal mask, aligned bottom-right (see the module docs).
     pub causal: bool,
     /// `(left, right)`; `-1` is unbounded on that side.
     pub window_size: (i32, i32),
@@ -63,15 +64,25 @@ pub struct FlashAttnVarlenArgs<'a> {
 /// Sizes derived from validated arguments.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct VarlenPlan {
+    /// The query's (and caches', output's) dtype: f16 or bf16.
     pub dtype: ScalarType,
+    /// Sequences: `cu_seqlens_q.len() - 1`.
     pub batch: usize,
+    /// Query tokens of all sequences (axis 0 of `q`).
     pub total_q: usize,
+    /// Query heads.
     pub num_heads: usize,
+    /// KV heads of the caches (`num_heads` is a multiple).
     pub num_kv_heads: usize,
+    /// Elements per head vector.
     pub head_size: usize,
+    /// Blocks in each cache (axis 0).
     pub num_blocks: usize,
+    /// Tokens per cache block.
     pub block_size: usize,
+    /// Block-table entries per sequence (axis 1 of `block_table`).
     pub max_blocks: usize,
+    /// The softmax scale: `softmax_scale`, or `1 / sqrt(head_size)`.
     pub scale: f32,
     /// `(left, right)` with causality folded in: `None` is unbounded.
     pub window: (Option<usize>, Option<usize>),
@@ -108,6 +119,8 @@ pub enum FlashKernel {
 }
 
 impl FlashKernel {
+    /// The name the benchmark reports and [`FromStr`](std::str::FromStr) parses: `auto`, `mma` or
+    /// `wgmma`.
     pub const fn name(self) -> &'static str {
         match self {
             FlashKernel::Auto => "auto",

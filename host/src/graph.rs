@@ -70,7 +70,7 @@ impl Graph {
 
 /// One decode step of a model's attention over a [`KvCache`], for a fixed batch bound and length
 /// bound: for every layer, append each sequence's new key and value to the cache, then attend its
-/// query over the sequence's cached keys ([`crate::paged_attention`] for a vLLM-layout cache,
+/// query over the sequence's cached keys ([`crate::paged_attention()`] for a vLLM-layout cache,
 /// [`crate::flash_attn_varlen_func`] with one query per sequence for a flash-layout one).
 ///
 /// The inputs live in device tensors owned by the step and are overwritten in place by
@@ -198,12 +198,9 @@ impl DecodeStep {
     }
 
     /// Writes the next step's inputs into the step's device tensors (queued on the stream, in
-    /// order with the runs), after checking them on the host: `n <= batch` sequences, `query`
-    /// `[num_layers, n, num_heads, head_size]` and `key`, `value` `[num_layers, n, num_kv_heads,
-    /// head_size]` host tensors of the model's dtype (contiguous); `slots` (where each sequence's new
-    /// token goes; negative: not written), `block_tables` (`n` rows of `max_blocks`) and `seq_lens`
-    /// (keys per sequence, the new one included, each `<= max_seq_len`). A block a length needs
-    /// outside the cache, or a slot outside it, is [`Error::HostData`].
+    /// order with the runs), after checking them all on the host (nothing is written when one is
+    /// wrong): [`DecodeStep::set_qkv`]'s and [`DecodeStep::set_tables`]'s arguments, with as many
+    /// sequences in `query` as in `seq_lens`.
     pub fn set_inputs(
         &mut self,
         query: &Tensor,
@@ -213,7 +210,46 @@ impl DecodeStep {
         block_tables: &[i32],
         seq_lens: &[i32],
     ) -> Result<()> {
-        const OP: &str = "DecodeStep::set_inputs";
+        let n = self.check_qkv(query, key, value)?;
+        self.check_tables(slots, block_tables, seq_lens)?;
+        if n != seq_lens.len() {
+            return Err(Error::HostData {
+                op: "DecodeStep::set_inputs",
+                what: format!("{n} sequences of queries, {} lengths", seq_lens.len()),
+            });
+        }
+        self.write_qkv(n, [query, key, value])?;
+        self.write_tables(slots, block_tables, seq_lens)
+    }
+
+    /// The step's query, key and value inputs on the device (`[num_layers, batch, heads,
+    /// head_size]`, contiguous): a model whose kernels write them in place skips
+    /// [`DecodeStep::set_qkv`]'s host copies.
+    pub fn qkv_mut(&mut self) -> (&mut Tensor, &mut Tensor, &mut Tensor) {
+        (&mut self.query, &mut self.key, &mut self.value)
+    }
+
+    /// Copies the step's queries and new keys and values from host tensors: `query` `[num_layers,
+    /// n, num_heads, head_size]` and `key`, `value` `[num_layers, n, num_kv_heads, head_size]` of the
+    /// model's dtype, contiguous, `n <= batch` (rows past `n` keep old values: their sequences are
+    /// padding).
+    pub fn set_qkv(&mut self, query: &Tensor, key: &Tensor, value: &Tensor) -> Result<()> {
+        let n = self.check_qkv(query, key, value)?;
+        self.write_qkv(n, [query, key, value])
+    }
+
+    /// Writes the step's tables: `slots` (where each sequence's new token goes; negative: not
+    /// written), `block_tables` (`n` rows of [`DecodeStep::max_blocks`]) and `seq_lens` (keys per
+    /// sequence, the new one included, each `<= max_seq_len`), for `n <= batch` sequences; the rest
+    /// become padding. A block a length needs outside the cache, or a slot outside it, is
+    /// [`Error::HostData`], and nothing is written.
+    pub fn set_tables(&mut self, slots: &[i64], block_tables: &[i32], seq_lens: &[i32]) -> Result<()> {
+        self.check_tables(slots, block_tables, seq_lens)?;
+        self.write_tables(slots, block_tables, seq_lens)
+    }
+
+    fn check_tables(&self, slots: &[i64], block_tables: &[i32], seq_lens: &[i32]) -> Result<()> {
+        const OP: &str = "DecodeStep::set_tables";
         let c = &self.config;
         let n = seq_lens.len();
         if n > self.batch {
@@ -247,39 +283,57 @@ impl DecodeStep {
                 });
             }
         }
+        Ok(())
+    }
+
+    fn write_tables(&mut self, slots: &[i64], block_tables: &[i32], seq_lens: &[i32]) -> Result<()> {
+        let (b, n) = (self.batch, seq_lens.len());
+        let mut all_slots = vec![-1i64; b];
+        all_slots[..n].copy_from_slice(slots);
+        let mut tables = vec![0i32; b * self.max_blocks];
+        tables[..block_tables.len()].copy_from_slice(block_tables);
+        let mut lens = vec![0i32; b];
+        lens[..n].copy_from_slice(seq_lens);
+        write(&mut self.slots, &Tensor::from_i64(&[b], &all_slots)?)?;
+        write(&mut self.block_tables, &Tensor::from_i32(&[b, self.max_blocks], &tables)?)?;
+        write(&mut self.seq_lens, &Tensor::from_i32(&[b], &lens)?)
+    }
+
+    /// Checks the three host tensors; returns their sequence count `n`.
+    fn check_qkv(&self, query: &Tensor, key: &Tensor, value: &Tensor) -> Result<usize> {
+        const OP: &str = "DecodeStep::set_qkv";
+        let c = &self.config;
+        let n = query.shape().get(1).copied().unwrap_or(0);
         for (i, (src, name)) in [(query, "query"), (key, "key"), (value, "value")].into_iter().enumerate() {
-            let dst = &mut self.staging[i];
-            let mut want = dst.shape().to_vec();
+            let mut want = self.staging[i].shape().to_vec();
             want[1] = n;
-            if src.dtype() != c.dtype || src.shape() != want.as_slice() || !src.is_contiguous() || !src.is_host() {
+            if n > self.batch || src.dtype() != c.dtype || src.shape() != want.as_slice() || !src.is_contiguous() || !src.is_host() {
                 return Err(Error::Shape {
                     op: OP,
                     tensor: name,
                     got: src.shape().to_vec(),
-                    expected: format!("a contiguous {} host tensor {want:?}", c.dtype),
+                    expected: format!("a contiguous {} host tensor {want:?} (at most {} sequences)", c.dtype, self.batch),
                 });
             }
+        }
+        Ok(n)
+    }
+
+    fn write_qkv(&mut self, n: usize, src: [&Tensor; 3]) -> Result<()> {
+        let es = self.config.dtype.size_bytes();
+        for (i, src) in src.into_iter().enumerate() {
+            let dst = &mut self.staging[i];
             // Layer by layer: the first `n` rows of each layer's `batch` rows.
-            let row_bytes = want[2] * want[3] * c.dtype.size_bytes();
+            let row_bytes = dst.shape()[2] * dst.shape()[3] * es;
             let (s, mut d) = (src.host_bytes()?, dst.host_bytes_mut()?);
-            let s = &s[src.offset() * c.dtype.size_bytes()..];
-            for layer in 0..c.num_layers {
+            let s = &s[src.offset() * es..];
+            for layer in 0..self.config.num_layers {
                 d[layer * self.batch * row_bytes..][..n * row_bytes].copy_from_slice(&s[layer * n * row_bytes..][..n * row_bytes]);
             }
         }
-        let mut all_slots = vec![-1i64; self.batch];
-        all_slots[..n].copy_from_slice(slots);
-        let mut tables = vec![0i32; self.batch * self.max_blocks];
-        tables[..block_tables.len()].copy_from_slice(block_tables);
-        let mut lens = vec![0i32; self.batch];
-        lens[..n].copy_from_slice(seq_lens);
-        let b = self.batch;
         write(&mut self.query, &self.staging[0])?;
         write(&mut self.key, &self.staging[1])?;
-        write(&mut self.value, &self.staging[2])?;
-        write(&mut self.slots, &Tensor::from_i64(&[b], &all_slots)?)?;
-        write(&mut self.block_tables, &Tensor::from_i32(&[b, self.max_blocks], &tables)?)?;
-        write(&mut self.seq_lens, &Tensor::from_i32(&[b], &lens)?)
+        write(&mut self.value, &self.staging[2])
     }
 
     /// Runs the step: one graph launch on the GPU (asynchronous), the ops themselves on the CPU.

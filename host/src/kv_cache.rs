@@ -3,7 +3,7 @@
 //! [swap space](KvCache::swap_space)). Which blocks each sequence owns is the
 //! [block manager](crate::block_manager)'s business; this type only holds the memory.
 //!
-//! Layouts ([`CacheLayout`]): `Vllm` is what [`crate::paged_attention`] reads (and the only one with
+//! Layouts ([`CacheLayout`]): `Vllm` is what [`crate::paged_attention()`] reads (and the only one with
 //! fp8 attention); `Flash` is what [`crate::flash_attn_varlen_func`] reads (prefill and decode in one
 //! op, as vLLM's FlashAttention backend).
 //!

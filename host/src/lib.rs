@@ -8,7 +8,7 @@
 //!    [`Tensor::select`] and [`Tensor::view`] make views that share one storage (vLLM's combined KV
 //!    cache); [`Gpu::pinned`] / [`Tensor::to_pinned`] put a tensor in page-locked host memory.
 //! 3. Call an op, e.g. [`reshape_and_cache`] to write keys and values into the paged cache, then
-//!    [`paged_attention`] (v1 or v2, chosen from bounds you fix); on the GPU each is queued on the
+//!    [`paged_attention()`] (v1 or v2, chosen from bounds you fix); on the GPU each is queued on the
 //!    device's stream. fp8 KV caches: [`reshape_and_cache_fp8`] quantizes into caches of
 //!    [`ScalarType::Fp8E4m3`] / [`ScalarType::Fp8E5m2`], and the attention ops dequantize them with
 //!    the same `k_scale` / `v_scale`.
@@ -39,6 +39,7 @@
 //! # Ok(()) }
 //! ```
 #![deny(unsafe_op_in_unsafe_fn)]
+#![deny(missing_docs)]
 
 pub mod bench;
 pub mod bench_cache;
@@ -62,7 +63,8 @@ pub mod util;
 
 pub use block_manager::{BlockError, BlockManager, BlockManagerConfig};
 pub use cache::{
-    CacheLayout, Fp8Scales, copy_blocks, reshape_and_cache, reshape_and_cache_flash, reshape_and_cache_flash_fp8, reshape_and_cache_fp8, swap_blocks,
+    CacheLayout, Fp8Scales, copy_blocks, reshape_and_cache, reshape_and_cache_flash, reshape_and_cache_flash_fp8, reshape_and_cache_fp8,
+    swap_blocks,
 };
 pub use device::{Device, Gpu};
 pub use error::{Error, Result};

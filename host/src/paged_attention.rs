@@ -45,6 +45,7 @@ pub struct PagedAttentionArgs<'a> {
     /// each launch, so a captured graph follows updates; a bad device value gives NaN outputs and
     /// [`crate::layout::status::BAD_SCALE`]. Required with fp8 caches, ignored otherwise (as vLLM).
     pub k_scale: Option<&'a Tensor>,
+    /// fp8 caches: the value cache's `[1]` f32 scale, as `k_scale` for the keys.
     pub v_scale: Option<&'a Tensor>,
     /// vLLM's block-sparse pattern ([`BlockSparse`]; `None` or `vert_stride <= 1` is dense). When
     /// sparse, its block size is a positive multiple of the cache block size and `local_blocks >= 1`
@@ -55,15 +56,23 @@ pub struct PagedAttentionArgs<'a> {
 /// Sizes derived from the arguments once validated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Plan {
+    /// The query's (and output's) dtype.
     pub dtype: DType,
     /// The caches' element type.
     pub cache: KvCacheDType,
+    /// Sequences: axis 0 of the query.
     pub num_seqs: usize,
+    /// Query heads.
     pub num_heads: usize,
+    /// KV heads of the caches (`num_heads` is a multiple).
     pub num_kv_heads: usize,
+    /// Elements per head vector.
     pub head_size: usize,
+    /// Tokens per cache block.
     pub block_size: usize,
+    /// Blocks in each cache (axis 0).
     pub num_blocks: usize,
+    /// Block-table entries per sequence (axis 1 of `block_tables`).
     pub max_num_blocks_per_seq: usize,
 }
 
@@ -150,7 +159,9 @@ pub enum Version {
     /// [`choose_version`] from the workspace's `max_seq_len` bound, `num_seqs` and `num_heads`.
     #[default]
     Auto,
+    /// [`paged_attention_v1`]: one CTA per (sequence, head group) walks the whole sequence.
     V1,
+    /// [`paged_attention_v2`]: sequences split into partitions, then their partials merged.
     V2,
 }
 
@@ -406,6 +417,7 @@ impl PagedAttentionWorkspace {
         num_seqs * num_heads * parts <= self.capacity_rows && parts <= max_reduce_partitions()
     }
 
+    /// The bound on every sequence's length (tokens) that calls with this workspace may use.
     pub fn max_seq_len(&self) -> usize {
         self.max_seq_len
     }
@@ -415,6 +427,7 @@ impl PagedAttentionWorkspace {
         self.reduce = mode;
     }
 
+    /// How v2 merges the partitions (see [`set_reduce_mode`](Self::set_reduce_mode)).
     pub fn reduce_mode(&self) -> ReduceMode {
         self.reduce
     }
@@ -425,6 +438,8 @@ impl PagedAttentionWorkspace {
         self.last_plan
     }
 
+    /// Tokens per partition of an explicit [`Version::V2`] call; [`Version::Auto`] picks from
+    /// [`AUTO_PARTITION_SIZES`] and this size.
     pub fn partition_size(&self) -> usize {
         self.partition_size
     }

@@ -8,10 +8,13 @@ use crate::error::{Error, Result};
 
 /// One compiled (family, arch).
 pub struct KernelImage {
+    /// The family's name ([`KernelFamily::name`]), e.g. `"paged_attention"`.
     pub family: &'static str,
-    /// `sm_XY`.
+    /// `sm_XY`, or `sm_XYa` for an arch-specific image.
     pub arch: &'static str,
+    /// The PTX text, deflate-compressed.
     pub ptx_deflate: &'static [u8],
+    /// The cubin `ptxas` built from it, deflate-compressed; `None` where the build had no `ptxas`.
     pub cubin_deflate: Option<&'static [u8]>,
 }
 
@@ -42,6 +45,7 @@ pub enum ImageKind {
 }
 
 impl ImageKind {
+    /// A short description for logs and `pagedattn info`: `"cubin"` or `"PTX, JIT-compiled by the driver"`.
     pub const fn describe(self) -> &'static str {
         match self {
             ImageKind::Cubin => "cubin",

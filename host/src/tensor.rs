@@ -32,10 +32,15 @@ use crate::error::{Error, Result};
 /// Element type of a tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ScalarType {
+    /// IEEE binary32.
     F32,
+    /// IEEE binary16.
     F16,
+    /// bfloat16 (the upper half of an f32).
     BF16,
+    /// 32-bit signed integers (block tables, sequence lengths).
     I32,
+    /// 64-bit signed integers (slot mappings, block mappings).
     I64,
     /// fp8 codes (a KV cache of `kv_cache_dtype` `fp8_e4m3`): as f64, the code's value.
     Fp8E4m3,
@@ -44,6 +49,7 @@ pub enum ScalarType {
 }
 
 impl ScalarType {
+    /// Bytes per element.
     pub const fn size_bytes(self) -> usize {
         match self {
             ScalarType::F32 | ScalarType::I32 => 4,
@@ -120,6 +126,8 @@ impl ScalarType {
         }
     }
 
+    /// The lower-case name, e.g. `"bf16"` or `"fp8_e4m3"` (vLLM's `kv_cache_dtype` for fp8); also
+    /// its [`Display`](std::fmt::Display).
     pub const fn name(self) -> &'static str {
         match self {
             ScalarType::F32 => "f32",
@@ -166,7 +174,12 @@ pub enum Storage {
     /// Pageable host memory, locked so that several views of it can be written (see the module docs).
     Cpu(RwLock<Vec<u8>>),
     /// Device memory; copies and kernels are queued on `stream`.
-    Gpu { slice: CudaSlice<u8>, stream: Arc<CudaStream> },
+    Gpu {
+        /// The allocation, as bytes.
+        slice: CudaSlice<u8>,
+        /// The stream it was allocated on.
+        stream: Arc<CudaStream>,
+    },
     /// Page-locked host memory (`cuMemHostAlloc`, not write-combined, so the CPU can read it back
     /// at full speed): the host end of asynchronous copies queued through [`Tensor::raw_ptr`]
     /// (`swap_blocks`). Nothing orders those copies with host access: synchronize their stream
@@ -174,7 +187,10 @@ pub enum Storage {
     /// cudarc's own ordering (the slice's event, which host access waits for) is recorded only in
     /// contexts with event tracking, which [`Gpu::new`] turns off, so the copies this module makes
     /// ([`Tensor::to_gpu`], [`Tensor::to_pinned`]) wait for their stream instead.
-    Pinned { slice: RwLock<PinnedHostSlice<u8>> },
+    Pinned {
+        /// The allocation, as bytes, locked as [`Storage::Cpu`]'s.
+        slice: RwLock<PinnedHostSlice<u8>>,
+    },
 }
 
 #[inline]
@@ -208,6 +224,7 @@ impl Storage {
         }
     }
 
+    /// Where the bytes are, for messages: `"CPU"`, `"GPU"` or `"pinned host"`.
     pub fn location(&self) -> &'static str {
         match self {
             Storage::Cpu(_) => "CPU",
@@ -494,14 +511,17 @@ impl Tensor {
         Tensor::with_storage(Arc::new(Storage::cpu(bytes)), dtype, shape, &contiguous_strides(shape), 0)
     }
 
+    /// Element type.
     pub fn dtype(&self) -> ScalarType {
         self.dtype
     }
 
+    /// Extent of each axis.
     pub fn shape(&self) -> &[usize] {
         &self.shape
     }
 
+    /// Step between neighbours along each axis, in elements (one per axis of [`Tensor::shape`]).
     pub fn strides(&self) -> &[usize] {
         &self.strides
     }
@@ -511,10 +531,12 @@ impl Tensor {
         self.offset
     }
 
+    /// Elements of the view: the product of the shape (1 for a scalar).
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
 
+    /// The storage this view shares with every other view of the allocation.
     pub fn storage(&self) -> &Storage {
         &self.storage
     }
@@ -539,6 +561,8 @@ impl Tensor {
         matches!(*self.storage, Storage::Gpu { .. })
     }
 
+    /// Whether the strides are exactly the row-major ones of the shape ([`contiguous_strides`]; the
+    /// offset may be anything).
     pub fn is_contiguous(&self) -> bool {
         self.strides == contiguous_strides(&self.shape)
     }

@@ -19,10 +19,12 @@ use crate::tensor::Tensor;
 pub struct Rng(u64);
 
 impl Rng {
+    /// A generator seeded with `seed` (any value, 0 included).
     pub fn new(seed: u64) -> Rng {
         Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
     }
 
+    /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
@@ -40,6 +42,7 @@ impl Rng {
         (self.next_u64() % n as u64) as usize
     }
 
+    /// Shuffles `v` in place (Fisher–Yates: every permutation equally likely).
     pub fn shuffle<T>(&mut self, v: &mut [T]) {
         for i in (1..v.len()).rev() {
             let j = self.below(i + 1);
@@ -60,17 +63,25 @@ pub fn tolerance(dtype: DType) -> f64 {
 /// One paged-attention test case.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Case {
+    /// The query's and output's dtype (and the caches', for `auto`).
     pub dtype: DType,
     /// The caches' element type (fp8: quantized with [`Case::fp8_scales`]).
     pub cache: KvCacheDType,
+    /// Query heads.
     pub num_heads: usize,
+    /// KV heads (`num_heads` is a multiple).
     pub num_kv_heads: usize,
+    /// Elements per head vector.
     pub head_size: usize,
+    /// Tokens per cache block.
     pub block_size: usize,
+    /// Tokens of each sequence (one query per sequence).
     pub seq_lens: Vec<usize>,
+    /// With ALiBi slopes `2^(-8 (h + 1) / num_heads)`.
     pub alibi: bool,
     /// vLLM's block-sparse pattern, or `None` (dense).
     pub blocksparse: Option<BlockSparse>,
+    /// Seed of the inputs and the block shuffle.
     pub seed: u64,
 }
 
@@ -106,19 +117,28 @@ impl std::fmt::Display for Case {
 
 /// Host tensors of a case.
 pub struct Inputs {
+    /// `[num_seqs, num_heads, head_size]`.
     pub query: Tensor,
+    /// `[num_blocks, num_kv_heads, head_size / x, block_size, x]`; spare blocks hold NaN.
     pub key_cache: Tensor,
+    /// `[num_blocks, num_kv_heads, head_size, block_size]`; spare blocks hold NaN.
     pub value_cache: Tensor,
+    /// `[num_seqs, max_blocks]` i32; entries past a sequence's blocks are out of range.
     pub block_tables: Tensor,
+    /// `[num_seqs]` i32.
     pub seq_lens: Tensor,
+    /// `[num_heads]` f32 when the case has ALiBi.
     pub alibi_slopes: Option<Tensor>,
+    /// `1 / sqrt(head_size)`.
     pub scale: f32,
     /// fp8 caches: `[1]` f32 `k_scale`, `v_scale`.
     pub kv_scales: Option<(Tensor, Tensor)>,
+    /// The case's block-sparse pattern.
     pub blocksparse: Option<BlockSparse>,
 }
 
 impl Inputs {
+    /// The op's arguments, borrowing these tensors.
     pub fn args(&self) -> PagedAttentionArgs<'_> {
         PagedAttentionArgs {
             query: &self.query,
@@ -232,17 +252,21 @@ impl Case {
 pub struct Errors {
     /// ‖got − want‖₂ / ‖want‖₂ (‖got − want‖₂ when the reference is all zeros).
     pub rel_l2: f64,
+    /// max |got − want| over the finite elements of `got`.
     pub max_abs: f64,
     /// Elements that are NaN or infinite (never acceptable).
     pub non_finite: usize,
 }
 
 impl Errors {
+    /// No non-finite element and `rel_l2 <= tol`.
     pub fn passes(&self, tol: f64) -> bool {
         self.non_finite == 0 && self.rel_l2 <= tol
     }
 }
 
+/// The error figures of `got` against `want` (non-finite elements of `got` are counted, and left
+/// out of the norms). Panics if the lengths differ.
 pub fn compare(got: &[f64], want: &[f64]) -> Errors {
     assert_eq!(got.len(), want.len());
     let (mut num, mut den, mut max_abs, mut non_finite) = (0f64, 0f64, 0f64, 0usize);

@@ -66,10 +66,13 @@ pub fn stream_read_out_len(gpu: &Gpu) -> Result<usize> {
 /// `cvt` ran (only where the loaded image was built for sm_89 or later).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Fp8CodecOutput {
+    /// `decoded[c]`: code `c` (0..256) decoded one at a time.
     pub decoded: Vec<f32>,
     /// The attention kernels' bulk decode of the 256 codes (times its unit).
     pub decoded4: Vec<f32>,
+    /// `encoded[i]`: the code of `input[i]` (nearest, saturating), one per input.
     pub encoded: Vec<u8>,
+    /// Whether the hardware conversion ran (asked for, and the loaded image has it).
     pub used_hardware: bool,
 }
 

@@ -5,7 +5,8 @@
 //! - `ptxas-report [DIR]`: only the summary, from the `*.ptxas.txt` files of a previous build.
 //! - `gpu-pack`: builds the CLI and the integration-test binary in release mode with kernels for
 //!   `PAGEDATTN_ARCHS` (default `sm_90`) and copies them with a `run.sh` into `gpu-pack/` (ignored
-//!   by git), for a GPU machine without a Rust toolchain.
+//!   by git), for a GPU machine without a Rust toolchain. `gpu-pack --examples` packs the serving-loop
+//!   example instead of the CLI (each binary embeds every kernel: three would not fit the carry limit).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -42,9 +43,9 @@ fn try_main() -> Result<ExitCode> {
             print!("{text}");
             Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
-        Some("gpu-pack") => gpu_pack(&root),
+        Some("gpu-pack") => gpu_pack(&root, args.iter().any(|a| a == "--examples")),
         _ => {
-            eprintln!("usage: cargo xtask <kernels [--clean] | ptxas-report [DIR] | gpu-pack>");
+            eprintln!("usage: cargo xtask <kernels [--clean] | ptxas-report [DIR] | gpu-pack [--examples]>");
             Ok(ExitCode::from(2))
         }
     }
@@ -165,8 +166,9 @@ fn run(cmd: &mut Command) -> Result<std::process::Output> {
     Ok(out)
 }
 
-/// Builds the CLI and the test binary and bundles them with `run.sh` into `gpu-pack/`.
-fn gpu_pack(root: &Path) -> Result<ExitCode> {
+/// Builds the CLI (or, with `examples`, the serving-loop example) and the test binary and bundles
+/// them with `run.sh` into `gpu-pack/`.
+fn gpu_pack(root: &Path, examples: bool) -> Result<ExitCode> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let pack = root.join("gpu-pack");
     let _ = std::fs::remove_dir_all(&pack);
@@ -174,15 +176,10 @@ fn gpu_pack(root: &Path) -> Result<ExitCode> {
     // One arch keeps the pack small (every arch's kernels would not fit the limit): the H100's,
     // unless PAGEDATTN_ARCHS names others.
     let archs = std::env::var("PAGEDATTN_ARCHS").unwrap_or_else(|_| "sm_90".into());
-    eprintln!("xtask: building the CLI and the test binary (release, kernels for {archs})...");
-    run(Command::new(&cargo).current_dir(root).env("PAGEDATTN_ARCHS", &archs).args([
-        "build",
-        "--release",
-        "-p",
-        "pagedattn",
-        "--bin",
-        "pagedattn",
-    ]))?;
+    let (what, path) =
+        if examples { (["--example", "serving_loop"], "examples/serving_loop") } else { (["--bin", "pagedattn"], "pagedattn") };
+    eprintln!("xtask: building {} and the test binary (release, kernels for {archs})...", what[1]);
+    run(Command::new(&cargo).current_dir(root).env("PAGEDATTN_ARCHS", &archs).args(["build", "--release", "-p", "pagedattn"]).args(what))?;
     let out = run(Command::new(&cargo).current_dir(root).env("PAGEDATTN_ARCHS", &archs).args([
         "test",
         "--release",
@@ -197,7 +194,7 @@ fn gpu_pack(root: &Path) -> Result<ExitCode> {
         .filter(|v| v["reason"] == "compiler-artifact" && v["target"]["name"] == "pagedattn-tests" && v["profile"]["test"] == true)
         .find_map(|v| v["executable"].as_str().map(PathBuf::from))
         .ok_or("no test executable in cargo's output")?;
-    std::fs::copy(root.join("target/release/pagedattn"), pack.join("pagedattn"))?;
+    std::fs::copy(root.join("target/release").join(path), pack.join(what[1]))?;
     std::fs::copy(&test_exe, pack.join("pagedattn-tests"))?;
     std::fs::write(pack.join("run.sh"), RUN_SH)?;
     #[cfg(unix)]
@@ -218,7 +215,8 @@ fn gpu_pack(root: &Path) -> Result<ExitCode> {
 /// go to `$OUT` when set (the remote runner's output folder), else to `gpu-pack/out`.
 const RUN_SH: &str = r#"#!/usr/bin/env bash
 # Runs pagedattn's GPU tests, verification and benchmark on a machine with an NVIDIA GPU and no Rust.
-# Usage: run.sh [all|tests|verify|run|bench|bench-cache|speed|sanitize] [extra bench args]
+# Usage: run.sh [all|tests|verify|run|bench|bench-cache|speed|sanitize|serving] [extra bench or serving args]
+# serving: the serving-loop example (a pack made with `cargo xtask gpu-pack --examples`).
 # speed: issue 7's table (decode grid f16/bf16 with v1/v2/auto and the graph step, other head sizes,
 # MHA and block sizes, varlen prefill), JSON in $out/speed-*.json.
 set -u
@@ -258,6 +256,9 @@ case "$what" in speed)
     TAIL=8 step "speed-$n" $b --dtype f16,bf16 --batch 64,256 --context 4096 --version auto --max-kv-gib 20 $s --json "$out/speed-$n.json"
   done
   TAIL=12 step speed-varlen "$here/pagedattn" bench --op flash-attn-varlen --json "$out/speed-varlen.json" ;;
+esac
+case "$what" in serving)
+  TAIL=12 step serving "$here/serving_loop" --device gpu --json "$out/serving.json" "$@" ;;
 esac
 case "$what" in sanitize) step sanitize compute-sanitizer --tool memcheck --error-exitcode 9 "$here/pagedattn-tests" --test-threads=1 gpu ;; esac
 exit $status

@@ -34,10 +34,13 @@ pub enum KvLayout {
 }
 
 impl KvLayout {
+    /// Every layout, in the order above.
     pub const ALL: [KvLayout; 5] = [KvLayout::Vllm, KvLayout::Nhd, KvLayout::Hnd, KvLayout::Combined, KvLayout::CombinedInner];
     /// The layouts `reshape_and_cache_flash` writes.
     pub const FLASH: [KvLayout; 4] = [KvLayout::Nhd, KvLayout::Hnd, KvLayout::Combined, KvLayout::CombinedInner];
 
+    /// The CLI name, e.g. `"combined-inner"` (also its [`Display`](std::fmt::Display) and what
+    /// [`FromStr`](std::str::FromStr) parses).
     pub const fn name(self) -> &'static str {
         match self {
             KvLayout::Vllm => "vllm",
@@ -95,12 +98,17 @@ impl std::str::FromStr for KvLayout {
 /// Sizes of a pair of caches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CacheShape {
+    /// The model's float dtype (of the keys and values written into the caches).
     pub dtype: DType,
     /// The caches' element type (`auto`: `dtype`).
     pub cache: KvCacheDType,
+    /// Blocks per cache.
     pub num_blocks: usize,
+    /// Tokens per block.
     pub block_size: usize,
+    /// KV heads per token.
     pub num_kv_heads: usize,
+    /// Elements per head vector.
     pub head_size: usize,
 }
 
@@ -133,8 +141,11 @@ pub enum Fill {
 /// A key and a value cache; for the combined layouts, two views of one allocation.
 #[derive(Debug)]
 pub struct KvCaches {
+    /// How the two are laid out and allocated.
     pub layout: KvLayout,
+    /// The key cache (a view of the shared allocation for the combined layouts).
     pub key: Tensor,
+    /// The value cache.
     pub value: Tensor,
 }
 
@@ -301,10 +312,13 @@ pub struct BitCheck {
 }
 
 impl BitCheck {
+    /// No element differs (also true when nothing was compared).
     pub fn passes(&self) -> bool {
         self.mismatches == 0
     }
 
+    /// The figures of both checks together: counts added, the first mismatch of `self` preferred,
+    /// the larger `max_abs`.
     pub fn merge(self, other: BitCheck) -> BitCheck {
         BitCheck {
             elements: self.elements + other.elements,
@@ -402,12 +416,17 @@ pub fn reshape(
 /// first block, through its own blocks shuffled over the cache (2 spare blocks no token names).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReshapeCase {
+    /// The caches' layout (which op runs).
     pub layout: KvLayout,
+    /// The keys' and values' dtype.
     pub dtype: DType,
     /// The caches' element type (fp8: quantized with [`ReshapeCase::FP8_SCALES`]).
     pub cache: KvCacheDType,
+    /// KV heads per token.
     pub num_kv_heads: usize,
+    /// Elements per head vector.
     pub head_size: usize,
+    /// Tokens per cache block.
     pub block_size: usize,
     /// New tokens per sequence.
     pub seq_lens: Vec<usize>,
@@ -424,6 +443,7 @@ pub struct ReshapeCase {
     pub nan_caches: bool,
     /// `slot_mapping` in device memory (guarded by the kernel), else host memory (checked, then uploaded).
     pub device_slots: bool,
+    /// Seed of the inputs, the slot offsets and the block shuffle.
     pub seed: u64,
 }
 
@@ -432,10 +452,13 @@ pub struct ReshapeCase {
 pub struct ReshapeInputs {
     /// `[num_tokens + 2, H, D]`: the two rows past the mapping are not read (vLLM pads key and value).
     pub key: Tensor,
+    /// `[num_tokens + 2, H, D]`, as `key`.
     pub value: Tensor,
+    /// The caches before the op (NaN or random, as the case says).
     pub caches: KvCaches,
     /// `[num_tokens]` i64, host.
     pub slot_mapping: Tensor,
+    /// Blocks per cache: the sequences' blocks plus 2 spare ones.
     pub num_blocks: usize,
     /// fp8 caches: `[1]` f32 `k_scale`, `v_scale` (host).
     pub scales: Option<(Tensor, Tensor)>,
@@ -508,6 +531,7 @@ impl ReshapeCase {
         self.seq_lens.iter().sum::<usize>() + self.padding
     }
 
+    /// Random host inputs of the case (deterministic from `seed`).
     pub fn inputs(&self) -> Result<ReshapeInputs> {
         let (h, d, bs) = (self.num_kv_heads, self.head_size, self.block_size);
         if bs == 0 {
@@ -634,17 +658,25 @@ pub fn reshape_grid(flash: bool) -> Vec<ReshapeCase> {
 /// and destinations are distinct blocks (no block both read and written).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CopyBlocksCase {
+    /// Every layer's cache layout.
     pub layout: KvLayout,
+    /// The caches' element type.
     pub dtype: DType,
+    /// KV heads per token.
     pub num_kv_heads: usize,
+    /// Elements per head vector.
     pub head_size: usize,
+    /// Tokens per cache block.
     pub block_size: usize,
     /// Blocks per cache, at least `2 * num_pairs`.
     pub num_blocks: usize,
+    /// Layers, each a key and a value cache.
     pub num_layers: usize,
+    /// `(src, dst)` pairs copied in every layer.
     pub num_pairs: usize,
     /// `block_mapping` in device memory (guarded by the kernel), else host memory.
     pub device_mapping: bool,
+    /// Seed of the caches and of the block shuffle.
     pub seed: u64,
 }
 
@@ -677,6 +709,7 @@ impl std::fmt::Display for CopyBlocksCase {
 }
 
 impl CopyBlocksCase {
+    /// The shape of each layer's caches (`auto` cache dtype).
     pub fn shape(&self) -> CacheShape {
         CacheShape {
             cache: KvCacheDType::Auto,
@@ -688,6 +721,8 @@ impl CopyBlocksCase {
         }
     }
 
+    /// Random host inputs of the case (deterministic from `seed`); [`Error::Value`] when
+    /// `num_blocks < 2 * num_pairs`.
     pub fn inputs(&self) -> Result<CopyBlocksInputs> {
         if self.num_blocks < 2 * self.num_pairs {
             return Err(Error::Value {
@@ -777,8 +812,11 @@ pub enum SwapDirection {
 }
 
 impl SwapDirection {
+    /// Every direction, in the order above.
     pub const ALL: [SwapDirection; 3] = [SwapDirection::DeviceToHost, SwapDirection::HostToDevice, SwapDirection::DeviceToDevice];
 
+    /// The CLI name: `"d2h"`, `"h2d"` or `"d2d"` (also its [`Display`](std::fmt::Display) and what
+    /// [`FromStr`](std::str::FromStr) parses).
     pub const fn name(self) -> &'static str {
         match self {
             SwapDirection::DeviceToHost => "d2h",
@@ -823,22 +861,32 @@ pub fn swap_end(device: &Device, t: &Tensor, host_end: bool) -> Result<Tensor> {
 /// them), `num_pairs` blocks with distinct destinations.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SwapCase {
+    /// Where the blocks are copied from and to.
     pub direction: SwapDirection,
+    /// Both ends' cache layout.
     pub layout: KvLayout,
+    /// The caches' element type.
     pub dtype: DType,
+    /// KV heads per token.
     pub num_kv_heads: usize,
+    /// Elements per head vector.
     pub head_size: usize,
+    /// Tokens per cache block.
     pub block_size: usize,
+    /// Blocks per source cache.
     pub src_blocks: usize,
+    /// Blocks per destination cache.
     pub dst_blocks: usize,
     /// At most `min(src_blocks, dst_blocks)`.
     pub num_pairs: usize,
+    /// Seed of the caches and of the block shuffles.
     pub seed: u64,
 }
 
 /// Host inputs of a [`SwapCase`] ([`KvCaches::block_views`]).
 #[derive(Debug)]
 pub struct SwapInputs {
+    /// Random source caches.
     pub src: KvCaches,
     /// Random before the swap, so untouched blocks are checked.
     pub dst: KvCaches,
@@ -866,6 +914,8 @@ impl std::fmt::Display for SwapCase {
 }
 
 impl SwapCase {
+    /// Random host inputs of the case (deterministic from `seed`); [`Error::Value`] when `num_pairs`
+    /// exceeds either cache's block count.
     pub fn inputs(&self) -> Result<SwapInputs> {
         if self.num_pairs > self.src_blocks.min(self.dst_blocks) {
             return Err(Error::Value {

@@ -16,14 +16,19 @@ use crate::tensor::{ScalarType, Tensor};
 pub struct VarlenInputs {
     /// `[total_q, num_heads, head_size]`.
     pub q: Tensor,
-    /// `[num_blocks, block_size, num_kv_heads, head_size]` each.
+    /// Key cache `[num_blocks, block_size, num_kv_heads, head_size]`.
     pub k: Tensor,
+    /// Value cache, the same shape as `k`.
     pub v: Tensor,
-    /// `[batch + 1]`, `[batch]`, `[batch, max_blocks]` i32.
+    /// `[batch + 1]` i32: the prefix sums of the sequences' query counts.
     pub cu_seqlens_q: Tensor,
+    /// `[batch]` i32: keys per sequence.
     pub seqused_k: Tensor,
+    /// `[batch, max_blocks]` i32: each sequence's blocks, unused entries -1.
     pub block_table: Tensor,
+    /// The largest query count of a sequence.
     pub max_seqlen_q: usize,
+    /// The largest key count of a sequence.
     pub max_seqlen_k: usize,
 }
 
@@ -74,18 +79,25 @@ pub fn varlen_inputs(
 /// One `flash_attn_varlen_func` case: a random batch and the mask options.
 #[derive(Clone, Debug, PartialEq)]
 pub struct VarlenCase {
+    /// The query's and caches' dtype (f16 or bf16).
     pub dtype: DType,
     /// (query heads, KV heads).
     pub heads: (usize, usize),
+    /// Elements per head vector.
     pub head_size: usize,
+    /// Tokens per cache block.
     pub block_size: usize,
     /// Per sequence (new queries, keys).
     pub seqs: Vec<(usize, usize)>,
+    /// Causal mask ([`FlashAttnVarlenArgs::causal`]).
     pub causal: bool,
+    /// Sliding window `(left, right)`, `-1` unbounded ([`FlashAttnVarlenArgs::window_size`]).
     pub window: (i32, i32),
+    /// Logit soft-cap, `0` for none ([`FlashAttnVarlenArgs::softcap`]).
     pub softcap: f32,
     /// Slopes `0.5^(h + 1)`.
     pub alibi: bool,
+    /// Seed of the inputs and the block shuffle ([`varlen_inputs`]).
     pub seed: u64,
 }
 
@@ -202,6 +214,7 @@ pub fn varlen_grid(long: bool) -> Vec<VarlenCase> {
 /// Error figures of a varlen (or merge) result: the output against the reference, and the LSE.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct VarlenErrors {
+    /// The output against the reference.
     pub out: Errors,
     /// Largest |lse − reference| over rows with a visible key.
     pub lse_err: f64,
@@ -231,6 +244,7 @@ fn compare_lse(got: &[f64], want: &[f64]) -> (f64, usize) {
 }
 
 impl VarlenCase {
+    /// The case's random batch ([`varlen_inputs`] with its sizes and seed).
     pub fn inputs(&self) -> Result<VarlenInputs> {
         varlen_inputs(self.dtype, self.heads, self.head_size, self.block_size, &self.seqs, self.seed)
     }
@@ -354,8 +368,10 @@ pub enum VarlenGuard {
 }
 
 impl VarlenGuard {
+    /// Every guard, in the order above.
     pub const ALL: [VarlenGuard; 3] = [VarlenGuard::BadBlockId, VarlenGuard::SeqUsedTooLong, VarlenGuard::CuSeqlensPastEnd];
 
+    /// The bad entry, in a line (for reports).
     pub fn what(self) -> &'static str {
         match self {
             VarlenGuard::BadBlockId => "device block table, out-of-range block id in seq 1",
