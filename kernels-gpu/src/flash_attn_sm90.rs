@@ -294,7 +294,8 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
         wg::barrier_sync(my_turn, 256);
     }
 
-    sync_threads();
+    // Meets the producer's barrier at the end of `produce` (another instruction: not `bar.sync`).
+    wg::cta_barrier();
     // SAFETY: the flag word, written by the producer before the barrier above.
     let bad = unsafe { *flag } != 0;
     if bad && ctid == 0 && cw == 0 && p.maybe_status != 0 {
@@ -432,7 +433,7 @@ unsafe fn produce<const D: usize, const ND: usize>(
         }
     }
     // The flag word is read after this barrier (the consumers' last one).
-    sync_threads();
+    wg::cta_barrier();
 }
 
 macro_rules! export_flash_attn_sm90 {

@@ -188,10 +188,19 @@ pub fn fma(a: f32, b: f32, c: f32) -> f32 {
     core::intrinsics::fmaf32(a, b, c)
 }
 
-/// Max that ignores NaN ordering subtleties (`-inf` is the identity).
+/// Max that propagates NaN (`max.NaN.f32`; `-inf` is the identity): a NaN logit makes its row's
+/// max NaN on every lane, so the row's output is NaN as in the float64 reference. (A select
+/// `if a > b` keeps whichever operand comes second when one is NaN: lanes of a warp then disagree,
+/// and a row whose logits are all NaN could come out as an empty row of zeros.)
 #[inline(always)]
 pub fn fmax(a: f32, b: f32) -> f32 {
-    if a > b { a } else { b }
+    let r: f32;
+    // SAFETY: register operands only; `max.NaN` needs sm_80, the oldest arch built. (LLVM's
+    // `llvm.maximum.f32` became a compare-and-select sequence here, not this one instruction.)
+    unsafe {
+        core::arch::asm!("max.NaN.f32 {r}, {a}, {b};", r = out(reg32) r, a = in(reg32) a, b = in(reg32) b, options(pure, nomem, nostack))
+    };
+    r
 }
 
 /// `atomicOr` on a global `u32` (the status word).

@@ -517,7 +517,8 @@ pub unsafe fn paged_attention<T: Element, C: KvElement, const HEAD_SIZE: usize, 
                 num = fma(unsafe { *o_s.add((w * gh + g) * HEAD_SIZE + d) }, exp2(mw - mx), num);
             }
         }
-        if den > 0.0 { num / den } else { 0.0 }
+        // den ≥ 1 with a visible key, 0 without; NaN (a NaN logit) propagates as in the reference.
+        if den == 0.0 { 0.0 } else { num / den }
     };
     if whole {
         // SAFETY: validated output.

@@ -322,12 +322,13 @@ pub unsafe fn store_row<E: MmaElem, const D: usize, const NT: usize>(
     bad: bool,
 ) {
     let (i, h) = (seq.query(pr), seq.head(pr));
+    // l ≥ 1 with a visible key, 0 without (a zero row); NaN (a NaN logit) propagates.
     let inv = if bad {
         f32::NAN
-    } else if l > 0.0 {
-        1.0 / l
-    } else {
+    } else if l == 0.0 {
         0.0
+    } else {
+        1.0 / l
     };
     let base = (seq.q0 + i) * p.out_stride_token as usize + h * p.out_stride_head as usize;
     let out = p.out as *mut u32;
@@ -339,10 +340,10 @@ pub unsafe fn store_row<E: MmaElem, const D: usize, const NT: usize>(
     if t == 0 && p.softmax_lse != 0 {
         let lse = if bad {
             f32::NAN
-        } else if l > 0.0 {
-            (m_run + log2(l)) * LN2
-        } else {
+        } else if l == 0.0 {
             f32::NEG_INFINITY
+        } else {
+            (m_run + log2(l)) * LN2
         };
         // SAFETY: `[num_heads, total_q]`, q0 + i < total_q.
         unsafe { *(p.softmax_lse as *mut f32).add(h * p.total_q as usize + seq.q0 + i) = lse };

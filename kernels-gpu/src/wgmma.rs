@@ -299,6 +299,17 @@ pub fn setmaxnreg_dec<const N: u32>() {
     unsafe { asm!("setmaxnreg.dec.sync.aligned.u32 {n};", n = const N, options(nostack)) };
 }
 
+/// `barrier.sync 0` (not `.aligned`): every thread of the CTA meets here, arriving through
+/// different instructions. Warp-specialized kernels end with the producer and the consumers at
+/// their own copies of the CTA barrier; `bar.sync 0` (= `barrier.sync.aligned`) requires all threads
+/// to execute the same instruction, and compute-sanitizer's synccheck reports the split as
+/// divergent threads.
+#[inline(always)]
+pub fn cta_barrier() {
+    // SAFETY: no operands; every thread of the CTA reaches one of the kernel's calls.
+    unsafe { asm!("barrier.sync 0;", options(nostack)) };
+}
+
 /// `bar.sync id, threads`: waits at named barrier `id` until `threads` threads (a multiple of 32)
 /// have arrived or synced there, this warp included.
 #[inline(always)]
