@@ -3,6 +3,18 @@
 use pagedattn_layout::{ARCHS, KernelFamily};
 
 fn main() {
+    // rustc runs this executable as the nvptx linker during the kernel build: link and exit first.
+    ptx_builder::link_if_invoked_as_linker();
+    let out_dir = std::path::PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR"));
+    // Without the `kernels` feature (CPU-only builds, e.g. the fuzz target): no GPU images, every
+    // GPU op then fails with `Error::NoImage`.
+    if std::env::var_os("CARGO_FEATURE_KERNELS").is_none() {
+        let index = "/// No kernel images: built without the `kernels` feature.\npub static KERNEL_IMAGES: &[KernelImage] = &[];\n\
+                     /// The archs this build compiled (none).\npub static BUILT_ARCHS: &[&str] = &[];\n";
+        std::fs::write(out_dir.join("kernels.rs"), index).expect("write kernels.rs");
+        std::fs::write(out_dir.join("kernel-build-report.txt"), "kernel build: skipped (no `kernels` feature)\n").expect("write report");
+        return;
+    }
     let families = KernelFamily::ALL.map(KernelFamily::name);
     // `PAGEDATTN_ARCHS=sm_90` builds a subset of the archs (a smaller, faster build for one GPU,
     // e.g. the test pack carried to an H100); unset, every arch of `ARCHS`.
@@ -36,7 +48,6 @@ fn main() {
         .llvm_args(&["-unroll-threshold=2000"])
         .build()
         .unwrap_or_else(|e| panic!("{e}"));
-    let out_dir = std::path::PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR"));
     out.write_rust_index(out_dir.join("kernels.rs")).expect("write kernels.rs");
     std::fs::write(out_dir.join("kernel-build-report.txt"), out.report()).expect("write report");
 }

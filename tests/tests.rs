@@ -4,8 +4,10 @@
 #[macro_use]
 mod common;
 mod cache;
+mod edge_cases;
 mod flash_attn;
 mod fp8;
 mod paged_attention;
+mod sanitize;
 mod serving;
 mod validation;

@@ -687,3 +687,34 @@ fn blocksparse_parameters_are_checked() {
         paged_attention_v1(&Device::Cpu, &mut out, &with(BlockSparse { vert_stride, block_size: 0, local_blocks: 0, ..ok })).unwrap();
     }
 }
+
+/// The fuzz harness (`pagedattn::testing::fuzz`, also `cargo fuzz run ops`) over its seed corpus
+/// (`fuzz/corpus/ops`) and 20,000 seeded random inputs: every op call returns a typed error or a
+/// result with the op's property, block-manager sequences keep their counts; never a panic. Both
+/// outcomes must occur for every op, so the harness reaches past validation.
+#[test]
+fn fuzz_corpus_and_random_inputs() {
+    use pagedattn::testing::fuzz::{Outcome, run};
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/ops");
+    let mut inputs: Vec<Vec<u8>> = std::fs::read_dir(&dir).unwrap().map(|e| std::fs::read(e.unwrap().path()).unwrap()).collect();
+    assert!(inputs.len() >= 40, "seed corpus at {} has {} files", dir.display(), inputs.len());
+    let mut rng = Rng::new(99);
+    for i in 0..20_000 {
+        let len = rng.below(if i % 4 == 0 { 40 } else { 400 });
+        let mut data: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
+        if let Some(first) = data.first_mut() {
+            *first = (i % 5) as u8;
+        }
+        inputs.push(data);
+    }
+    let mut counts = [[0usize; 2]; 5];
+    for data in &inputs {
+        let op = data.first().map_or(0, |b| (b % 5) as usize);
+        let out = std::panic::catch_unwind(|| run(data)).unwrap_or_else(|_| panic!("fuzz input {data:?} panicked"));
+        counts[op][(out == Outcome::Rejected) as usize] += 1;
+    }
+    for (op, [acc, rej]) in counts.iter().enumerate() {
+        assert!(*acc > 20 && *rej > 20, "op {op}: {acc} accepted, {rej} rejected: the harness does not reach both outcomes");
+    }
+    common::note(&format!("fuzz_corpus_and_random_inputs: {} inputs, (accepted, rejected) per op {counts:?}", inputs.len()));
+}

@@ -157,7 +157,7 @@ impl Gpu {
     pub fn zeros(&self, dtype: ScalarType, shape: &[usize]) -> Result<Tensor> {
         let n: usize = shape.iter().product::<usize>() * dtype.size_bytes();
         // The driver refuses 0-byte allocations: an empty tensor gets one (unused) element.
-        let slice = self.stream.alloc_zeros::<u8>(n.max(dtype.size_bytes()))?;
+        let slice = self.stream.alloc_zeros::<u8>(n.max(dtype.size_bytes())).map_err(|e| Error::alloc(e, "GPU", n))?;
         Tensor::from_storage(Storage::Gpu { slice, stream: self.stream.clone() }, dtype, shape, &contiguous_strides(shape), 0)
     }
 

@@ -122,7 +122,30 @@ pub enum Error {
 
     /// A CUDA driver call failed.
     #[error("CUDA driver: {0}")]
-    Driver(#[from] cudarc::driver::DriverError),
+    Driver(cudarc::driver::DriverError),
+
+    /// The driver refused a kernel launch (e.g. too many resources for the device, or a context
+    /// broken by an earlier fault).
+    #[error("kernel launch (grid {grid:?}, block {block:?}, {shared_mem_bytes} bytes of shared memory) failed: {source}")]
+    Launch {
+        /// Blocks per grid (x, y, z).
+        grid: (u32, u32, u32),
+        /// Threads per block (x, y, z).
+        block: (u32, u32, u32),
+        /// Dynamic shared memory per block.
+        shared_mem_bytes: u32,
+        /// The driver's error.
+        source: cudarc::driver::DriverError,
+    },
+
+    /// An allocation did not fit: device memory, or page-locked host memory.
+    #[error("out of {memory} memory: {}", match bytes { Some(b) => format!("{b} bytes requested"), None => "an allocation failed".into() })]
+    OutOfMemory {
+        /// `"GPU"` or `"pinned host"`.
+        memory: &'static str,
+        /// The size asked for, where the library knows it.
+        bytes: Option<usize>,
+    },
 
     /// An I/O error: reading a kernel image (`PAGEDATTN_KERNEL_DIR`), or a corrupt embedded one.
     #[error("{0}")]
@@ -139,4 +162,26 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 fn describe_status(flags: u32) -> String {
     let names: Vec<&str> = pagedattn_layout::status::FLAGS.iter().filter(|(f, _)| flags & f != 0).map(|(_, n)| *n).collect();
     format!("{} (flags {flags:#x})", names.join(", "))
+}
+
+/// Driver errors become [`Error::Driver`], except out-of-memory, which becomes
+/// [`Error::OutOfMemory`] (of the GPU; allocations that know their size and kind say so, see
+/// [`Error::alloc`]).
+impl From<cudarc::driver::DriverError> for Error {
+    fn from(e: cudarc::driver::DriverError) -> Error {
+        if e.0 == cudarc::driver::sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY {
+            return Error::OutOfMemory { memory: "GPU", bytes: None };
+        }
+        Error::Driver(e)
+    }
+}
+
+impl Error {
+    /// The error of an allocation of `bytes` in `memory` (`"GPU"` or `"pinned host"`).
+    pub fn alloc(e: cudarc::driver::DriverError, memory: &'static str, bytes: usize) -> Error {
+        match Error::from(e) {
+            Error::OutOfMemory { .. } => Error::OutOfMemory { memory, bytes: Some(bytes) },
+            other => other,
+        }
+    }
 }

@@ -13,6 +13,11 @@
 //! - `softcap > 0` replaces the scaled logit `s = softmax_scale · q·k` by `softcap · tanh(s / softcap)`;
 //! - ALiBi adds `-slope_h · |d - j|` to the (soft-capped) logit.
 //!
+//! Non-finite inputs propagate: a NaN logit makes its row NaN, an infinite value its rows infinite
+//! or NaN, as in the float64 reference, with one difference: the GPU kernels multiply a masked
+//! key's probability (exactly 0) by its value on the tensor cores, so a NaN or infinite value also
+//! turns the rows of its key tile that cannot see it into NaN (FlashAttention behaves the same).
+//!
 //! A row with no visible key gives a zero output and an LSE of `-inf` (FlashAttention-2 reports `+inf`
 //! there; `-inf` is the log of the empty sum and merges correctly).
 

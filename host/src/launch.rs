@@ -2,7 +2,7 @@
 
 use cudarc::driver::{CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// Launches `func` with one by-value params struct on `stream` (asynchronous).
 ///
@@ -15,6 +15,11 @@ pub(crate) unsafe fn launch<P: DeviceRepr>(stream: &CudaStream, func: &CudaFunct
     builder.arg(params);
     // SAFETY: the caller upholds cudarc's launch contract (argument type and count match the
     // kernel's signature, pointers valid for the kernel's accesses, geometry as the kernel expects).
-    unsafe { builder.launch(cfg) }?;
+    unsafe { builder.launch(cfg) }.map_err(|source| Error::Launch {
+        grid: cfg.grid_dim,
+        block: cfg.block_dim,
+        shared_mem_bytes: cfg.shared_mem_bytes,
+        source,
+    })?;
     Ok(())
 }

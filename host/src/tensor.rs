@@ -212,7 +212,12 @@ impl Storage {
     /// `len_bytes` of zeroed page-locked host memory in `ctx` (at least one byte: the driver refuses
     /// empty allocations).
     pub fn pinned_zeroed(ctx: &Arc<CudaContext>, len_bytes: usize) -> Result<Storage> {
-        Ok(Storage::Pinned { slice: RwLock::new(alloc_pinned_zeroed(ctx, len_bytes.max(1))?) })
+        let slice = alloc_pinned_zeroed(ctx, len_bytes.max(1)).map_err(|e| match e {
+            Error::Driver(d) => Error::alloc(d, "pinned host", len_bytes),
+            Error::OutOfMemory { .. } => Error::OutOfMemory { memory: "pinned host", bytes: Some(len_bytes) },
+            other => other,
+        })?;
+        Ok(Storage::Pinned { slice: RwLock::new(slice) })
     }
 
     /// Size in bytes. Locks host storage for a moment: not while holding a guard of this storage.
@@ -736,22 +741,24 @@ impl Tensor {
     pub fn to_gpu(&self, stream: &Arc<CudaStream>) -> Result<Tensor> {
         // The driver refuses 0-byte allocations: an empty storage gets one (unused) element.
         let empty = || stream.alloc_zeros::<u8>(self.dtype.size_bytes());
+        let bytes = self.storage.len_bytes();
+        let oom = |e| Error::alloc(e, "GPU", bytes);
         let slice = match &*self.storage {
             Storage::Cpu(v) => {
                 let v = read(v);
-                if v.is_empty() { empty()? } else { stream.clone_htod(&*v)? }
+                if v.is_empty() { empty()? } else { stream.clone_htod(&*v).map_err(oom)? }
             }
             Storage::Pinned { slice } => {
                 let p = read(slice);
                 if p.is_empty() {
                     empty()?
                 } else {
-                    let d = stream.clone_htod(&*p)?;
+                    let d = stream.clone_htod(&*p).map_err(oom)?;
                     stream.synchronize()?;
                     d
                 }
             }
-            Storage::Gpu { slice, .. } => stream.clone_dtod(slice)?,
+            Storage::Gpu { slice, .. } => stream.clone_dtod(slice).map_err(oom)?,
         };
         Ok(self.rehome(Storage::Gpu { slice, stream: stream.clone() }))
     }

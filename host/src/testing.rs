@@ -3,6 +3,7 @@
 //! same for the KV-cache ops (bit-exact against the CPU backend).
 
 pub mod cache;
+pub mod fuzz;
 pub mod varlen;
 
 pub use varlen::{VarlenInputs, varlen_inputs};

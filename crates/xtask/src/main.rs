@@ -260,7 +260,24 @@ esac
 case "$what" in serving)
   TAIL=12 step serving "$here/serving_loop" --device gpu --json "$out/serving.json" "$@" ;;
 esac
-case "$what" in sanitize) step sanitize compute-sanitizer --tool memcheck --error-exitcode 9 "$here/pagedattn-tests" --test-threads=1 gpu ;; esac
+case "$what" in sanitize)
+  # The sanitizer grid: small cases of every op and dtype (tests/sanitize.rs), the guarded
+  # bad-device-data tests, the decode graphs; under each of the four tools, one summary line each.
+  grid="sanitize:: gpu_bad_device_block_id_is_flagged gpu_bad_device_seq_len_is_flagged gpu_v2_length_beyond_workspace_is_flagged
+    gpu_bad_device_slot_is_flagged gpu_duplicate_device_slots_one_write_wins gpu_bad_device_block_id_in_copy_blocks_is_flagged
+    gpu_bad_device_scale_is_flagged gpu_swap_blocks_with_pinned_host_memory gpu_swap_blocks_device_to_device
+    gpu_varlen_guards_device_tables gpu_serving_steps_graph gpu_decode_step_replays_in_a_graph gpu_zero_length_gives_zeros"
+  t_all=$(date +%s)
+  for tool in memcheck racecheck synccheck initcheck; do
+    t0=$(date +%s)
+    compute-sanitizer --tool "$tool" --error-exitcode 9 "$here/pagedattn-tests" --test-threads=1 $grid > "$out/sanitize-$tool.log" 2>&1; rc=$?
+    summary=$(grep -E "(ERROR|RACECHECK) SUMMARY" "$out/sanitize-$tool.log" | tail -n 1 | sed 's/^=* *//')
+    result=$(grep -E "^test result" "$out/sanitize-$tool.log" | tail -n 1)
+    echo "sanitize $tool: ${summary:-no summary}; ${result:-no test result}; exit $rc; $(( $(date +%s) - t0 )) s"
+    if [ $rc -ne 0 ]; then status=1; grep -m 20 -E "^=+ +(Invalid|Race|Uninitialized|Barrier|ERROR|Error)" "$out/sanitize-$tool.log"; fi
+  done
+  echo "sanitize: all four tools in $(( $(date +%s) - t_all )) s" ;;
+esac
 exit $status
 "#;
 
