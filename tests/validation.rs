@@ -703,13 +703,13 @@ fn fuzz_corpus_and_random_inputs() {
         let len = rng.below(if i % 4 == 0 { 40 } else { 400 });
         let mut data: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
         if let Some(first) = data.first_mut() {
-            *first = (i % 5) as u8;
+            *first = (i % 6) as u8;
         }
         inputs.push(data);
     }
-    let mut counts = [[0usize; 2]; 5];
+    let mut counts = [[0usize; 2]; 6];
     for data in &inputs {
-        let op = data.first().map_or(0, |b| (b % 5) as usize);
+        let op = data.first().map_or(0, |b| (b % 6) as usize);
         let out = std::panic::catch_unwind(|| run(data)).unwrap_or_else(|_| panic!("fuzz input {data:?} panicked"));
         counts[op][(out == Outcome::Rejected) as usize] += 1;
     }

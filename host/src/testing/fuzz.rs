@@ -4,7 +4,8 @@
 //! finding. Shared by the `cargo fuzz` target (`fuzz/fuzz_targets/ops.rs`, coverage-guided) and a
 //! bounded run in the test suite over the seed corpus (`fuzz/corpus/ops`) plus random inputs.
 //!
-//! Properties of accepted calls:
+//! Inputs are contiguous or, now and then, views with random strides and offsets (padded axes, a
+//! non-unit inner stride, broadcast axes). Properties of accepted calls:
 //! - `paged_attention` v1/v2 (any dtype, GQA, ALiBi, fp8 caches with scales, block-sparse): the
 //!   output is finite, and for dense float caches it equals a naive gather-then-attend formula
 //!   written here (independent of the backend's loops);
@@ -12,8 +13,8 @@
 //!   finite output; a row without visible keys is zero with LSE `-inf`, other LSEs finite;
 //! - `reshape_and_cache` / `reshape_and_cache_flash` (random and duplicate slots, padding): every
 //!   slot written by exactly one token holds that token's key and value, other slots are untouched;
-//! - `copy_blocks`: every destination block equals its source as it was before the call, other
-//!   blocks are untouched;
+//! - `copy_blocks`, `swap_blocks`: every destination block equals its source as it was before the
+//!   call, other blocks are untouched;
 //! - the block manager: [`BlockManager::check`] holds after every call, and freeing everything
 //!   returns every block.
 
@@ -77,17 +78,40 @@ fn random(dtype: ScalarType, shape: &[usize], rng: &mut Rng) -> Tensor {
     Tensor::from_values(dtype, shape, &vals).expect("host tensors of any dtype")
 }
 
+/// Usually `t` itself; else the same values in a view with random strides and offset over a larger
+/// storage: padded axes, and sometimes a non-unit inner stride or a broadcast (stride 0) axis, which
+/// the ops must reject or handle. Properties read inputs through the same views.
+fn restride(t: Tensor, b: &Bytes) -> Tensor {
+    if b.u8() >= 72 || t.numel() == 0 {
+        return t;
+    }
+    let shape = t.shape().to_vec();
+    let n = shape.len();
+    let mut strides = vec![0usize; n];
+    let mut reach = 1usize;
+    for i in (0..n).rev() {
+        strides[i] = if i == n - 1 { b.mostly(1, &[2, 0]) } else { b.mostly(reach + b.pick(&[0, 1, 8]), &[0, reach / 2]) };
+        reach = strides[i].max(1) * shape[i].max(1);
+    }
+    let offset = b.mostly(0, &[1, 8]);
+    let len = offset + shape.iter().zip(&strides).map(|(&d, &st)| (d.max(1) - 1) * st).sum::<usize>() + 1;
+    let Ok(mut view) = Tensor::nan(t.dtype(), &[len]).view(&shape, &strides, offset) else { return t };
+    view.set_from_f64(&t.to_f64_vec());
+    view
+}
+
 /// Runs one fuzz input. Panics when a property fails.
 pub fn run(data: &[u8]) -> Outcome {
     let b = Bytes { data, pos: std::cell::Cell::new(0) };
-    let op = b.u8() % 5;
+    let op = b.u8() % 6;
     let mut rng = Rng::new(b.u8() as u64 * 257 + b.u8() as u64);
     match op {
         0 => paged_attention_case(&b, &mut rng),
         1 => varlen_case(&b, &mut rng),
         2 => reshape_case(&b, &mut rng),
         3 => copy_blocks_case(&b, &mut rng),
-        _ => block_manager_case(&b),
+        4 => block_manager_case(&b),
+        _ => swap_blocks_case(&b, &mut rng),
     }
 }
 
@@ -131,9 +155,9 @@ fn paged_attention_case(b: &Bytes, rng: &mut Rng) -> Outcome {
     let ns = b.mostly(1 + b.below(4), &[0, 9]);
     let m = b.mostly(1 + b.below(4), &[0, 1]);
     let nb = b.mostly(1 + b.below(8), &[0, 1]);
-    let query = random(b.mostly(dtype, &ANY), &[ns, nh, b.mostly(hs, &[0, hs + 1])], rng);
-    let key_cache = random(cache_dtype, &[nb, nkv, hs.checked_div(x).unwrap_or(0), bs, x], rng);
-    let value_cache = random(cache_dtype, &[nb, b.mostly(nkv, &[nkv + 1]), hs, b.mostly(bs, &[bs + 1])], rng);
+    let query = restride(random(b.mostly(dtype, &ANY), &[ns, nh, b.mostly(hs, &[0, hs + 1])], rng), b);
+    let key_cache = restride(random(cache_dtype, &[nb, nkv, hs.checked_div(x).unwrap_or(0), bs, x], rng), b);
+    let value_cache = restride(random(cache_dtype, &[nb, b.mostly(nkv, &[nkv + 1]), hs, b.mostly(bs, &[bs + 1])], rng), b);
     let table: Vec<i32> = (0..ns * m).map(|_| b.mostly(b.below(nb.max(1)) as i32, &[-1, nb as i32, i32::MIN, i32::MAX])).collect();
     let block_tables = Tensor::from_i32(&[ns, m], &table).expect("shape");
     let cap = (m * bs) as i32;
@@ -215,9 +239,9 @@ fn varlen_case(b: &Bytes, rng: &mut Rng) -> Outcome {
     let total_q = b.mostly(cu.last().copied().unwrap_or(0).max(0) as usize, &[0, 3]);
     let used: Vec<i32> = (0..batch).map(|_| b.mostly(b.below(m * bs + 1) as i32, &[-1, (m * bs + 1) as i32, i32::MAX])).collect();
     let table: Vec<i32> = (0..batch * m).map(|_| b.mostly(b.below(nb.max(1)) as i32, &[-1, nb as i32, i32::MIN])).collect();
-    let q = random(dtype, &[total_q, nh, hs], rng);
-    let k = random(dtype, &[nb, bs, nkv, hs], rng);
-    let v = random(b.mostly(dtype, &ANY), &[nb, bs, nkv, hs], rng);
+    let q = restride(random(dtype, &[total_q, nh, hs], rng), b);
+    let k = restride(random(dtype, &[nb, bs, nkv, hs], rng), b);
+    let v = restride(random(b.mostly(dtype, &ANY), &[nb, bs, nkv, hs], rng), b);
     let cu_len = b.mostly(cu.len(), &[0, 1]).min(cu.len());
     let cu_t = Tensor::from_i32(&[cu_len], &cu[..cu_len]).expect("shape");
     let used_t = Tensor::from_i32(&[batch], &used).expect("shape");
@@ -276,10 +300,10 @@ fn reshape_case(b: &Bytes, rng: &mut Rng) -> Outcome {
     } else {
         (vec![nb, nkv, hs.checked_div(x).unwrap_or(0), bs, x], vec![nb, nkv, hs, bs])
     };
-    let key = random(dtype, &[tokens, nkv, hs], rng);
-    let value = random(b.mostly(dtype, &ANY), &[tokens, nkv, hs], rng);
-    let mut kc = random(cache_dtype, &ks, rng);
-    let mut vc = random(cache_dtype, &vs, rng);
+    let key = restride(random(dtype, &[tokens, nkv, hs], rng), b);
+    let value = restride(random(b.mostly(dtype, &ANY), &[tokens, nkv, hs], rng), b);
+    let mut kc = restride(random(cache_dtype, &ks, rng), b);
+    let mut vc = restride(random(cache_dtype, &vs, rng), b);
     let v0 = vc.to_f64_vec();
     let total = (nb * bs) as i64;
     let slots: Vec<i64> = (0..tokens).map(|_| b.mostly(b.below(total.max(1) as usize) as i64, &[-1, total, i64::MIN, 0])).collect();
@@ -429,4 +453,37 @@ fn block_manager_case(b: &Bytes) -> Outcome {
     }
     assert_eq!((bm.num_free(Pool::Gpu), bm.num_free(Pool::Cpu)), (config.num_gpu_blocks, config.num_cpu_blocks), "blocks leaked");
     if refused > 0 { Outcome::Rejected } else { Outcome::Accepted }
+}
+
+fn swap_blocks_case(b: &Bytes, rng: &mut Rng) -> Outcome {
+    let dtype = b.pick(&ANY);
+    let (ns, nd) = (b.mostly(1 + b.below(6), &[0]), b.mostly(1 + b.below(6), &[0]));
+    let inner = [b.mostly(2usize, &[0, 3]), b.mostly(16usize, &[1, 7])];
+    let src = restride(random(dtype, &[ns, inner[0], inner[1]], rng), b);
+    let mut dst = random(b.mostly(dtype, &ANY), &[nd, b.mostly(inner[0], &[inner[0] + 1]), inner[1]], rng);
+    let before = dst.to_f64_vec();
+    let pairs = b.mostly(b.below(5), &[0, 8]);
+    let map: Vec<i64> =
+        (0..pairs).flat_map(|_| [b.below(ns.max(1)) as i64, b.below(nd.max(1)) as i64]).map(|v| b.mostly(v, &[-1, 99, i64::MIN])).collect();
+    let mapping = Tensor::from_i64(&[pairs, 2], &map).expect("shape");
+    let res = cache::swap_blocks(&Device::Cpu, &src, &mut dst, &mapping);
+    if res.is_ok() && pairs > 0 {
+        let (s, d) = (src.to_f64_vec(), dst.to_f64_vec());
+        let block = inner[0] * inner[1];
+        let mut from = vec![None; nd];
+        for p in map.chunks(2) {
+            from[p[1] as usize] = Some(p[0] as usize);
+        }
+        for (blk, f) in from.iter().enumerate() {
+            let want = match f {
+                Some(f) => &s[f * block..][..block],
+                None => &before[blk * block..][..block],
+            };
+            assert!(
+                d[blk * block..][..block].iter().zip(want).all(|(a, b)| same(*a, *b)),
+                "swap_blocks: destination block {blk} (source {f:?})"
+            );
+        }
+    }
+    outcome(&res)
 }
