@@ -6,7 +6,7 @@
 //! out-of-range device ids, 128k paged contexts and fp8 saturation are in `paged_attention.rs`,
 //! `cache.rs`, `flash_attn.rs` and `fp8.rs`.)
 
-use pagedattn::layout::{DType, KvCacheDType};
+use pagedattn::layout::DType;
 use pagedattn::testing::varlen::{VarlenCase, VarlenInputs, check_varlen};
 use pagedattn::testing::{Case, Inputs, Rng, check_case, compare, tolerance};
 use pagedattn::{
@@ -24,21 +24,6 @@ fn kernels(device: &Device) -> Vec<FlashKernel> {
     k
 }
 
-fn paged(dtype: DType, heads: (usize, usize), head_size: usize, block_size: usize, seq_lens: Vec<usize>, seed: u64) -> Case {
-    Case {
-        dtype,
-        cache: KvCacheDType::Auto,
-        num_heads: heads.0,
-        num_kv_heads: heads.1,
-        head_size,
-        block_size,
-        seq_lens,
-        alibi: false,
-        blocksparse: None,
-        seed,
-    }
-}
-
 /// 10⁵ sequences in one launch: paged attention v1 and v2 (lengths 0–12, blocks of 8) and varlen
 /// decode rows (one query each) on both kernels, against the float64 reference.
 #[test]
@@ -47,7 +32,7 @@ fn gpu_hundred_thousand_sequences() {
     let n = 100_000;
     let mut rng = Rng::new(5);
     let lens: Vec<usize> = (0..n).map(|_| rng.below(13)).collect();
-    let c = paged(DType::F16, (2, 1), 64, 8, lens.clone(), 6);
+    let c = Case::new(DType::F16, (2, 1), 64, 8, &lens, false, 6);
     for version in [Version::V1, Version::V2] {
         let e = check_case(&device, &c, version).unwrap();
         assert!(e.passes(tolerance(DType::F16)), "{c} {version}: {e:?}");
@@ -97,7 +82,7 @@ fn gpu_varlen_long_contexts_and_full_tables() {
             assert!(e.passes(tolerance(c.dtype)), "{c} ({}): {e:?}", kernel.name());
         }
     }
-    let c = paged(DType::BF16, (4, 1), 128, 32, vec![256, 32, 31], 9);
+    let c = Case::new(DType::BF16, (4, 1), 128, 32, &[256, 32, 31], false, 9);
     for version in [Version::V1, Version::V2] {
         let e = check_case(&device, &c, version).unwrap();
         assert!(e.passes(tolerance(DType::BF16)), "{c} {version}: {e:?}");
@@ -141,7 +126,7 @@ fn fin(finite: bool) -> &'static str {
 fn gpu_non_finite_inputs_propagate_like_the_reference() {
     let Some(mut device) = gpu_or_skip!() else { return };
     // Paged attention.
-    let c = paged(DType::F16, (8, 2), 64, 16, vec![20, 33, 5], 10);
+    let c = Case::new(DType::F16, (8, 2), 64, 16, &[20, 33, 5], false, 10);
     let mut host: Inputs = c.inputs().unwrap();
     let table = host.block_tables.to_i32_vec();
     let width = host.block_tables.shape()[1];
@@ -238,7 +223,7 @@ fn gpu_streams_share_read_only_caches() {
     let Some(device) = gpu_or_skip!() else { return };
     let Device::Gpu(first) = &device else { unreachable!() };
     let ctx = first.context().clone();
-    let c = paged(DType::F16, (8, 2), 128, 16, vec![300, 1, 77, 1024, 0, 45], 12);
+    let c = Case::new(DType::F16, (8, 2), 128, 16, &[300, 1, 77, 1024, 0, 45], false, 12);
     let host = c.inputs().unwrap();
     let shared = host.upload(&device).unwrap();
     let vc = VarlenCase {

@@ -166,18 +166,7 @@ fn elem_tol(dtype: DType) -> (f64, f64) {
 }
 
 fn case(dtype: DType, heads: (usize, usize), head_size: usize, block_size: usize, seq_lens: &[usize], alibi: bool, seed: u64) -> Case {
-    Case {
-        dtype,
-        cache: KvCacheDType::Auto,
-        num_heads: heads.0,
-        num_kv_heads: heads.1,
-        head_size,
-        block_size,
-        seq_lens: seq_lens.to_vec(),
-        alibi,
-        blocksparse: None,
-        seed,
-    }
+    Case::new(dtype, heads, head_size, block_size, seq_lens, alibi, seed)
 }
 
 /// Block `b` of sequence `s` in host inputs' table.

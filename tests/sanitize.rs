@@ -18,18 +18,7 @@ fn paged_case(
     alibi: bool,
     seed: u64,
 ) -> Case {
-    Case {
-        dtype,
-        cache,
-        num_heads: heads.0,
-        num_kv_heads: heads.1,
-        head_size,
-        block_size,
-        seq_lens: vec![1, 17, 0, 70],
-        alibi,
-        blocksparse: None,
-        seed,
-    }
+    Case { cache, ..Case::new(dtype, heads, head_size, block_size, &[1, 17, 0, 70], alibi, seed) }
 }
 
 /// Paged attention v1 and v2: f32/f16/bf16, an fp8 cache, heads 64/128/256, blocks 8/16/32, GQA,

@@ -172,6 +172,30 @@ impl Inputs {
 }
 
 impl Case {
+    /// A case of `dtype` caches (`auto`), dense, with ALiBi or not: `heads` is (query, KV) heads.
+    pub fn new(
+        dtype: DType,
+        heads: (usize, usize),
+        head_size: usize,
+        block_size: usize,
+        seq_lens: &[usize],
+        alibi: bool,
+        seed: u64,
+    ) -> Case {
+        Case {
+            dtype,
+            cache: KvCacheDType::Auto,
+            num_heads: heads.0,
+            num_kv_heads: heads.1,
+            head_size,
+            block_size,
+            seq_lens: seq_lens.to_vec(),
+            alibi,
+            blocksparse: None,
+            seed,
+        }
+    }
+
     /// `(k_scale, v_scale)` of fp8 cases: the caches hold uniform values in [-1, 1) divided by
     /// these, so e4m3 codes span about ±16 and ±40 (well inside ±448) with their full precision.
     pub fn fp8_scales(&self) -> (f32, f32) {
