@@ -132,6 +132,17 @@ impl Gpu {
         &self.stream
     }
 
+    /// Queues later ops on `stream`, which must belong to this GPU's context: e.g. a stream another
+    /// library owns, wrapped by [`CudaContext::wrap_borrowed_stream`] (the Python binding follows
+    /// torch's current stream this way). Allocations made earlier stay valid.
+    pub fn set_stream(&mut self, stream: Arc<CudaStream>) -> Result<()> {
+        if !Arc::ptr_eq(stream.context(), &self.ctx) && stream.context().cu_ctx() != self.ctx.cu_ctx() {
+            return Err(Error::Device { op: "set_stream", tensor: "stream", got: "another context", expected: "this GPU's context" });
+        }
+        self.stream = stream;
+        Ok(())
+    }
+
     /// Device address of the status word, for kernel params.
     pub(crate) fn status_ptr(&self) -> u64 {
         self.status.device_ptr(&self.stream).0

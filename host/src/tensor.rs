@@ -191,6 +191,19 @@ pub enum Storage {
         /// The allocation, as bytes, locked as [`Storage::Cpu`]'s.
         slice: RwLock<PinnedHostSlice<u8>>,
     },
+    /// Memory another library owns, e.g. a torch tensor's (the Python binding's zero-copy path):
+    /// device memory, or page-locked host memory when `pinned`. Made only by the unsafe
+    /// [`Tensor::from_borrowed`], whose caller keeps the memory alive, and its accesses ordered with
+    /// the op's stream, until the work queued on it is done. Never freed here; its bytes are not
+    /// readable through [`Tensor::host_bytes`].
+    Borrowed {
+        /// Address of the first byte (device or UVA host address).
+        ptr: u64,
+        /// Bytes from `ptr` that views may address.
+        len: usize,
+        /// Page-locked host memory rather than device memory.
+        pinned: bool,
+    },
 }
 
 #[inline]
@@ -226,6 +239,7 @@ impl Storage {
             Storage::Cpu(v) => read(v).len(),
             Storage::Gpu { slice, .. } => slice.len(),
             Storage::Pinned { slice } => read(slice).len(),
+            Storage::Borrowed { len, .. } => *len,
         }
     }
 
@@ -234,7 +248,8 @@ impl Storage {
         match self {
             Storage::Cpu(_) => "CPU",
             Storage::Gpu { .. } => "GPU",
-            Storage::Pinned { .. } => "pinned host",
+            Storage::Pinned { .. } | Storage::Borrowed { pinned: true, .. } => "pinned host",
+            Storage::Borrowed { pinned: false, .. } => "GPU",
         }
     }
 
@@ -247,7 +262,7 @@ impl Storage {
                 let (ptr, len) = (guard.as_ptr()?, guard.len());
                 Ok(HostBytes(HostRead::Pinned { _guard: guard, ptr, len }))
             }
-            Storage::Gpu { .. } => Err(self.not_on_host()),
+            Storage::Gpu { .. } | Storage::Borrowed { .. } => Err(self.not_on_host()),
         }
     }
 
@@ -260,7 +275,7 @@ impl Storage {
                 let (ptr, len) = (guard.as_mut_ptr()?, guard.len());
                 Ok(HostBytesMut(HostWrite::Pinned { _guard: guard, ptr, len }))
             }
-            Storage::Gpu { .. } => Err(self.not_on_host()),
+            Storage::Gpu { .. } | Storage::Borrowed { .. } => Err(self.not_on_host()),
         }
     }
 
@@ -413,6 +428,30 @@ impl Tensor {
         Ok(Tensor::with_storage(Arc::new(storage), dtype, shape, strides, offset))
     }
 
+    /// A view over memory another library owns (a torch tensor's, through the Python binding):
+    /// `len` bytes at `ptr`, device memory or, when `pinned`, page-locked host memory. Bounds are
+    /// checked as in [`Tensor::from_storage`] against `len`; nothing is copied and nothing is freed.
+    ///
+    /// # Safety
+    /// `ptr .. ptr + len` is memory of that kind in the context of the [`Gpu`] the tensor is used
+    /// with, and stays allocated, with its other users ordered against the stream the ops run on,
+    /// until every op queued with the tensor has finished.
+    pub unsafe fn from_borrowed(
+        ptr: u64,
+        len: usize,
+        pinned: bool,
+        dtype: ScalarType,
+        shape: &[usize],
+        strides: &[usize],
+        offset: usize,
+    ) -> Result<Tensor> {
+        Tensor::from_storage(Storage::Borrowed { ptr, len, pinned }, dtype, shape, strides, offset)
+    }
+
+    fn borrowed(&self, op: &'static str) -> Error {
+        Error::Device { op, tensor: "borrowed memory", got: self.storage.location(), expected: "memory this library allocated" }
+    }
+
     /// Another view of this tensor's storage (same dtype): `offset` counts elements from the start of
     /// the storage, not of this view. Bounds are checked as in [`Tensor::from_storage`].
     pub fn view(&self, shape: &[usize], strides: &[usize], offset: usize) -> Result<Tensor> {
@@ -551,9 +590,9 @@ impl Tensor {
         matches!(*self.storage, Storage::Cpu(_))
     }
 
-    /// In page-locked host memory ([`Storage::Pinned`]).
+    /// In page-locked host memory ([`Storage::Pinned`], or borrowed pinned memory).
     pub fn is_pinned(&self) -> bool {
-        matches!(*self.storage, Storage::Pinned { .. })
+        matches!(*self.storage, Storage::Pinned { .. } | Storage::Borrowed { pinned: true, .. })
     }
 
     /// In host memory the CPU can read: pageable or pinned.
@@ -561,9 +600,9 @@ impl Tensor {
         !self.is_gpu()
     }
 
-    /// In device memory ([`Storage::Gpu`]).
+    /// In device memory ([`Storage::Gpu`], or borrowed device memory).
     pub fn is_gpu(&self) -> bool {
-        matches!(*self.storage, Storage::Gpu { .. })
+        matches!(*self.storage, Storage::Gpu { .. } | Storage::Borrowed { pinned: false, .. })
     }
 
     /// Whether the strides are exactly the row-major ones of the shape ([`contiguous_strides`]; the
@@ -605,7 +644,8 @@ impl Tensor {
                 let (p, _sync) = slice.device_ptr(stream);
                 Some(p + (self.offset * self.dtype.size_bytes()) as u64)
             }
-            Storage::Cpu(_) | Storage::Pinned { .. } => None,
+            Storage::Borrowed { ptr, pinned: false, .. } => Some(ptr + (self.offset * self.dtype.size_bytes()) as u64),
+            Storage::Cpu(_) | Storage::Pinned { .. } | Storage::Borrowed { pinned: true, .. } => None,
         }
     }
 
@@ -621,6 +661,7 @@ impl Tensor {
         let start = (self.offset * self.dtype.size_bytes()) as u64;
         match &*self.storage {
             Storage::Gpu { .. } => self.device_ptr(),
+            Storage::Borrowed { ptr, .. } => Some(ptr + start),
             Storage::Pinned { slice } => {
                 let ptr = read(slice).as_ptr(); // The guard drops here, before `record` locks again.
                 match ptr {
@@ -759,6 +800,7 @@ impl Tensor {
                 }
             }
             Storage::Gpu { slice, .. } => stream.clone_dtod(slice).map_err(oom)?,
+            Storage::Borrowed { .. } => return Err(self.borrowed("to_gpu")),
         };
         Ok(self.rehome(Storage::Gpu { slice, stream: stream.clone() }))
     }
@@ -814,6 +856,13 @@ impl Tensor {
             Storage::Cpu(v) => read(v).clone(),
             Storage::Pinned { .. } => self.host_bytes()?.to_vec(),
             Storage::Gpu { slice, stream } => stream.clone_dtoh(slice)?,
+            Storage::Borrowed { ptr, len, .. } => {
+                let mut bytes = vec![0u8; *len];
+                // SAFETY: `from_borrowed`'s contract: `len` bytes at `ptr` are live device or pinned
+                // memory of the current context, with no work in flight on them (it was waited for).
+                unsafe { cudarc::driver::result::memcpy_dtoh_sync(&mut bytes, *ptr) }?;
+                bytes
+            }
         };
         Ok(self.rehome(Storage::cpu(bytes)))
     }
@@ -834,6 +883,7 @@ impl Tensor {
                     stream.memcpy_dtoh(slice, &mut dst)?;
                     stream.synchronize()?;
                 }
+                Storage::Borrowed { .. } => return Err(self.borrowed("to_pinned")),
                 host => dst.as_mut_slice()?.copy_from_slice(&host.lock_read()?),
             }
         }
