@@ -25,6 +25,10 @@ pub struct DeviceState {
     /// v2's partial results, with the bounds it was made for: (sequences × heads, head size,
     /// max_seq_len).
     workspace: Option<(PagedAttentionWorkspace, (usize, usize, usize))>,
+    /// The stream the workspace was last used on.
+    workspace_stream: Option<u64>,
+    /// Workspaces a larger one replaced: kept, since captured graphs may address them.
+    retired: Vec<PagedAttentionWorkspace>,
 }
 
 static DEVICES: Mutex<Vec<Option<DeviceState>>> = Mutex::new(Vec::new());
@@ -131,7 +135,10 @@ pub fn with_device<R>(ordinal: usize, stream: u64, arrays: &[&Array], f: impl Fn
     let slot = &mut devices[ordinal];
     if slot.is_none() {
         let gpu = Gpu::new(ordinal).map_err(to_py)?;
-        *slot = Some(DeviceState { device: Device::Gpu(gpu), stream: u64::MAX, workspace: None });
+        // The status word was zeroed on the Gpu's own stream; finish that before other streams use it.
+        gpu.synchronize().map_err(to_py)?;
+        *slot =
+            Some(DeviceState { device: Device::Gpu(gpu), stream: u64::MAX, workspace: None, workspace_stream: None, retired: Vec::new() });
     }
     let state = slot.as_mut().expect("opened above");
     if state.stream != stream {
@@ -182,14 +189,22 @@ impl DeviceState {
     }
 
     /// v2's workspace, large enough for `rows` (sequences × heads) of `head_size` and sequences up
-    /// to `max_seq_len` tokens; grown outside stream capture only.
+    /// to `max_seq_len` tokens, ordered after its last use on another stream.
+    ///
+    /// - Grown outside stream capture only, to powers of two (so a growing workload regrows a few
+    ///   times at most). A workspace it replaces is kept, not freed: a captured CUDA graph may still
+    ///   address it.
+    /// - One workspace serves every stream of the device: a call on another stream than the last
+    ///   one waits for that stream's work first (an event). While a stream is captured the wait is
+    ///   left out (torch synchronizes the device when a capture begins).
     pub fn workspace(&mut self, rows: usize, head_size: usize, max_seq_len: usize) -> PyResult<(&Device, &mut PagedAttentionWorkspace)> {
+        let stream = self.gpu().stream().clone();
+        // SAFETY: queries the capture status of a valid stream.
+        let status = unsafe { cudarc::driver::result::stream::is_capturing(stream.cu_stream()) }.map_err(|e| to_py(e.into()))?;
+        let capturing = status != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
         let fits = matches!(&self.workspace, Some((_, (r, h, l))) if rows <= *r && head_size <= *h && max_seq_len <= *l);
         if !fits {
-            let stream = self.gpu().stream().cu_stream();
-            // SAFETY: queries the capture status of a valid stream.
-            let status = unsafe { cudarc::driver::result::stream::is_capturing(stream) }.map_err(|e| to_py(e.into()))?;
-            if status != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE {
+            if capturing {
                 return Err(CudaError::new_err(format!(
                     "paged_attention_v2 needs a larger workspace ({rows} sequence-heads of {head_size}, max_seq_len \
                      {max_seq_len}) while the stream is being captured; run the op once eagerly with the largest \
@@ -197,12 +212,21 @@ impl DeviceState {
                 )));
             }
             let (r, h, l) = self.workspace.as_ref().map_or((0, 0, 0), |(_, b)| *b);
-            let bounds = (rows.max(r), head_size.max(h), max_seq_len.max(l));
-            // Free the old one first (stream-ordered), then allocate.
-            self.workspace = None;
+            let bounds = (rows.max(r).next_power_of_two(), head_size.max(h), max_seq_len.max(l).max(512).next_power_of_two());
             let ws = PagedAttentionWorkspace::new(&self.device, bounds.0, 1, bounds.1, bounds.2).map_err(to_py)?;
-            self.workspace = Some((ws, bounds));
+            if let Some((old, _)) = self.workspace.replace((ws, bounds)) {
+                self.retired.push(old);
+            }
+        } else if let Some(last) = self.workspace_stream
+            && last != stream.cu_stream() as u64
+            && !capturing
+        {
+            // SAFETY: `last` is a stream an earlier call ran on (torch's), which torch keeps alive
+            // while it is in use; recording an event on a finished stream is harmless.
+            let last = unsafe { self.gpu().context().wrap_borrowed_stream(last as sys::CUstream) };
+            stream.join(&last).map_err(|e| to_py(e.into()))?;
         }
+        self.workspace_stream = Some(stream.cu_stream() as u64);
         let (ws, _) = self.workspace.as_mut().expect("made above");
         Ok((&self.device, ws))
     }

@@ -877,6 +877,38 @@ def test_cuda_graph_paged_attention_v1_v2_replay_with_new_inputs():
         assert_close(out2, want, TOL["float16"], f"graph v2 lens {lens}")
 
 
+def test_cuda_graph_v2_survives_workspace_growth_and_stream_switches():
+    """v2 keeps one workspace per device: a graph captured with small sizes must still replay
+    correctly after an eager call with larger sizes regrew the workspace (the old one stays
+    allocated), and calls alternating between two streams must not race on it."""
+    small = PagedCase("float16", 8, 2, 64, 16, [40, 300], capacity=[64, 320], seed=9200)
+    big = PagedCase("float16", 8, 2, 64, 16, [3000] * 9, capacity=[3008] * 9, seed=9201)
+    si, bi = make_paged_inputs(small), make_paged_inputs(big)
+    s_out, b_out = nan_full(si.query.shape, "float16"), nan_full(bi.query.shape, "float16")
+    s_bufs = v2_buffers(2, 8, 64, si.max_seq_len, "float16")
+    b_bufs = v2_buffers(9, 8, 64, bi.max_seq_len, "float16")
+    graph = _capture(lambda: ops.paged_attention_v2(s_out, *s_bufs, *paged_args(si)))
+    ops.paged_attention_v2(b_out, *b_bufs, *paged_args(bi))  # grows the workspace
+    s_out.fill_(float("nan"))
+    graph.replay()
+    finish()
+    assert_close(s_out, ref_paged_attention(si), TOL["float16"], "graph replay after growth")
+    assert_close(b_out, ref_paged_attention(bi), TOL["float16"], "the large eager call")
+    # Two streams, each with its own outputs, sharing the workspace: the second waits for the first.
+    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+    o1, o2 = nan_full(bi.query.shape, "float16"), nan_full(si.query.shape, "float16")
+    torch.cuda.synchronize()
+    with torch.cuda.stream(s1):
+        torch.cuda._sleep(SLEEP_CYCLES // 4)
+        ops.paged_attention_v2(o1, *b_bufs, *paged_args(bi))
+    with torch.cuda.stream(s2):
+        ops.paged_attention_v2(o2, *s_bufs, *paged_args(si))
+    assert not s2.query(), "v2 on stream 2 did not wait for stream 1's use of the shared workspace"
+    finish()
+    assert_close(o1, ref_paged_attention(bi), TOL["float16"], "stream 1")
+    assert_close(o2, ref_paged_attention(si), TOL["float16"], "stream 2")
+
+
 def test_cuda_graph_reshape_and_varlen_decode_replays():
     """A decode step (reshape_and_cache_flash of each sequence's new token, then
     flash_attn_varlen_func with out= preallocated) captured once and replayed while the caller
