@@ -4,13 +4,15 @@
 //! - [`array`]: reading arrays (torch attributes, `__cuda_array_interface__`, DLPack);
 //! - [`ops`]: the ops, with vLLM's signatures and the checks of vLLM's binding;
 //! - [`runtime`]: the opened GPUs, the current stream, v2's workspace;
-//! - [`errors`]: the exception classes.
+//! - [`errors`]: the exception classes;
+//! - [`fastcall`]: vectorcall entry points (keyword-heavy calls without PyO3's tuple and dict).
 //!
 //! The Python side (`python/pagedattn/`) re-exports these under vLLM's module names; tests are in
 //! `python/tests/`, the benchmark in `python/bench/`.
 
 mod array;
 mod errors;
+mod fastcall;
 mod ops;
 mod runtime;
 

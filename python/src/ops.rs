@@ -14,6 +14,7 @@ use pagedattn::{FlashAttnVarlenArgs, ScalarType, Tensor};
 
 use crate::array::{Array, DType, Place, bad_value, optional, place_name};
 use crate::errors::{DTypeError, DevicePlacementError, UnsupportedError, ValidationError, to_py};
+use crate::fastcall::{self, Params};
 use crate::runtime::{call_device, current_stream, pair, with_device};
 
 const FLOATS: &[DType] = &[DType::F16, DType::BF16, DType::F32];
@@ -123,11 +124,11 @@ fn check_paged(
         return Err(bad_value("num_kv_heads", num_kv_heads, &format!("must divide the query's {num_heads} heads")));
     }
     let x = 16 / cache.size_bytes();
+    if head_size % x != 0 {
+        return Err(ValidationError::new_err(format!("head_size {head_size} (the query's) is not a multiple of x = {x}")));
+    }
     let nb = key_cache.shape[0];
     require_shape(key_cache, &[nb, kv_heads, head_size / x, bs, x], "num_kv_heads, head_size and block_size of the call, x = 16 bytes")?;
-    if head_size % x != 0 {
-        return Err(ValidationError::new_err(format!("head_size {head_size} is not a multiple of x = {x}")));
-    }
     require_shape(value_cache, &[value_cache.shape[0], kv_heads, head_size, bs], "num_kv_heads, head_size and block_size of the call")?;
     block_tables.require_rank(2, "[num_seqs, max_num_blocks_per_seq]")?;
     if block_tables.shape[0] != num_seqs {
@@ -574,14 +575,6 @@ pub fn swap_blocks(src: &Bound<'_, PyAny>, dst: &Bound<'_, PyAny>, block_mapping
 
 /// `vllm.vllm_flash_attn.flash_attn_varlen_func` over a paged cache (`block_table` and
 /// `seqused_k`): mixed prefill and decode in one launch. Returns `out`, or `(out, softmax_lse)`.
-#[pyfunction]
-#[pyo3(signature = (
-    q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k = None, seqused_k = None, q_v = None,
-    dropout_p = 0.0, softmax_scale = None, causal = false, window_size = None, softcap = 0.0, alibi_slopes = None,
-    deterministic = false, return_attn_probs = false, block_table = None, return_softmax_lse = false, out = None,
-    scheduler_metadata = None, q_descale = None, k_descale = None, v_descale = None, num_splits = 0, fa_version = 2,
-    s_aux = None
-))]
 #[allow(clippy::too_many_arguments)]
 pub fn flash_attn_varlen_func<'py>(
     q: &Bound<'py, PyAny>,
@@ -810,6 +803,106 @@ pub fn merge_attn_states(
     })
 }
 
+/// `flash_attn_varlen_func`'s parameters, in order (vLLM's).
+const VARLEN_PARAMS: &[&str] = &[
+    "q",
+    "k",
+    "v",
+    "max_seqlen_q",
+    "cu_seqlens_q",
+    "max_seqlen_k",
+    "cu_seqlens_k",
+    "seqused_k",
+    "q_v",
+    "dropout_p",
+    "softmax_scale",
+    "causal",
+    "window_size",
+    "softcap",
+    "alibi_slopes",
+    "deterministic",
+    "return_attn_probs",
+    "block_table",
+    "return_softmax_lse",
+    "out",
+    "scheduler_metadata",
+    "q_descale",
+    "k_descale",
+    "v_descale",
+    "num_splits",
+    "fa_version",
+    "s_aux",
+];
+
+static VARLEN: pyo3::sync::PyOnceLock<Params> = pyo3::sync::PyOnceLock::new();
+
+const VARLEN_DOC: &std::ffi::CStr = c"flash_attn_varlen_func(q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k=None, \
+seqused_k=None, q_v=None, dropout_p=0.0, softmax_scale=None, causal=False, window_size=None, softcap=0.0, alibi_slopes=None, \
+deterministic=False, return_attn_probs=False, block_table=None, return_softmax_lse=False, out=None, scheduler_metadata=None, \
+q_descale=None, k_descale=None, v_descale=None, num_splits=0, fa_version=2, s_aux=None)
+--
+
+`vllm.vllm_flash_attn.flash_attn_varlen_func` over a paged cache (`block_table` and `seqused_k`):
+mixed prefill and decode in one launch. Returns `out`, or `(out, softmax_lse)`.";
+
+/// `flash_attn_varlen_func` as a vectorcall function (see [`crate::fastcall`]): sorts the
+/// arguments, converts them as PyO3 would, and calls [`flash_attn_varlen_func`].
+unsafe extern "C" fn varlen_fastcall(
+    _module: *mut pyo3::ffi::PyObject,
+    args: *const *mut pyo3::ffi::PyObject,
+    nargsf: pyo3::ffi::Py_ssize_t,
+    kwnames: *mut pyo3::ffi::PyObject,
+) -> *mut pyo3::ffi::PyObject {
+    fastcall::trampoline(|py| {
+        let p = VARLEN.get_or_init(py, || Params::new(py, "flash_attn_varlen_func", VARLEN_PARAMS));
+        // SAFETY: CPython's vectorcall arguments, passed through unchanged.
+        let a = unsafe { p.sort(py, args, nargsf, kwnames) }?;
+        let req = |i: usize| a[i].as_ref().ok_or_else(|| p.missing(i));
+        for i in 0..6 {
+            req(i)?;
+        }
+        let opt = |i: usize| a[i].as_ref().filter(|o| !o.is_none());
+        let arg = |i: usize, e: PyErr| pyo3::exceptions::PyTypeError::new_err(format!("argument '{}': {e}", p.names[i]));
+        let int = |i: usize, d: i64| a[i].as_ref().map_or(Ok(d), |o| o.extract::<i64>().map_err(|e| arg(i, e)));
+        let float = |i: usize, d: f64| a[i].as_ref().map_or(Ok(d), |o| o.extract::<f64>().map_err(|e| arg(i, e)));
+        let flag = |i: usize| a[i].as_ref().map_or(Ok(false), |o| o.extract::<bool>().map_err(|e| arg(i, e)));
+        let scale = opt(10).map(|o| o.extract::<f64>().map_err(|e| arg(10, e))).transpose()?;
+        let window = opt(12).map(|o| o.extract::<Vec<i64>>().map_err(|e| arg(12, e))).transpose()?;
+        let max_q = req(3)?.extract::<i64>().map_err(|e| arg(3, e))?;
+        let max_k = req(5)?.extract::<i64>().map_err(|e| arg(5, e))?;
+        flash_attn_varlen_func(
+            req(0)?,
+            req(1)?,
+            req(2)?,
+            max_q,
+            req(4)?,
+            max_k,
+            opt(6),
+            opt(7),
+            opt(8),
+            float(9, 0.0)?,
+            scale,
+            flag(11)?,
+            window,
+            float(13, 0.0)?,
+            opt(14),
+            flag(15)?,
+            flag(16)?,
+            opt(17),
+            flag(18)?,
+            opt(19),
+            opt(20),
+            opt(21),
+            opt(22),
+            opt(23),
+            int(24, 0)?,
+            int(25, 2)?,
+            opt(26),
+        )
+        .map(Bound::unbind)
+    })
+}
+
 /// Registers the ops in `m`.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(paged_attention_v1, m)?)?;
@@ -818,7 +911,8 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(reshape_and_cache_flash, m)?)?;
     m.add_function(wrap_pyfunction!(copy_blocks, m)?)?;
     m.add_function(wrap_pyfunction!(swap_blocks, m)?)?;
-    m.add_function(wrap_pyfunction!(flash_attn_varlen_func, m)?)?;
+    // The vectorcall entry point (vLLM passes every argument by keyword: see `crate::fastcall`).
+    fastcall::add(m, c"flash_attn_varlen_func", VARLEN_DOC, varlen_fastcall)?;
     m.add_function(wrap_pyfunction!(merge_attn_states, m)?)?;
     Ok(())
 }
