@@ -6,8 +6,9 @@ skipped, with the reason printed, when the import or its JIT compile fails). Wri
 (--out) and prints Markdown tables (also written to --md when given).
 
 Part 1, "host": the CPU cost of one call, i.e. what a Python caller (vLLM) pays per op per layer.
-  Each op is called back to back in bursts (default 30 bursts of 100 calls) with no synchronization
-  inside a burst; torch.cuda.synchronize() runs between bursts, outside the timed window. Timed with
+  Each op is called back to back in bursts (default 30 bursts of 100 calls, in 3 rounds that
+  interleave the ops so that a slow spell of a shared machine spreads over all rows) with no
+  synchronization inside a burst; torch.cuda.synchronize() runs between bursts, outside the timed window. Timed with
   time.perf_counter_ns() around the burst; the figure is (burst time / calls), median and min over
   bursts. The garbage collector is off while timing. Every row goes through the same Python closure
   call, so the `python loop + closure` row is the floor of the method and `torch.add(out=)` on a
@@ -97,6 +98,8 @@ def parse_args():
     p.add_argument("--bursts", type=int, default=30, help="host part: bursts per op")
     p.add_argument("--burst-size", type=int, default=100, help="host part: calls per burst")
     p.add_argument("--host-warmup", type=int, default=50, help="host part: warm-up calls per op")
+    p.add_argument("--host-rounds", type=int, default=3,
+                   help="host part: rounds that interleave the ops (bursts are split over them)")
     # grid part
     p.add_argument("--batches", type=ints, default=[1, 16, 64, 256])
     p.add_argument("--contexts", type=ints, default=[512, 4096, 16384])
@@ -530,8 +533,19 @@ def run_host_part(args, torch, F, pa, gpu, fi_state, dnames, results, notes):
         case = Case(torch, dev, dtype, B, L, args.seed + 1000 + B, want_sdpa=not args.no_sdpa)
         fi_ready = fi_state.plan(case, dname) if fi_state else {}
         impls = make_impls(torch, F, pa, case, fi_ready, not args.no_sdpa)
+        # Rounds interleave the ops (each round times every op for bursts / rounds bursts), so a
+        # slow spell of the machine (a shared VM) spreads over all rows instead of hitting one.
+        per = {label: [] for label in impls}
+        rounds = max(1, args.host_rounds)
+        for _ in range(rounds):
+            for label, (fn, _) in impls.items():
+                try:
+                    per[label] += host_time(torch, fn, max(1, args.bursts // rounds), args.burst_size,
+                                            args.host_warmup)
+                except Exception as e:
+                    per[label] = e
         for label, (fn, _) in impls.items():
-            rows.append(_host_row(args, torch, gpu, label, fn, dname, B, L))
+            rows.append(_host_row(args, torch, gpu, label, fn, dname, B, L, per=per[label]))
         # FlashInfer's plan() runs once per decode step (shared by all layers): shown apart.
         if fi_state:
             for label in fi_ready:
@@ -550,10 +564,13 @@ def run_host_part(args, torch, F, pa, gpu, fi_state, dnames, results, notes):
             notes.append(f"host: {label} rows skipped: {why}")
 
 
-def _host_row(args, torch, gpu, label, fn, dname, B, L, device_time=True):
+def _host_row(args, torch, gpu, label, fn, dname, B, L, device_time=True, per=None):
     row = {"op": label, "dtype": dname, "batch": B, "context": L}
     try:
-        per = host_time(torch, fn, args.bursts, args.burst_size, args.host_warmup)
+        if isinstance(per, Exception):
+            raise per
+        if per is None:
+            per = host_time(torch, fn, args.bursts, args.burst_size, args.host_warmup)
         row.update(host_median_us=med(per), host_min_us=min(per), host_all_us=per)
         if device_time:
             row["gpu_us_per_call"] = device_time_of_burst(torch, gpu, fn, args.burst_size,
