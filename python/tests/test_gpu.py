@@ -1553,3 +1553,58 @@ def test_top_level_names_are_the_same_ops():
     pagedattn.paged_attention_v1(b, *paged_args(inp))
     finish()
     assert_same_bits(b, a, "pagedattn.paged_attention_v1 vs ops")
+
+
+# ---------------------------------------------------------------------------------------------
+# Arrays that are not torch tensors: __cuda_array_interface__ and DLPack producers
+# ---------------------------------------------------------------------------------------------
+
+
+class _CaiOnly:
+    """Exposes only a torch tensor's __cuda_array_interface__ (as CuPy or Numba arrays would)."""
+
+    def __init__(self, t):
+        self._t = t  # keeps the memory alive
+        self.__cuda_array_interface__ = t.__cuda_array_interface__
+
+
+class _DlpackOnly:
+    """Exposes only a torch tensor's DLPack protocol (__dlpack__ / __dlpack_device__)."""
+
+    def __init__(self, t):
+        self._t = t
+
+    def __dlpack__(self, stream=None):
+        return self._t.__dlpack__(stream=stream)
+
+    def __dlpack_device__(self):
+        return self._t.__dlpack_device__()
+
+
+@pytest.mark.parametrize("wrap", (_CaiOnly, _DlpackOnly), ids=("cuda_array_interface", "dlpack"))
+def test_non_torch_arrays_give_the_torch_result(wrap):
+    """paged_attention_v1 and reshape_and_cache_flash with every array behind only one of the
+    generic protocols (the address, dtype, shape and strides read from it; the device asked of the
+    driver for __cuda_array_interface__) write the same bits as with torch tensors."""
+    case = PagedCase("float16", 8, 2, 64, 16, [33, 70, 5], capacity=[48, 80, 16], seed=9300)
+    inp = make_paged_inputs(case)
+    want, got = nan_full(inp.query.shape, "float16"), nan_full(inp.query.shape, "float16")
+    args = list(paged_args(inp))
+    ops.paged_attention_v1(want, *args)
+    wrapped = [wrap(a) if isinstance(a, torch.Tensor) else a for a in args]
+    ops.paged_attention_v1(wrap(got), *wrapped)
+    finish()
+    assert_same_bits(got, want, f"paged_attention_v1 through {wrap.__name__}")
+    assert_close(got, ref_paged_attention(inp), TOL["float16"], "against the reference")
+
+    g = make_gen(9301)
+    key, value = randn((5, 2, 64), "float16", g), randn((5, 2, 64), "float16", g)
+    slots = torch.tensor([3, 17, -1, 40, 62], dtype=torch.int64, device="cuda")
+    kc_a, vc_a = nan_full((4, 16, 2, 64), "float16"), nan_full((4, 16, 2, 64), "float16")
+    kc_b, vc_b = kc_a.clone(), vc_a.clone()
+    one = ones_scale()
+    ops.reshape_and_cache_flash(key, value, kc_a, vc_a, slots, "auto", one, one)
+    ops.reshape_and_cache_flash(*(wrap(t) for t in (key, value, kc_b, vc_b, slots)), "auto", one, one)
+    finish()
+    assert_same_bits(kc_b, kc_a, "key cache")
+    assert_same_bits(vc_b, vc_a, "value cache")
