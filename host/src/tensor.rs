@@ -902,6 +902,26 @@ mod tests {
     }
 
     #[test]
+    fn borrowed_memory_is_bounds_checked_and_never_read_on_the_host() {
+        // Nothing dereferences the address here: views are only described.
+        let make = |pinned, shape: &[usize], strides: &[usize], offset| {
+            // SAFETY: the tensors are never used by an op, copied or read.
+            unsafe { Tensor::from_borrowed(0x7f00_0000_0000, 64, pinned, ScalarType::F16, shape, strides, offset) }
+        };
+        let t = make(false, &[4, 8], &[8, 1], 0).unwrap();
+        assert!(t.is_gpu() && !t.is_pinned() && !t.is_host());
+        assert_eq!(t.device_ptr(), Some(0x7f00_0000_0000));
+        assert_eq!(t.select(0, 1).unwrap().device_ptr(), Some(0x7f00_0000_0000 + 16));
+        assert!(t.host_bytes().is_err());
+        // 32 elements of 2 bytes fill the 64 bytes exactly; one more element reaches past them.
+        assert!(make(false, &[4, 8], &[8, 1], 1).is_err());
+        assert!(make(false, &[5, 8], &[8, 1], 0).is_err());
+        let p = make(true, &[32], &[1], 0).unwrap();
+        assert!(p.is_pinned() && !p.is_gpu() && p.device_ptr().is_none());
+        assert_eq!(p.raw_ptr(), Some(0x7f00_0000_0000));
+    }
+
+    #[test]
     fn select_splits_a_combined_kv_cache() {
         let kv = combined(3, 4);
         let (key, value) = (kv.select(0, 0).unwrap(), kv.select(0, 1).unwrap());
