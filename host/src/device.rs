@@ -68,6 +68,9 @@ pub struct Gpu {
     pub l2_bytes: usize,
     /// One lazily loaded module per family (boxed: it keeps `Device` small).
     modules: Box<[OnceLock<Arc<CudaModule>>; KernelFamily::ALL.len()]>,
+    /// Per family, whether a cubin for this arch is embedded (asked on every varlen call; boxed:
+    /// it keeps `Device` small).
+    cubins: Box<[OnceLock<bool>; KernelFamily::ALL.len()]>,
     functions: Mutex<std::collections::HashMap<&'static str, CudaFunction>>,
     /// The status word kernels OR flags into (see `pagedattn_layout::status`).
     status: CudaSlice<u32>,
@@ -111,6 +114,7 @@ impl Gpu {
             sm_count,
             l2_bytes,
             modules: Default::default(),
+            cubins: Default::default(),
             functions: Mutex::new(Default::default()),
             status,
             tensor_maps: Default::default(),
@@ -136,7 +140,7 @@ impl Gpu {
     /// library owns, wrapped by [`CudaContext::wrap_borrowed_stream`] (the Python binding follows
     /// torch's current stream this way). Allocations made earlier stay valid.
     pub fn set_stream(&mut self, stream: Arc<CudaStream>) -> Result<()> {
-        if !Arc::ptr_eq(stream.context(), &self.ctx) && stream.context().cu_ctx() != self.ctx.cu_ctx() {
+        if stream.context().cu_ctx() != self.ctx.cu_ctx() {
             return Err(Error::Device { op: "set_stream", tensor: "stream", got: "another context", expected: "this GPU's context" });
         }
         self.stream = stream;
@@ -191,6 +195,12 @@ impl Gpu {
         log::debug!("loading {} ({kind}) for sm_{}{}", family.name(), self.arch.0, self.arch.1);
         let module = self.ctx.load_module(image)?;
         Ok(slot.get_or_init(|| module).clone())
+    }
+
+    /// Whether a cubin of `family` for this arch is embedded (not only PTX for the driver to JIT).
+    pub fn has_cubin(&self, family: KernelFamily) -> bool {
+        *self.cubins[family.index()]
+            .get_or_init(|| ptx::choose_image(family, self.arch).is_ok_and(|(_, kind)| kind == ptx::ImageKind::Cubin))
     }
 
     /// The kernel `symbol` of `family` (cached).

@@ -128,7 +128,12 @@ fn torch(py: Python<'_>) -> Option<&'static Torch> {
         return Some(t);
     }
     let modules = py.import(intern!(py, "sys")).ok()?.getattr(intern!(py, "modules")).ok()?;
-    let torch = modules.get_item("torch").ok()?;
+    // A dict lookup that returns None rather than raising: this runs on every array while torch
+    // is not imported.
+    let torch = modules.cast::<PyDict>().ok()?.get_item("torch").ok()??;
+    if torch.is_none() {
+        return None;
+    }
     let tensor = torch.getattr("Tensor").ok()?.cast_into::<PyType>().ok()?.unbind();
     let mut dtypes = Vec::new();
     for (name, d) in [
@@ -411,11 +416,17 @@ impl Array {
         self.shape.iter().product()
     }
 
+    /// Whether the array is device memory.
+    pub fn is_cuda(&self) -> bool {
+        matches!(self.place, Place::Cuda(_) | Place::CudaUnknown)
+    }
+
     /// `DevicePlacementError` unless the array is device memory.
     pub fn require_cuda(&self) -> PyResult<()> {
-        match self.place {
-            Place::Cuda(_) | Place::CudaUnknown => Ok(()),
-            p => Err(DevicePlacementError::new_err(format!("`{}` must be a CUDA array, got {}", self.name, place_name(p)))),
+        if self.is_cuda() {
+            Ok(())
+        } else {
+            Err(DevicePlacementError::new_err(format!("`{}` must be a CUDA array, got {}", self.name, place_name(self.place))))
         }
     }
 
@@ -425,6 +436,21 @@ impl Array {
             Ok(())
         } else {
             Err(DTypeError::new_err(format!("`{}` has dtype {}, expected {expected}", self.name, self.dtype.name())))
+        }
+    }
+
+    /// `DTypeError` unless the dtype is `other`'s (an output and its input, a value and its key).
+    pub fn require_dtype_of(&self, other: &Array) -> PyResult<()> {
+        if self.dtype == other.dtype {
+            Ok(())
+        } else {
+            Err(DTypeError::new_err(format!(
+                "`{}` has dtype {}, expected {} (`{}`'s dtype)",
+                self.name,
+                self.dtype.name(),
+                other.dtype.name(),
+                other.name
+            )))
         }
     }
 

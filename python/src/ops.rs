@@ -15,7 +15,7 @@ use pagedattn::{FlashAttnVarlenArgs, ScalarType, Tensor};
 use crate::array::{Array, DType, Place, bad_value, optional, place_name};
 use crate::errors::{DTypeError, DevicePlacementError, UnsupportedError, ValidationError, to_py};
 use crate::fastcall::{self, Params};
-use crate::runtime::{call_device, current_stream, pair, with_device};
+use crate::runtime::{call_device, current_stream, with_device};
 
 const FLOATS: &[DType] = &[DType::F16, DType::BF16, DType::F32];
 const FLOATS_NAME: &str = "float16, bfloat16 or float32";
@@ -39,6 +39,9 @@ fn check_cache_dtype(a: &Array, cache: ScalarType, kv_cache_dtype: &str) -> PyRe
         ScalarType::BF16 => &[DType::BF16],
         _ => &[DType::F32],
     };
+    if ok.contains(&a.dtype) {
+        return Ok(());
+    }
     let expected = match cache.fp8() {
         Some(_) => format!("uint8 (or the matching float8 dtype) for kv_cache_dtype {kv_cache_dtype:?}"),
         None => format!("{} (the model's dtype, kv_cache_dtype \"auto\")", ok[0].name()),
@@ -104,7 +107,7 @@ fn check_paged(
     }
     query.require_dtype(FLOATS, FLOATS_NAME)?;
     let model = query.dtype.float().expect("checked");
-    out.require_dtype(std::slice::from_ref(&query.dtype), &format!("{} (the query's dtype)", query.dtype.name()))?;
+    out.require_dtype_of(query)?;
     let cache = cache_type(kv_cache_dtype, model)?;
     check_cache_dtype(key_cache, cache, kv_cache_dtype)?;
     check_cache_dtype(value_cache, cache, kv_cache_dtype)?;
@@ -180,7 +183,7 @@ fn check_v2_buffers(
     }
     exp_sum.require_dtype(&[DType::F32], "float32")?;
     max_logits.require_dtype(&[DType::F32], "float32")?;
-    tmp_out.require_dtype(std::slice::from_ref(&query.dtype), &format!("{} (the query's dtype)", query.dtype.name()))?;
+    tmp_out.require_dtype_of(query)?;
     let parts = max_seq_len.div_ceil(PARTITION_SIZE);
     for a in [exp_sum, max_logits] {
         a.require_rank(3, "[num_seqs, num_heads, max_num_partitions]")?;
@@ -422,7 +425,7 @@ fn reshape(
     }
     key.require_dtype(FLOATS, FLOATS_NAME)?;
     let model = key.dtype.float().expect("checked");
-    value.require_dtype(std::slice::from_ref(&key.dtype), &format!("{} (the key's dtype)", key.dtype.name()))?;
+    value.require_dtype_of(&key)?;
     let cache = cache_type(kv_cache_dtype, model)?;
     check_cache_dtype(&key_cache, cache, kv_cache_dtype)?;
     check_cache_dtype(&value_cache, cache, kv_cache_dtype)?;
@@ -551,7 +554,7 @@ pub fn swap_blocks(src: &Bound<'_, PyAny>, dst: &Bound<'_, PyAny>, block_mapping
         return Err(DTypeError::new_err(format!("`dst` has dtype {}, `src` {}: they must match", dst.dtype.name(), src.dtype.name())));
     }
     for a in [&src, &dst] {
-        if !matches!(a.place, Place::Cuda(_) | Place::CudaUnknown | Place::Pinned) {
+        if !(a.is_cuda() || a.place == Place::Pinned) {
             return Err(DevicePlacementError::new_err(format!(
                 "`{}` must be a CUDA array or pinned host memory, got {}",
                 a.name,
@@ -560,7 +563,7 @@ pub fn swap_blocks(src: &Bound<'_, PyAny>, dst: &Bound<'_, PyAny>, block_mapping
         }
     }
     let m = mapping.host_tensor(ScalarType::I64)?;
-    let cuda: Vec<&Array> = [&src, &dst].into_iter().filter(|a| a.require_cuda().is_ok()).collect();
+    let cuda: Vec<&Array> = [&src, &dst].into_iter().filter(|a| a.is_cuda()).collect();
     if cuda.is_empty() {
         return Err(DevicePlacementError::new_err(
             "`src` and `dst` are both host memory: one of them must be a CUDA array (the other may be pinned host memory)",
@@ -663,11 +666,10 @@ pub fn flash_attn_varlen_func<'py>(
     }
     qa.require_dtype(&[DType::F16, DType::BF16], "float16 or bfloat16")?;
     let model = qa.dtype.float().expect("checked");
-    let same = format!("{} (the query's dtype)", qa.dtype.name());
-    ka.require_dtype(std::slice::from_ref(&qa.dtype), &same)?;
-    va.require_dtype(std::slice::from_ref(&qa.dtype), &same)?;
+    ka.require_dtype_of(&qa)?;
+    va.require_dtype_of(&qa)?;
     if let Some(o) = &out_a {
-        o.require_dtype(std::slice::from_ref(&qa.dtype), &same)?;
+        o.require_dtype_of(&qa)?;
     }
     for a in [&cu, &su, &bt] {
         a.require_dtype(&[DType::I32], "int32")?;
@@ -750,7 +752,7 @@ pub fn flash_attn_varlen_func<'py>(
         pagedattn::flash_attn_varlen_func(&state.device, &mut out_t, lse_t.as_mut(), &args).map_err(to_py)
     })?;
     match lse_obj {
-        Some(lse) => Ok(pair(py, out_obj, lse)?.into_any()),
+        Some(lse) => Ok(pyo3::types::PyTuple::new(py, [out_obj, lse])?.into_any()),
         None => Ok(out_obj),
     }
 }
@@ -780,9 +782,8 @@ pub fn merge_attn_states(
     }
     po.require_dtype(FLOATS, FLOATS_NAME)?;
     let model = po.dtype.float().expect("checked");
-    let same = format!("{} (prefix_output's dtype)", po.dtype.name());
-    o.require_dtype(std::slice::from_ref(&po.dtype), &same)?;
-    so.require_dtype(std::slice::from_ref(&po.dtype), &same)?;
+    o.require_dtype_of(&po)?;
+    so.require_dtype_of(&po)?;
     for a in [&pl, &sl].into_iter().chain(ol.as_ref()) {
         a.require_dtype(&[DType::F32], "float32")?;
     }

@@ -8,7 +8,6 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::{CudaStream, sys};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::PyTuple;
 
 use pagedattn::paged_attention::PagedAttentionWorkspace;
 use pagedattn::{Device, Gpu};
@@ -241,9 +240,4 @@ pub fn check_status(py: Python<'_>, ordinal: Option<usize>) -> PyResult<()> {
     };
     let stream = current_stream(py, ordinal)?;
     with_device(ordinal, stream, &[], |state| state.gpu().check_status().map_err(to_py))
-}
-
-/// A tuple of Python objects (helper for returning `(out, lse)`).
-pub fn pair<'py>(py: Python<'py>, a: Bound<'py, PyAny>, b: Bound<'py, PyAny>) -> PyResult<Bound<'py, PyTuple>> {
-    PyTuple::new(py, [a, b])
 }
