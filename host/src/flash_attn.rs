@@ -30,7 +30,7 @@ use pagedattn_layout::{
 use crate::device::{Device, Gpu, check_placement};
 use crate::error::{Error, Result};
 use crate::tensor::{ScalarType, Tensor};
-use crate::{cpu, dispatch, launch, ptx};
+use crate::{cpu, dispatch, launch};
 
 const OP: &str = "flash_attn_varlen_func";
 const MERGE: &str = "merge_attn_states";
@@ -139,7 +139,7 @@ impl FlashKernel {
     pub fn resolve(self, gpu: &Gpu, dtype: pagedattn_layout::DType, head_size: usize) -> Result<FlashKernel> {
         let wgmma = dispatch::flash_attn_sm90(dtype, head_size, false).is_some()
             && gpu.arch == (9, 0)
-            && ptx::choose_image(KernelFamily::FlashAttnSm90, gpu.arch).is_ok_and(|(_, kind)| kind == ptx::ImageKind::Cubin);
+            && gpu.has_cubin(KernelFamily::FlashAttnSm90);
         match self {
             FlashKernel::Auto => Ok(if wgmma { FlashKernel::Wgmma } else { FlashKernel::MmaSync }),
             FlashKernel::MmaSync => Ok(FlashKernel::MmaSync),
