@@ -342,6 +342,91 @@ fn gpu_varlen_matches_reference() {
     }
 }
 
+/// The Hopper kernel's two launch forms: persistent for eager launches (a CTA per SM takes work
+/// items from its stream's counter, which the kernel's last CTA zeroes again), and a CTA per item
+/// for a launch captured into a graph. Mixed batches (decode rows, prefills on a cached prefix,
+/// rows that see no key, an empty sequence, a sliding window) at every head size run 200 times back
+/// to back: the wait for them has a deadline, so a hang fails the test instead of blocking it. The
+/// first run must match the float64 reference, every repetition must equal it bit for bit, and so
+/// must a graph replay.
+#[test]
+fn gpu_wgmma_persistent_and_captured_launches() {
+    let Some(mut device) = gpu_or_skip!() else { return };
+    if !gpu_kernels(&device).contains(&FlashKernel::Wgmma) {
+        return;
+    }
+    let seqs = vec![(1, 700), (300, 2300), (2, 0), (1, 1), (130, 130), (0, 50), (77, 589), (1, 4000)];
+    let mut runs = 0;
+    for (n, &head_size) in pagedattn::layout::FLASH_SM90_HEAD_SIZES.iter().enumerate() {
+        for window in [(-1, -1), (96, 0)] {
+            let dtype = if n % 2 == 0 { DType::F16 } else { DType::BF16 };
+            let case = varlen::VarlenCase {
+                dtype,
+                heads: (8, 2),
+                head_size,
+                block_size: 16,
+                seqs: seqs.clone(),
+                causal: true,
+                window,
+                softcap: 0.0,
+                alibi: false,
+                seed: 40 + n as u64,
+            };
+            let e = varlen::check_varlen(&device, &case, FlashKernel::Wgmma).unwrap();
+            assert!(e.passes(pagedattn::testing::tolerance(dtype)), "{case}: {e:?}");
+
+            let i = case.inputs().unwrap();
+            let up = |t: &Tensor| device.upload(t).unwrap();
+            let (q, k, v, cu, used, table) = (up(&i.q), up(&i.k), up(&i.v), up(&i.cu_seqlens_q), up(&i.seqused_k), up(&i.block_table));
+            let a = FlashAttnVarlenArgs {
+                q: &q,
+                k: &k,
+                v: &v,
+                max_seqlen_q: i.max_seqlen_q,
+                cu_seqlens_q: &cu,
+                max_seqlen_k: i.max_seqlen_k,
+                seqused_k: &used,
+                softmax_scale: None,
+                causal: true,
+                window_size: window,
+                softcap: 0.0,
+                alibi_slopes: None,
+                block_table: &table,
+            };
+            let launch = |out: &mut Tensor| pagedattn::flash_attn_varlen_func_with(&device, out, None, &a, FlashKernel::Wgmma).unwrap();
+            let mut out = device.nan(i.q.dtype(), i.q.shape()).unwrap();
+            launch(&mut out);
+            let bits = |t: &Tensor| t.to_cpu().unwrap().host_bytes().unwrap().to_vec();
+            let first = bits(&out);
+            for _ in 0..200 {
+                launch(&mut out);
+            }
+            let gpu = crate::common::gpu_ref(&device);
+            let done = gpu.stream().record_event(None).unwrap();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            while !done.try_is_complete().unwrap() {
+                assert!(std::time::Instant::now() < deadline, "{case}: 200 launches not done after 60 s (a hang)");
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            assert!(bits(&out) == first, "{case}: a repetition differs from the first run");
+
+            let mut captured = device.nan(i.q.dtype(), i.q.shape()).unwrap();
+            let stream = gpu.stream().clone();
+            stream.begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).unwrap();
+            launch(&mut captured);
+            let graph = stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0)).unwrap().expect("a captured launch");
+            graph.launch().unwrap();
+            assert!(bits(&captured) == first, "{case}: the graph replay differs from the eager run");
+            runs += 202;
+        }
+    }
+    crate::common::gpu_of(&mut device).check_status().expect("no device-side flags for valid inputs");
+    crate::common::note(&format!(
+        "gpu_wgmma_persistent_and_captured_launches: heads {:?} x 2 windows, {runs} launches match the reference, repeat bit for bit, and a graph replay (a CTA per item) equals them",
+        pagedattn::layout::FLASH_SM90_HEAD_SIZES
+    ));
+}
+
 /// The GPU kernels of `flash_attn_varlen_func` this device runs: `mma.sync` always, `wgmma` on
 /// Hopper (said loudly where it is skipped).
 fn gpu_kernels(device: &Device) -> Vec<FlashKernel> {

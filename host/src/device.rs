@@ -77,6 +77,23 @@ pub struct Gpu {
     /// Bulk-copy tensor maps in device memory, by what they describe (see `crate::tma`; boxed: it
     /// keeps `Device` small).
     pub(crate) tensor_maps: Box<Mutex<crate::tma::MapCache>>,
+    /// The persistent Hopper varlen kernel's work counters, one per stream (see
+    /// [`Gpu::work_counter`]; boxed: it keeps `Device` small).
+    work_counters: Box<Mutex<WorkCounters>>,
+}
+
+/// Two-word work counters for the persistent Hopper varlen kernel
+/// (`FlashAttnVarlenParams::work_counter`): slot `i` of `words` belongs to the stream with id
+/// `streams[i]`.
+#[derive(Default)]
+struct WorkCounters {
+    words: Option<CudaSlice<u32>>,
+    streams: Vec<u64>,
+}
+
+impl WorkCounters {
+    /// Streams with a counter of their own; launches on further streams run a CTA per work item.
+    const SLOTS: usize = 64;
 }
 
 impl Gpu {
@@ -118,6 +135,7 @@ impl Gpu {
             functions: Mutex::new(Default::default()),
             status,
             tensor_maps: Default::default(),
+            work_counters: Default::default(),
         })
     }
 
@@ -150,6 +168,46 @@ impl Gpu {
     /// Device address of the status word, for kernel params.
     pub(crate) fn status_ptr(&self) -> u64 {
         self.status.device_ptr(&self.stream).0
+    }
+
+    /// Device address of a two-word work counter for the persistent Hopper varlen kernel on the
+    /// current stream, or 0 for a launch with a CTA per work item.
+    ///
+    /// The kernel takes items from the counter and its last CTA zeroes it again, so two launches
+    /// must never use one counter at once. Launches on one stream are ordered, so each stream (by
+    /// the id the driver gives it, unique in the context's life) has its own. A launch captured
+    /// into a graph gets none: a replay may run beside later launches on the stream it was
+    /// captured from. Nor do streams past the first [`WorkCounters::SLOTS`], nor any launch while
+    /// the environment sets `PAGEDATTN_VARLEN_PERSISTENT=0` (an escape hatch, and the benchmark's
+    /// comparison).
+    pub(crate) fn work_counter(&self) -> Result<u64> {
+        static OFF: OnceLock<bool> = OnceLock::new();
+        if *OFF.get_or_init(|| std::env::var("PAGEDATTN_VARLEN_PERSISTENT").is_ok_and(|v| v == "0")) {
+            return Ok(0);
+        }
+        if self.stream.capture_status()? != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE {
+            return Ok(0);
+        }
+        let mut id = 0u64;
+        // SAFETY: a live stream of this context (bound by `capture_status`); one output word.
+        unsafe { sys::cuStreamGetId(self.stream.cu_stream(), &mut id) }.result()?;
+        let mut counters = self.work_counters.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = match counters.streams.iter().position(|&s| s == id) {
+            Some(slot) => slot,
+            None if counters.streams.len() < WorkCounters::SLOTS => {
+                if counters.words.is_none() {
+                    let words = self.stream.alloc_zeros::<u32>(2 * WorkCounters::SLOTS)?;
+                    // Zeroed on this stream: the other streams' first launches may come first.
+                    self.stream.synchronize()?;
+                    counters.words = Some(words);
+                }
+                counters.streams.push(id);
+                counters.streams.len() - 1
+            }
+            None => return Ok(0),
+        };
+        let words = counters.words.as_ref().expect("allocated with the first slot");
+        Ok(words.device_ptr(&self.stream).0 + 8 * slot as u64)
     }
 
     /// Waits for the stream, then returns the flags kernels raised since the last call as

@@ -272,6 +272,7 @@ fn launch_gpu(
     }
     let pair_bytes = a.max_seqlen_k.max(1) * plan.head_size * 2 * 2; // K and V, 16-bit
     let tile_group = (gpu.l2_bytes / 2 / pair_bytes).clamp(1, pairs.max(1));
+    let work_counter = if kernel == FlashKernel::Wgmma { gpu.work_counter()? } else { 0 };
     let params = FlashAttnVarlenParams {
         out: ptr(out),
         q: ptr(a.q),
@@ -285,6 +286,7 @@ fn launch_gpu(
         maybe_status: gpu.status_ptr(),
         k_map,
         v_map,
+        work_counter,
         batch: plan.batch as u32,
         num_heads: plan.num_heads as u32,
         num_kv_heads: plan.num_kv_heads as u32,
@@ -312,8 +314,9 @@ fn launch_gpu(
         window_left: to_i32(plan.window.0),
         window_right: to_i32(plan.window.1),
     };
-    let cfg =
-        LaunchConfig { grid_dim: ((pairs * row_tiles) as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: smem as u32 };
+    // With a work counter the Hopper kernel is persistent: a CTA per SM (one fits) walks the work items.
+    let ctas = if work_counter != 0 { (pairs * row_tiles).min(gpu.sm_count) } else { pairs * row_tiles };
+    let cfg = LaunchConfig { grid_dim: (ctas as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: smem as u32 };
     let func = gpu.function(family, symbol)?;
     if smem > 48 * 1024 {
         func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)?;

@@ -3,11 +3,14 @@
 //! guards; the shared pieces are `varlen.rs`), the same CPU reference (`host/src/cpu/flash_attn.rs`)
 //! and tests (`tests/flash_attn.rs`, run on both kernels).
 //!
-//! Grid `batch · num_kv_heads · row_tiles` (1-D, row tiles of 128; `varlen_tile` orders the work), 384 threads (launch bounds 384 × 1
-//! CTA, so `ptxas` caps registers at 168 on entry), `FlashAttnSm90Geometry::smem_bytes(D)` of dynamic
-//! shared memory. A CTA takes 128 packed rows of one sequence and KV head:
-//! - warpgroup 0, the producer, drops to 24 registers (`setmaxnreg`). Its threads gather the Q tile
-//!   with `cp.async` (completing on `q_bar`); then its four warps fill each stage's keys and values
+//! Persistent: a grid of at most one CTA per SM (a CTA per item while a graph is captured), 384 threads (launch bounds 384 × 1 CTA, so `ptxas`
+//! caps registers at 168 on entry), `FlashAttnSm90Geometry::smem_bytes(D)` of dynamic shared memory.
+//! The work items — 128 packed rows of one sequence and KV head, `batch · num_kv_heads · row_tiles`
+//! of them in `varlen_tile`'s order — come from a device counter, one at a time per CTA:
+//! - warpgroup 0, the producer, drops to 24 registers (`setmaxnreg`). It takes the next item,
+//!   hands it to the consumers (a shared slot on the `item_full` barrier), gathers its Q tile with
+//!   `cp.async` once the consumers are done with the previous one (`q_empty`; completing on
+//!   `q_full`); then its four warps fill each stage's keys and values
 //!   with bulk tensor copies (`cp.async.bulk.tensor`), one box per page and 64-column panel, from
 //!   the tensor maps the host keeps for the caches (`host/src/tma.rs`), in the 128-byte swizzled
 //!   layout `wgmma` reads, `stages` deep. A stage's K and V each complete on their `full` barrier
@@ -20,15 +23,18 @@
 //!   softmax runs while that product finishes, and the two consumers take turns issuing (named
 //!   barriers), so one's softmax runs under the other's products.
 //!
-//! Finally `O / l` and the LSE are written from registers, as in the `mma.sync` kernel.
+//! Finally `O / l` and the LSE are written from registers, as in the `mma.sync` kernel, while the
+//! producer already loads the next item.
 
-use crate::intrinsics::{Chunk, atomic_or, dynamic_smem_chunks, shfl_idx, store_chunk, sync_threads, thread_idx_x, vote_any};
+use crate::intrinsics::{
+    Chunk, atomic_add, atomic_add_acq_rel, atomic_or, block_idx_x, dynamic_smem_chunks, grid_dim_x, shfl_idx, store_chunk, sync_threads,
+    sync_warp, thread_idx_x, vote_any,
+};
 use crate::tensor_core::{self as tc, MmaElem};
 use crate::varlen::{self, Logits};
 use crate::wgmma as wg;
-use pagedattn_layout::{FlashAttnSm90Geometry as Geo, FlashAttnVarlenParams, status};
+use pagedattn_layout::{FlashAttnSm90Geometry as Geo, FlashAttnVarlenParams, status, varlen_tile};
 
-const NT: usize = Geo::NUM_THREADS;
 const BM: usize = Geo::BLOCK_M;
 
 /// The first barrier of each kind (K, V) of the stages; stage `st`'s is 8 · `st` bytes further.
@@ -36,6 +42,18 @@ const BM: usize = Geo::BLOCK_M;
 struct Stages {
     k: u32,
     v: u32,
+}
+
+/// A work item as the producer hands it to the consumers (`b == u32::MAX`: no more): the
+/// sequence, KV head and first packed row, and the sequence's bounds it validated.
+#[derive(Clone, Copy)]
+struct Slot {
+    b: u32,
+    kvh: u32,
+    m0: u32,
+    q0: u32,
+    sq: u32,
+    sk: u32,
 }
 
 /// Stage and barrier parity of tile `it` with `stages` stages (32-bit: a division by 3 on 64
@@ -61,18 +79,9 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
     const { assert!((D == 64 || D == 128 || D == 256) && ND * 8 == D && NS * 8 == Geo::block_n(D) && NS <= 16) };
     let bn = NS * 8;
     let stages = Geo::stages(D);
-    let (b, kvh, mt) = varlen::tile(p);
     let tid = thread_idx_x();
-    let m0 = mt * BM;
-    // SAFETY: b < batch (grid), the launch's params.
-    let Some(seq) = (unsafe { varlen::sequence::<E, D>(p, b, kvh, m0, BM, tid, NT) }) else { return };
-    if m0 >= seq.rows() {
-        return;
-    }
-    let lg = Logits::new(p, &seq, m0, BM, bn);
-    let (first, tiles) = (lg.first, lg.tiles);
 
-    // Shared memory from a 1024-byte boundary: Q, the K/V stages, the barriers, the flag word.
+    // Shared memory from a 1024-byte boundary: Q, the K/V stages, the barriers, the flag words.
     let smem = dynamic_smem_chunks() as *mut u8;
     let raw = tc::shared_addr(smem);
     let pad = (raw.wrapping_neg() & 1023) as usize;
@@ -85,13 +94,23 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
     let bars = base + Geo::tile_bytes(D) as u32;
     // Per stage, K and V each have a `full` barrier (the producer's bytes landed) and an `empty`
     // one (both consumers are done with it): a key tile is refilled as soon as its S = Q·Kᵀ is
-    // done, while the values of the same stage may still be in use.
+    // done, while the values of the same stage may still be in use. The Q tile has `q_full`
+    // (the producer's copies landed) and `q_empty` (every consumer warp's last S = Q·Kᵀ of the
+    // work item is done).
     let bar = |i: usize| bars + 8 * i as u32;
     let full = Stages { k: bar(0), v: bar(stages) };
     let empty = Stages { k: bar(2 * stages), v: bar(3 * stages) };
-    let q_bar = bar(4 * stages);
-    // SAFETY: after the barriers, inside the carve-up.
-    let flag = unsafe { gbase.add(Geo::tile_bytes(D) + 8 * (4 * stages + 1)) as *mut u32 };
+    let q_bars = Stages { k: bar(4 * stages), v: bar(4 * stages + 1) };
+    // The producer hands each work item to the consumers in a slot of `ring` (even and odd items),
+    // on `item_full`.
+    let item_full = bar(4 * stages + 2);
+    // After the barriers: two flag words (even and odd items, see `produce`), the producer's
+    // broadcast word, the two item slots (`Slot`).
+    // SAFETY: after the barriers, inside the carve-up (`smem_bytes` keeps 256 bytes for them).
+    let words = unsafe { gbase.add(Geo::tile_bytes(D) + 8 * (4 * stages + 3)) as *mut u32 };
+    let flags = words;
+    // SAFETY: as above.
+    let (fetched, ring) = unsafe { (words.add(2), words.add(3) as *mut Slot) };
     if tid == 0 {
         for st in 0..stages {
             // SAFETY: 8-byte aligned words of the carve-up, used by no thread before the barrier below.
@@ -103,17 +122,103 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
             }
         }
         // SAFETY: as above.
-        unsafe { wg::mbarrier_init(q_bar, 128) };
-        // SAFETY: the flag word.
-        unsafe { *flag = 0 };
+        unsafe {
+            wg::mbarrier_init(q_bars.k, 128);
+            wg::mbarrier_init(q_bars.v, 8);
+            wg::mbarrier_init(item_full, 1);
+        }
+        // SAFETY: the flag words.
+        unsafe { *flags = 0 };
+        // SAFETY: as above.
+        unsafe { *flags.add(1) = 0 };
         wg::fence_mbarrier_init();
     }
     sync_threads();
 
+    // Persistent: the grid's CTAs (one per SM at most) take work items from a device counter
+    // (`work_counter[0]`) in `varlen_tile`'s order, heavy (late, causal) tiles first in groups
+    // sharing their keys and values in L2: a CTA that finishes early takes the next item, as the
+    // hardware would start the next CTA, but the producer runs ahead into it (its Q once the
+    // consumers' last S = Q·Kᵀ is done, its keys and values as stages free up) while the consumers
+    // finish this one's P·V and store it, so an item's start-up is hidden. The last CTA to finish
+    // zeroes the counters for the next launch (`work_counter[1]` counts finished CTAs). Items,
+    // K/V tiles (`kv`) and barrier phases are counted alike on both sides. Without a counter (the
+    // host passes none while capturing a graph) the grid has a CTA per item and each takes its own.
+    let items = p.batch * p.num_kv_heads * p.row_tiles;
+    let counter = p.work_counter as *mut u32;
+
     if tid < 128 {
         wg::setmaxnreg_dec::<{ Geo::PRODUCER_REGS }>();
-        // SAFETY: the carve-up above; the producer's part of the protocol.
-        unsafe { produce::<D, ND>(p, &seq, b, m0, first, tiles, bn, tid, base, q_bar, flag, full, empty) };
+        let (mut kv, mut wi) = (0usize, 0u32);
+        let mut own = Some(block_idx_x() as u32);
+        loop {
+            // The next item with rows (a bad sequence's rows are written NaN here, its flag raised).
+            let mut next = None;
+            loop {
+                if tid == 0 {
+                    let w = if counter.is_null() {
+                        own.take().unwrap_or(items)
+                    } else {
+                        // SAFETY: the host's two-word counter.
+                        unsafe { atomic_add(counter, 1) }
+                    };
+                    // SAFETY: the shared broadcast word.
+                    unsafe { *fetched = w };
+                }
+                wg::barrier_sync(4, 128);
+                // SAFETY: written before the barrier above.
+                let w = unsafe { *fetched };
+                wg::barrier_sync(4, 128);
+                if w >= items {
+                    break;
+                }
+                let (b, kvh, mt) = varlen_tile(w, p.batch, p.num_kv_heads, p.row_tiles, p.tile_group);
+                let (b, m0) = (b as usize, mt as usize * BM);
+                // SAFETY: b < batch.
+                if let Some(seq) = unsafe { varlen::sequence::<E, D>(p, b, kvh as usize, m0, BM, tid, 128) }
+                    && m0 < seq.rows()
+                {
+                    next = Some((b, m0, seq));
+                    break;
+                }
+            }
+            if wi > 0 {
+                // SAFETY: an initialized barrier: the consumers' last S = Q·Kᵀ of the previous
+                // item is done (so they also read its slot, and the one before it).
+                unsafe { wg::mbarrier_wait(q_bars.v, (wi - 1) & 1) };
+            }
+            if tid == 0 {
+                let slot = match next {
+                    Some((b, m0, seq)) => {
+                        Slot { b: b as u32, kvh: seq.kvh as u32, m0: m0 as u32, q0: seq.q0 as u32, sq: seq.sq as u32, sk: seq.sk as u32 }
+                    }
+                    None => Slot { b: u32::MAX, kvh: 0, m0: 0, q0: 0, sq: 0, sk: 0 },
+                };
+                // SAFETY: this item's slot; read by the consumers after the arrival below.
+                unsafe { *ring.add(wi as usize & 1) = slot };
+                // SAFETY: an initialized barrier (one arrival).
+                unsafe { wg::mbarrier_arrive(item_full) };
+            }
+            let Some((b, m0, seq)) = next else { break };
+            let lg = Logits::new(p, &seq, m0, BM, bn);
+            let (first, tiles) = (lg.first, lg.tiles);
+            // SAFETY: the carve-up above; the producer's part of the protocol.
+            unsafe { produce::<D, ND>(p, &seq, b, m0, first, tiles, kv, wi, bn, tid, base, q_bars, flags, full, empty) };
+            kv += tiles;
+            wi += 1;
+        }
+        if tid == 0 && !counter.is_null() {
+            // Every CTA's last fetch happened before its count here (release / acquire): the last
+            // one zeroes both words.
+            // SAFETY: the host's two-word counter.
+            if unsafe { atomic_add_acq_rel(counter.add(1), 1) } == grid_dim_x() as u32 - 1 {
+                // SAFETY: as above; no CTA of this launch touches them any more.
+                unsafe {
+                    *counter = 0;
+                    *counter.add(1) = 0;
+                }
+            }
+        }
         return;
     }
     wg::setmaxnreg_inc::<{ Geo::CONSUMER_REGS }>();
@@ -125,16 +230,6 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
     let (g, t) = (lane / 4, lane % 4);
     // This lane's rows: tile-local rows cw · 64 + warp · 16 + g and + 8.
     let local = |r: usize| cw * 64 + warp * 16 + g + 8 * r;
-    let mut slope = [0f32; 2];
-    let mut qi = [0i32; 2];
-    for r in 0..2 {
-        let pr = m0 + local(r);
-        qi[r] = seq.query(pr) as i32;
-        if EXTRAS && p.alibi_slopes != 0 {
-            // SAFETY: `[num_heads]` slopes.
-            slope[r] = unsafe { *(p.alibi_slopes as *const f32).add(seq.head(pr)) };
-        }
-    }
     // Descriptors: Q rows cw · 64 .. (K-major, k step kk: panel kk / 4, 32 bytes per step inside
     // it); K of stage st the same over bn rows; V of stage st at keys 16 ks (MN-major, panels bn ·
     // 128 bytes apart). Each is a base descriptor plus an offset (`wgmma::desc_add`), so no
@@ -144,177 +239,215 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
     let k_desc = |st: usize, kk: usize| wg::desc_add(kq_desc, (k_at(st) + (kk / 4) * bn * 128 + (kk % 4) * 32) as u32);
     let v_desc = |st: usize, ks: usize| wg::desc_add(v_desc0, (v_at(st) + ks * 16 * 128) as u32);
 
-    // Tile it's S = Q·Kᵀ (64 rows × bn keys) is issued together with tile it − 1's O += P·V: the
-    // softmax of tile it then runs while the tensor cores finish that P·V (FlashAttention-3's
-    // intra-warpgroup overlap). P waits in registers, as A fragments of 16 keys.
-    let issue_s = #[inline(always)]
-    |s: &mut [[f32; 4]; NS], st: usize| {
-        for kk in 0..D / 16 {
-            // SAFETY: descriptors of the landed Q tile and stage st; the whole warpgroup runs it.
-            unsafe { wg::ss::<E, NS>(s, q_desc(kk), k_desc(st, kk), kk > 0) };
-        }
-        wg::commit();
-    };
-    let issue_pv = #[inline(always)]
-    |o: &mut [[f32; 4]; ND], pa: &[[u32; 4]; 8], st: usize| {
-        for ks in 0..bn / 16 {
-            // SAFETY: a descriptor of stage st's V tile; the whole warpgroup runs it.
-            unsafe { wg::rs::<E, ND>(o, pa[ks], v_desc(st, ks), true) };
-        }
-        wg::commit();
-    };
-    // Tile it's keys or values are done in this warp: one of the 8 arrivals.
-    let release = #[inline(always)]
-    |bars: u32, it: usize| {
-        if lane == 0 {
-            // SAFETY: an initialized barrier (8 arrivals: every consumer warp).
-            unsafe { wg::mbarrier_arrive(bars + 8 * stage_of(it, stages).0 as u32) };
-        }
-    };
-    let wait_k = #[inline(always)]
-    |it: usize| {
-        // SAFETY: an initialized barrier; the fill's bytes have all landed when its phase completes.
-        let (st, parity) = stage_of(it, stages);
-        // SAFETY: as above.
-        unsafe { wg::mbarrier_wait(full.k + 8 * st as u32, parity) };
-    };
-    // A tile's bulk copies read whole pages: past the sequence's last key the page holds whatever
-    // the cache holds there, which the masks hide from S but P · V would still multiply (0 · NaN).
-    // On the tile that holds the last key, consumer 0 zeroes those value rows, then both meet.
-    let sk = seq.sk;
+    let (my_turn, their_turn) = (1 + cw as u32, 2 - cw as u32);
     // False at run time (the host always passes the key map), unknown to `ptxas` (see
     // `wgmma::before_wait`).
     let never = p.k_map == 0;
-    let wait_v = #[inline(always)]
-    |it: usize| {
-        let (st, parity) = stage_of(it, stages);
-        // SAFETY: an initialized barrier; the fill's bytes have all landed when its phase completes.
-        unsafe { wg::mbarrier_wait(full.v + 8 * st as u32, parity) };
-        let n0 = first + it * bn;
-        if n0 + bn > sk {
-            if cw == 0 {
-                let mut c = ctid;
-                while c < bn * ND {
-                    let (r, cc) = (c / ND, c % ND);
-                    if n0 + r >= sk {
-                        // SAFETY: a 16-byte piece of stage st's value tile.
-                        unsafe { store_chunk(gbase.add(v_at(st) + swizzled(r, cc, bn)), Chunk([0; 4])) };
-                    }
-                    c += 128;
-                }
-                // Ordinary stores, read next by the tensor cores.
-                wg::fence_proxy_async();
-            }
-            wg::barrier_sync(3, 256);
-        }
-    };
-    // Logits and the online softmax of tile it; returns the correction of the output so far.
-    let softmax = #[inline(always)]
-    |s: &mut [[f32; 4]; NS], it: usize, m_run: &mut [f32; 2], l_run: &mut [f32; 2]| {
-        let n0 = first + it * bn;
-        let ls = lg.prepare::<NS, EXTRAS>(s, bn, n0, lg.whole(n0), t, qi, slope);
-        let (m_ref, corr) = varlen::row_max(s, bn, ls, m_run, l_run);
-        varlen::exponentiate(s, bn, ls, m_ref, l_run);
-        corr
-    };
-    let to_a = #[inline(always)]
-    |s: &[[f32; 4]; NS], pa: &mut [[u32; 4]; 8]| {
-        for ks in 0..bn / 16 {
-            pa[ks] = varlen::a_fragment::<E, NS>(s, ks);
-            wg::fence_a(&mut pa[ks]);
-        }
-    };
-
+    let group = (p.num_heads / p.num_kv_heads) as usize;
     // Ping-pong: the consumers take turns issuing their products (named barriers 1 + cw, 256
     // threads: this consumer syncs on its own, the other arrives on it), so one's softmax runs
-    // under the other's products. Consumer 1 hands the first turn to consumer 0.
-    let (my_turn, their_turn) = (1 + cw as u32, 2 - cw as u32);
+    // under the other's products. The turns run on across work items (both consumers take the
+    // same number per item): consumer 1 hands the first one to consumer 0 here, and consumer 0
+    // takes the last hand-over after the loop. Handing the turn over afresh per item would let
+    // consumer 1 arrive twice in a row (its last turn of one item, its first of the next) before
+    // consumer 0 synced: the two arrivals complete the barrier without consumer 0, which then
+    // waits forever.
     if cw == 1 {
         wg::barrier_arrive(their_turn, 256);
     }
-
-    let mut o = [[0f32; 4]; ND];
-    let (mut m_run, mut l_run) = ([f32::NEG_INFINITY; 2], [0f32; 2]);
-    let mut pa = [[0u32; 4]; 8];
-    // (Waited even without tiles: no copy is left in flight when the CTA ends.)
-    // SAFETY: an initialized barrier: every producer thread's Q copies landed (generic proxy).
-    unsafe { wg::mbarrier_wait(q_bar, 0) };
-    wg::fence_proxy_async();
-    if tiles > 0 {
-        wait_k(0);
-        let mut s = [[0f32; 4]; NS];
-        wg::barrier_sync(my_turn, 256);
-        wg::fence();
-        issue_s(&mut s, 0);
-        wg::barrier_arrive(their_turn, 256);
-        wg::wait::<0>();
-        wg::fence_regs(&mut s);
-        release(empty.k, 0);
-        softmax(&mut s, 0, &mut m_run, &mut l_run);
-        to_a(&s, &mut pa);
-    }
-    for it in 1..tiles {
-        wait_k(it);
-        wait_v(it - 1);
-        let mut s = [[0f32; 4]; NS];
-        wg::fence_regs(&mut o);
-        wg::barrier_sync(my_turn, 256);
-        wg::fence();
-        issue_s(&mut s, stage_of(it, stages).0);
-        issue_pv(&mut o, &pa, stage_of(it - 1, stages).0);
-        wg::barrier_arrive(their_turn, 256);
-        wg::wait::<1>();
-        wg::fence_regs(&mut s);
-        release(empty.k, it);
-        let corr = softmax(&mut s, it, &mut m_run, &mut l_run);
-        // The row sums need every probability of the tile: the wait stays below the softmax.
-        wg::before_wait(l_run, never, base);
-        wg::wait::<0>();
-        wg::fence_regs(&mut o);
-        release(empty.v, it - 1);
-        if vote_any(corr[0] != 1.0 || corr[1] != 1.0) {
-            varlen::rescale(&mut o, D, corr);
+    let (mut kv, mut wi) = (0usize, 0u32);
+    loop {
+        // SAFETY: an initialized barrier: the producer wrote this item's slot before arriving.
+        unsafe { wg::mbarrier_wait(item_full, wi & 1) };
+        // SAFETY: as above.
+        let slot = unsafe { *ring.add(wi as usize & 1) };
+        if slot.b == u32::MAX {
+            break;
         }
-        to_a(&s, &mut pa);
+        let m0 = slot.m0 as usize;
+        let seq = varlen::Seq { q0: slot.q0 as usize, sq: slot.sq as usize, sk: slot.sk as usize, group, kvh: slot.kvh as usize };
+        let lg = Logits::new(p, &seq, m0, BM, bn);
+        let (first, tiles) = (lg.first, lg.tiles);
+        let mut slope = [0f32; 2];
+        let mut qi = [0i32; 2];
+        for r in 0..2 {
+            let pr = m0 + local(r);
+            qi[r] = seq.query(pr) as i32;
+            if EXTRAS && p.alibi_slopes != 0 {
+                // SAFETY: `[num_heads]` slopes.
+                slope[r] = unsafe { *(p.alibi_slopes as *const f32).add(seq.head(pr)) };
+            }
+        }
+        // Tile it's S = Q·Kᵀ (64 rows × bn keys) is issued together with tile it − 1's O += P·V: the
+        // softmax of tile it then runs while the tensor cores finish that P·V (FlashAttention-3's
+        // intra-warpgroup overlap). P waits in registers, as A fragments of 16 keys.
+        let issue_s = #[inline(always)]
+        |s: &mut [[f32; 4]; NS], st: usize| {
+            for kk in 0..D / 16 {
+                // SAFETY: descriptors of the landed Q tile and stage st; the whole warpgroup runs it.
+                unsafe { wg::ss::<E, NS>(s, q_desc(kk), k_desc(st, kk), kk > 0) };
+            }
+            wg::commit();
+        };
+        let issue_pv = #[inline(always)]
+        |o: &mut [[f32; 4]; ND], pa: &[[u32; 4]; 8], st: usize| {
+            for ks in 0..bn / 16 {
+                // SAFETY: a descriptor of stage st's V tile; the whole warpgroup runs it.
+                unsafe { wg::rs::<E, ND>(o, pa[ks], v_desc(st, ks), true) };
+            }
+            wg::commit();
+        };
+        // Tile it's keys or values are done in this warp: one of the 8 arrivals.
+        let release = #[inline(always)]
+        |bars: u32, it: usize| {
+            if lane == 0 {
+                // SAFETY: an initialized barrier (8 arrivals: every consumer warp).
+                unsafe { wg::mbarrier_arrive(bars + 8 * stage_of(kv + it, stages).0 as u32) };
+            }
+        };
+        let wait_k = #[inline(always)]
+        |it: usize| {
+            // SAFETY: an initialized barrier; the fill's bytes have all landed when its phase completes.
+            let (st, parity) = stage_of(kv + it, stages);
+            // SAFETY: as above.
+            unsafe { wg::mbarrier_wait(full.k + 8 * st as u32, parity) };
+        };
+        // A tile's bulk copies read whole pages: past the sequence's last key the page holds whatever
+        // the cache holds there, which the masks hide from S but P · V would still multiply (0 · NaN).
+        // On the tile that holds the last key, consumer 0 zeroes those value rows, then both meet.
+        let sk = seq.sk;
+        let wait_v = #[inline(always)]
+        |it: usize| {
+            let (st, parity) = stage_of(kv + it, stages);
+            // SAFETY: an initialized barrier; the fill's bytes have all landed when its phase completes.
+            unsafe { wg::mbarrier_wait(full.v + 8 * st as u32, parity) };
+            let n0 = first + it * bn;
+            if n0 + bn > sk {
+                if cw == 0 {
+                    let mut c = ctid;
+                    while c < bn * ND {
+                        let (r, cc) = (c / ND, c % ND);
+                        if n0 + r >= sk {
+                            // SAFETY: a 16-byte piece of stage st's value tile.
+                            unsafe { store_chunk(gbase.add(v_at(st) + swizzled(r, cc, bn)), Chunk([0; 4])) };
+                        }
+                        c += 128;
+                    }
+                    // Ordinary stores, read next by the tensor cores.
+                    wg::fence_proxy_async();
+                }
+                wg::barrier_sync(3, 256);
+            }
+        };
+        // Logits and the online softmax of tile it; returns the correction of the output so far.
+        let softmax = #[inline(always)]
+        |s: &mut [[f32; 4]; NS], it: usize, m_run: &mut [f32; 2], l_run: &mut [f32; 2]| {
+            let n0 = first + it * bn;
+            let ls = lg.prepare::<NS, EXTRAS>(s, bn, n0, lg.whole(n0), t, qi, slope);
+            let (m_ref, corr) = varlen::row_max(s, bn, ls, m_run, l_run);
+            varlen::exponentiate(s, bn, ls, m_ref, l_run);
+            corr
+        };
+        let to_a = #[inline(always)]
+        |s: &[[f32; 4]; NS], pa: &mut [[u32; 4]; 8]| {
+            for ks in 0..bn / 16 {
+                pa[ks] = varlen::a_fragment::<E, NS>(s, ks);
+                wg::fence_a(&mut pa[ks]);
+            }
+        };
+
+        let mut o = [[0f32; 4]; ND];
+        let (mut m_run, mut l_run) = ([f32::NEG_INFINITY; 2], [0f32; 2]);
+        let mut pa = [[0u32; 4]; 8];
+        // (Waited even without tiles: no copy is left in flight when the CTA ends.)
+        // SAFETY: an initialized barrier: every producer thread's Q copies landed (generic proxy).
+        unsafe { wg::mbarrier_wait(q_bars.k, wi & 1) };
+        wg::fence_proxy_async();
+        if tiles > 0 {
+            wait_k(0);
+            let mut s = [[0f32; 4]; NS];
+            wg::barrier_sync(my_turn, 256);
+            wg::fence();
+            issue_s(&mut s, stage_of(kv, stages).0);
+            wg::barrier_arrive(their_turn, 256);
+            wg::wait::<0>();
+            wg::fence_regs(&mut s);
+            release(empty.k, 0);
+            softmax(&mut s, 0, &mut m_run, &mut l_run);
+            to_a(&s, &mut pa);
+        }
+        for it in 1..tiles {
+            wait_k(it);
+            wait_v(it - 1);
+            let mut s = [[0f32; 4]; NS];
+            wg::fence_regs(&mut o);
+            wg::barrier_sync(my_turn, 256);
+            wg::fence();
+            issue_s(&mut s, stage_of(kv + it, stages).0);
+            issue_pv(&mut o, &pa, stage_of(kv + it - 1, stages).0);
+            wg::barrier_arrive(their_turn, 256);
+            wg::wait::<1>();
+            wg::fence_regs(&mut s);
+            release(empty.k, it);
+            let corr = softmax(&mut s, it, &mut m_run, &mut l_run);
+            // The row sums need every probability of the tile: the wait stays below the softmax.
+            wg::before_wait(l_run, never, base);
+            wg::wait::<0>();
+            wg::fence_regs(&mut o);
+            release(empty.v, it - 1);
+            if vote_any(corr[0] != 1.0 || corr[1] != 1.0) {
+                varlen::rescale(&mut o, D, corr);
+            }
+            to_a(&s, &mut pa);
+        }
+        // Every S = Q·Kᵀ of the item is done: the producer may load the next item's Q.
+        if lane == 0 {
+            // SAFETY: an initialized barrier (8 arrivals: every consumer warp).
+            unsafe { wg::mbarrier_arrive(q_bars.v) };
+        }
+        if tiles > 0 {
+            wait_v(tiles - 1);
+            wg::fence_regs(&mut o);
+            wg::barrier_sync(my_turn, 256);
+            wg::fence();
+            issue_pv(&mut o, &pa, stage_of(kv + tiles - 1, stages).0);
+            wg::barrier_arrive(their_turn, 256);
+            wg::wait::<0>();
+            wg::fence_regs(&mut o);
+            release(empty.v, tiles - 1);
+        }
+        // SAFETY: this item's flag word, written by the producer before its arrivals on the `full`
+        // barriers this thread waited on (see `produce`).
+        let bad = unsafe { *flags.add(wi as usize & 1) } == wi + 1;
+        if bad && ctid == 0 && cw == 0 && p.maybe_status != 0 {
+            // SAFETY: a non-null status pointer is a device u32.
+            unsafe { atomic_or(p.maybe_status as *mut u32, status::BAD_BLOCK_ID) };
+        }
+        for r in 0..2 {
+            let l = varlen::quad_sum(l_run[r]);
+            let pr = m0 + local(r);
+            if pr < seq.rows() {
+                // SAFETY: pr is one of the sequence's rows.
+                unsafe { varlen::store_row::<E, D, ND>(p, &seq, pr, &o, r, t, l, m_run[r], bad) };
+            }
+        }
+        kv += tiles;
+        wi += 1;
     }
-    if tiles > 0 {
-        wait_v(tiles - 1);
-        wg::fence_regs(&mut o);
-        wg::barrier_sync(my_turn, 256);
-        wg::fence();
-        issue_pv(&mut o, &pa, stage_of(tiles - 1, stages).0);
-        wg::barrier_arrive(their_turn, 256);
-        wg::wait::<0>();
-        wg::fence_regs(&mut o);
-        release(empty.v, tiles - 1);
-    }
-    // Consumer 1's last hand-over has no turn after it: consumer 0 takes it, so both barriers
-    // end balanced.
+    // Consumer 1's last hand-over has no turn after it: consumer 0 takes it, so both barriers end
+    // balanced.
     if cw == 0 {
         wg::barrier_sync(my_turn, 256);
     }
-
-    // Meets the producer's barrier at the end of `produce` (another instruction: not `bar.sync`).
-    wg::cta_barrier();
-    // SAFETY: the flag word, written by the producer before the barrier above.
-    let bad = unsafe { *flag } != 0;
-    if bad && ctid == 0 && cw == 0 && p.maybe_status != 0 {
-        // SAFETY: a non-null status pointer is a device u32.
-        unsafe { atomic_or(p.maybe_status as *mut u32, status::BAD_BLOCK_ID) };
-    }
-    for r in 0..2 {
-        let l = varlen::quad_sum(l_run[r]);
-        let pr = m0 + local(r);
-        if pr < seq.rows() {
-            // SAFETY: pr is one of the sequence's rows.
-            unsafe { varlen::store_row::<E, D, ND>(p, &seq, pr, &o, r, t, l, m_run[r], bad) };
-        }
-    }
 }
 
-/// The producer warpgroup (threads `ptid` 0..128): the Q tile with `cp.async` (all threads, on
-/// `q_bar`), then its four warps fill each stage's keys and values with bulk tensor copies, one per
-/// page (box) and 64-column panel, on the stage's `full` barriers.
+/// The producer warpgroup (threads `ptid` 0..128) on one work item (the `wi`-th of this CTA; its
+/// K/V tiles are the CTA's `kv`-th onwards), called once the consumers released the previous
+/// item's Q (`q_empty`): the Q tile with `cp.async` (all threads, on `q_full`), then its four warps fill each
+/// stage's keys and values with bulk tensor copies, one per page (box) and 64-column panel, on the
+/// stage's `full` barriers. A bad block id writes `wi + 1` into flag word `wi % 2`: the consumers
+/// read it after the item's last `full` wait, and the producer writes that word again only two
+/// items later, after the consumers released the item in between.
 ///
 /// # Safety
 /// Called by the producer warpgroup of [`flash_attn_sm90`] with its carve-up.
@@ -327,11 +460,13 @@ unsafe fn produce<const D: usize, const ND: usize>(
     m0: usize,
     first: usize,
     tiles: usize,
+    kv: usize,
+    wi: u32,
     bn: usize,
     ptid: usize,
     base: u32,
-    q_bar: u32,
-    flag: *mut u32,
+    q_bars: Stages,
+    flags: *mut u32,
     full: Stages,
     empty: Stages,
 ) {
@@ -340,6 +475,7 @@ unsafe fn produce<const D: usize, const ND: usize>(
     // Q rows (rows past the sequence: zeros, through the copy path too so that the barrier, which
     // counts this thread's copies, covers them).
     let q = p.q as *const u16;
+    // (The caller waited for `q_empty`: the consumers are done with the previous item's Q.)
     let mut c = ptid;
     while c < BM * ND {
         let (r, cc) = (c / ND, c % ND);
@@ -359,7 +495,7 @@ unsafe fn produce<const D: usize, const ND: usize>(
         c += 128;
     }
     // SAFETY: an initialized barrier (128 arrivals: every producer thread).
-    unsafe { wg::cp_async_mbarrier_arrive(q_bar) };
+    unsafe { wg::cp_async_mbarrier_arrive(q_bars.k) };
 
     {
         // Warps 0 and 2 load the keys, 1 and 3 the values, each warp every other box: with small
@@ -386,8 +522,8 @@ unsafe fn produce<const D: usize, const ND: usize>(
             if blk >= 0 && (blk as u32) < p.num_blocks {
                 (blk as usize * bs + j % bs) as i32
             } else {
-                // SAFETY: the flag word.
-                unsafe { *flag = 1 };
+                // SAFETY: this item's flag word.
+                unsafe { *flags.add(wi as usize & 1) = wi + 1 };
                 outside
             }
         };
@@ -395,13 +531,16 @@ unsafe fn produce<const D: usize, const ND: usize>(
         // previous tile (`slots`: this lane's box slot of tile it).
         let fill = #[inline(always)]
         |it: usize, slots: i32, map: u64, kind: u32, full: u32, empty: u32| {
-            let (st, parity) = stage_of(it, stages);
+            let (st, parity) = stage_of(kv + it, stages);
             let dst = base + Geo::stage_offset(D, st) as u32 + kind;
             let (full, empty) = (full + 8 * st as u32, empty + 8 * st as u32);
-            if it >= stages {
+            if kv + it >= stages {
                 // SAFETY: an initialized barrier.
                 unsafe { wg::mbarrier_wait(empty, parity ^ 1) };
             }
+            // A lane's flag write (every warp looks up every box) before lane 0's arrival, which
+            // releases it to the consumers.
+            sync_warp();
             if lane == 0 && half == 0 {
                 // SAFETY: an initialized barrier (one arrival: this thread; the other warp's
                 // copies may land first, the count is signed).
@@ -432,8 +571,6 @@ unsafe fn produce<const D: usize, const ND: usize>(
             fill(it, slots, map, kind, full, empty);
         }
     }
-    // The flag word is read after this barrier (the consumers' last one).
-    wg::cta_barrier();
 }
 
 macro_rules! export_flash_attn_sm90 {

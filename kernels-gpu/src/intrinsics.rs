@@ -223,6 +223,17 @@ pub unsafe fn atomic_add(p: *mut u32, v: u32) -> u32 {
     unsafe { AtomicU32::from_ptr(p) }.fetch_add(v, Ordering::Relaxed)
 }
 
+/// `atomicAdd` on a global `u32` with acquire-release ordering (orders this thread's earlier
+/// memory operations before it and later ones after); returns the old value.
+///
+/// # Safety
+/// `p` is a valid, 4-byte aligned device pointer.
+#[inline(always)]
+pub unsafe fn atomic_add_acq_rel(p: *mut u32, v: u32) -> u32 {
+    // SAFETY: the caller guarantees `p` is valid and aligned.
+    unsafe { AtomicU32::from_ptr(p) }.fetch_add(v, Ordering::AcqRel)
+}
+
 /// `fence.acq_rel.gpu` (CUDA's `__threadfence()`): this thread's earlier writes are visible
 /// GPU-wide before its later ones (and reads after it see what fenced writers published).
 #[inline(always)]

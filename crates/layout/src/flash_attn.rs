@@ -29,6 +29,10 @@ pub struct FlashAttnVarlenParams {
     /// 128-byte swizzle; 0 for the `mma.sync` kernel.
     pub k_map: u64,
     pub v_map: u64,
+    /// Hopper kernel: `*mut [u32; 2]` (the next work item, the CTAs finished), zero at launch and
+    /// left zero by the kernel, with a grid of at most one CTA per SM; or 0, with a CTA per work
+    /// item. 0 for the `mma.sync` kernel.
+    pub work_counter: u64,
     pub batch: u32,
     pub num_heads: u32,
     pub num_kv_heads: u32,
@@ -65,7 +69,7 @@ pub struct FlashAttnVarlenParams {
     pub window_right: i32,
 }
 
-const _: () = assert!(core::mem::size_of::<FlashAttnVarlenParams>() == 12 * 8 + 26 * 4);
+const _: () = assert!(core::mem::size_of::<FlashAttnVarlenParams>() == 13 * 8 + 26 * 4);
 
 /// The work of CTA `cta` of a varlen launch (a 1-D grid of `batch · num_kv_heads · row_tiles`):
 /// `(sequence, KV head, row tile)`. The (sequence, KV head) pairs go in groups of `tile_group`
@@ -196,10 +200,11 @@ impl FlashAttnSm90Geometry {
         if block_size < bn { block_size } else { bn }
     }
 
-    /// Dynamic shared memory: the tiles, up to 1008 bytes of alignment, the barriers (full and empty
-    /// per stage, Q's) and the flag word.
+    /// Dynamic shared memory: the tiles, up to 1008 bytes of alignment, then 256 bytes for the
+    /// barriers (K and V full and empty per stage, Q full and empty, the item's) and words (two
+    /// flags, a broadcast word, two 24-byte item slots).
     pub const fn smem_bytes(head_size: usize) -> usize {
-        Self::tile_bytes(head_size) + 1024 + 128
+        Self::tile_bytes(head_size) + 1024 + 256
     }
 }
 
@@ -234,6 +239,9 @@ const _: () = assert!(core::mem::size_of::<MergeAttnStatesParams>() == 6 * 8 + 1
 /// `merge_attn_states` launch: grid `(num_tokens, num_heads)`, one CTA of this many threads per
 /// (token, head), the threads striding over the head dim.
 pub const MERGE_THREADS: usize = 64;
+
+const _: () = assert!(8 * (4 * FlashAttnSm90Geometry::stages(64) + 3) + 12 + 48 <= 256);
+const _: () = assert!(8 * (4 * FlashAttnSm90Geometry::stages(256) + 3) + 12 + 48 <= 256);
 
 #[cfg(test)]
 mod tests {
