@@ -3,19 +3,21 @@
 //! guards; the shared pieces are `varlen.rs`), the same CPU reference (`host/src/cpu/flash_attn.rs`)
 //! and tests (`tests/flash_attn.rs`, run on both kernels).
 //!
-//! Persistent: a grid of at most one CTA per SM (a CTA per item while a graph is captured), 384 threads (launch bounds 384 × 1 CTA, so `ptxas`
-//! caps registers at 168 on entry), `FlashAttnSm90Geometry::smem_bytes(D)` of dynamic shared memory.
-//! The work items — 128 packed rows of one sequence and KV head, `batch · num_kv_heads · row_tiles`
-//! of them in `varlen_tile`'s order — come from a device counter, one at a time per CTA:
-//! - warpgroup 0, the producer, drops to 24 registers (`setmaxnreg`). It takes the next item,
-//!   hands it to the consumers (a shared slot on the `item_full` barrier), gathers its Q tile with
-//!   `cp.async` once the consumers are done with the previous one (`q_empty`; completing on
-//!   `q_full`); then its four warps fill each stage's keys and values
-//!   with bulk tensor copies (`cp.async.bulk.tensor`), one box per page and 64-column panel, from
-//!   the tensor maps the host keeps for the caches (`host/src/tma.rs`), in the 128-byte swizzled
-//!   layout `wgmma` reads, `stages` deep. A stage's K and V each complete on their `full` barrier
-//!   (byte counts) and are refilled after both consumers released them on their `empty` barrier.
-//!   A bad block id reads as zeros (its box lies outside the tensor) and raises the flag.
+//! Persistent: a grid of at most one CTA per SM (a CTA per item while a graph is captured), 384
+//! threads (launch bounds 384 × 1 CTA, so `ptxas` caps registers at 168 on entry),
+//! `FlashAttnSm90Geometry::smem_bytes(D)` of dynamic shared memory. The work items — 128 packed rows
+//! of one sequence and KV head, `batch · num_kv_heads · row_tiles` of them in `varlen_tile`'s order —
+//! come from a device counter, one at a time per CTA:
+//! - warpgroup 0, the producer, drops to 24 registers (`setmaxnreg`). It takes the next item
+//!   (prefetching its Q rows into L2), hands it to the consumers (a shared slot on the item's
+//!   `item_full` barrier) and gathers its Q tile with `cp.async` into a free Q buffer (`q_empty`;
+//!   completing on `q_full`; two buffers at head 64, one above); then its four warps fill the
+//!   key and value stages with bulk tensor copies (`cp.async.bulk.tensor`), one box per page and
+//!   64-column panel, from the tensor maps the host keeps for the caches (`host/src/tma.rs`), in
+//!   the 128-byte swizzled layout `wgmma` reads. Each key or value stage completes on its `full`
+//!   barrier (byte counts) and is refilled after both consumers released it on its `empty`
+//!   barrier. A bad block id reads as zeros (its box lies outside the tensor) and raises the
+//!   item's flag bit.
 //! - warpgroups 1 and 2, the consumers, grow to 240 registers and own 64 rows each: per tile,
 //!   `S = Q·Kᵀ` (`wgmma` m64nNk16, Q and K from shared memory), the logits and online softmax of
 //!   `varlen.rs` on the accumulators, then `O += P·V` (`wgmma` m64nDk16, P from registers, V from
@@ -27,8 +29,8 @@
 //! producer already loads the next item.
 
 use crate::intrinsics::{
-    Chunk, atomic_add, atomic_add_acq_rel, atomic_or, block_idx_x, dynamic_smem_chunks, grid_dim_x, shfl_idx, store_chunk, sync_threads,
-    sync_warp, thread_idx_x, vote_any,
+    Chunk, atomic_add, atomic_add_acq_rel, atomic_and, atomic_or, block_idx_x, dynamic_smem_chunks, grid_dim_x, prefetch_l2, shfl_idx,
+    store_chunk, sync_threads, sync_warp, thread_idx_x, vote_any,
 };
 use crate::tensor_core::{self as tc, MmaElem};
 use crate::varlen::{self, Logits};
@@ -78,7 +80,10 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
     // ND: 8-column tiles of the output (D / 8); NS: of the scores (block_n / 8).
     const { assert!((D == 64 || D == 128 || D == 256) && ND * 8 == D && NS * 8 == Geo::block_n(D) && NS <= 16) };
     let bn = NS * 8;
-    let stages = Geo::stages(D);
+    let (k_stages, v_stages, q_bufs) = (Geo::k_stages(D), Geo::v_stages(D), Geo::q_buffers(D) as u32);
+    // Work item wi's Q buffer (and `q_full`, `q_empty`, `item_full` barrier) and that barrier's
+    // phase parity for it.
+    let q_ring = |wi: u32| ((wi % q_bufs) as usize, (wi / q_bufs) & 1);
     let tid = thread_idx_x();
 
     // Shared memory from a 1024-byte boundary: Q, the K/V stages, the barriers, the flag words.
@@ -88,49 +93,52 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
     let base = raw + pad as u32;
     // SAFETY: the launch-sized carve-up (smem_bytes keeps 1024 bytes for the alignment).
     let gbase = unsafe { smem.add(pad) };
-    let kv_bytes = bn * D * 2;
-    let k_at = |st: usize| Geo::stage_offset(D, st);
-    let v_at = |st: usize| k_at(st) + kv_bytes;
+    let k_at = |st: usize| Geo::k_offset(D, st);
+    let v_at = |st: usize| Geo::v_offset(D, st);
     let bars = base + Geo::tile_bytes(D) as u32;
-    // Per stage, K and V each have a `full` barrier (the producer's bytes landed) and an `empty`
+    // Each key and value stage has a `full` barrier (the producer's bytes landed) and an `empty`
     // one (both consumers are done with it): a key tile is refilled as soon as its S = Q·Kᵀ is
-    // done, while the values of the same stage may still be in use. The Q tile has `q_full`
-    // (the producer's copies landed) and `q_empty` (every consumer warp's last S = Q·Kᵀ of the
-    // work item is done).
+    // done, values a tile later. Each Q buffer has `q_full` (the producer's copies landed) and
+    // `q_empty` (every consumer warp's last S = Q·Kᵀ of its work item is done), and `item_full`.
     let bar = |i: usize| bars + 8 * i as u32;
-    let full = Stages { k: bar(0), v: bar(stages) };
-    let empty = Stages { k: bar(2 * stages), v: bar(3 * stages) };
-    let q_bars = Stages { k: bar(4 * stages), v: bar(4 * stages + 1) };
+    let full = Stages { k: bar(0), v: bar(k_stages) };
+    let empty = Stages { k: bar(k_stages + v_stages), v: bar(2 * k_stages + v_stages) };
+    let nb = 2 * (k_stages + v_stages);
+    let q_bars = Stages { k: bar(nb), v: bar(nb + q_bufs as usize) };
     // The producer hands each work item to the consumers in a slot of `ring` (even and odd items),
-    // on `item_full`.
-    let item_full = bar(4 * stages + 2);
-    // After the barriers: two flag words (even and odd items, see `produce`), the producer's
-    // broadcast word, the two item slots (`Slot`).
+    // on its Q buffer's `item_full`.
+    let item_full = bar(nb + 2 * q_bufs as usize);
+    // After the barriers: the flag word (a bit per item, see `produce_kv`), a spare word, the
+    // producer's broadcast word, the two item slots (`Slot`).
     // SAFETY: after the barriers, inside the carve-up (`smem_bytes` keeps 256 bytes for them).
-    let words = unsafe { gbase.add(Geo::tile_bytes(D) + 8 * (4 * stages + 3)) as *mut u32 };
+    let words = unsafe { gbase.add(Geo::tile_bytes(D) + 8 * Geo::barriers(D)) as *mut u32 };
     let flags = words;
     // SAFETY: as above.
     let (fetched, ring) = unsafe { (words.add(2), words.add(3) as *mut Slot) };
     if tid == 0 {
-        for st in 0..stages {
-            // SAFETY: 8-byte aligned words of the carve-up, used by no thread before the barrier below.
-            unsafe {
-                wg::mbarrier_init(full.k + 8 * st as u32, 1);
-                wg::mbarrier_init(full.v + 8 * st as u32, 1);
-                wg::mbarrier_init(empty.k + 8 * st as u32, 8);
-                wg::mbarrier_init(empty.v + 8 * st as u32, 8);
+        for (bars, n) in [(full.k, k_stages), (full.v, v_stages)] {
+            for st in 0..n {
+                // SAFETY: 8-byte aligned words of the carve-up, used by no thread before the
+                // barrier below.
+                unsafe { wg::mbarrier_init(bars + 8 * st as u32, 1) };
             }
         }
-        // SAFETY: as above.
-        unsafe {
-            wg::mbarrier_init(q_bars.k, 128);
-            wg::mbarrier_init(q_bars.v, 8);
-            wg::mbarrier_init(item_full, 1);
+        for (bars, n) in [(empty.k, k_stages), (empty.v, v_stages)] {
+            for st in 0..n {
+                // SAFETY: as above.
+                unsafe { wg::mbarrier_init(bars + 8 * st as u32, 8) };
+            }
         }
-        // SAFETY: the flag words.
+        for qb in 0..q_bufs {
+            // SAFETY: as above.
+            unsafe {
+                wg::mbarrier_init(q_bars.k + 8 * qb, 128);
+                wg::mbarrier_init(q_bars.v + 8 * qb, 8);
+                wg::mbarrier_init(item_full + 8 * qb, 1);
+            }
+        }
+        // SAFETY: the flag word.
         unsafe { *flags = 0 };
-        // SAFETY: as above.
-        unsafe { *flags.add(1) = 0 };
         wg::fence_mbarrier_init();
     }
     sync_threads();
@@ -138,9 +146,9 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
     // Persistent: the grid's CTAs (one per SM at most) take work items from a device counter
     // (`work_counter[0]`) in `varlen_tile`'s order, heavy (late, causal) tiles first in groups
     // sharing their keys and values in L2: a CTA that finishes early takes the next item, as the
-    // hardware would start the next CTA, but the producer runs ahead into it (its Q once the
-    // consumers' last S = Q·Kᵀ is done, its keys and values as stages free up) while the consumers
-    // finish this one's P·V and store it, so an item's start-up is hidden. The last CTA to finish
+    // hardware would start the next CTA, but the producer runs ahead into it (its Q once a Q
+    // buffer is free, its keys and values as stages free up) while the consumers finish this one's
+    // P·V and store it, so most of an item's start-up is hidden. The last CTA to finish
     // zeroes the counters for the next launch (`work_counter[1]` counts finished CTAs). Items,
     // K/V tiles (`kv`) and barrier phases are counted alike on both sides. Without a counter (the
     // host passes none while capturing a graph) the grid has a CTA per item and each takes its own.
@@ -151,45 +159,62 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
         wg::setmaxnreg_dec::<{ Geo::PRODUCER_REGS }>();
         let (mut kv, mut wi) = (0usize, 0u32);
         let mut own = Some(block_idx_x() as u32);
-        loop {
-            // The next item with rows (a bad sequence's rows are written NaN here, its flag raised).
-            let mut next = None;
-            loop {
-                if tid == 0 {
-                    let w = if counter.is_null() {
-                        own.take().unwrap_or(items)
-                    } else {
-                        // SAFETY: the host's two-word counter.
-                        unsafe { atomic_add(counter, 1) }
-                    };
-                    // SAFETY: the shared broadcast word.
-                    unsafe { *fetched = w };
-                }
-                wg::barrier_sync(4, 128);
-                // SAFETY: written before the barrier above.
-                let w = unsafe { *fetched };
-                wg::barrier_sync(4, 128);
-                if w >= items {
-                    break;
-                }
-                let (b, kvh, mt) = varlen_tile(w, p.batch, p.num_kv_heads, p.row_tiles, p.tile_group);
-                let (b, m0) = (b as usize, mt as usize * BM);
-                // SAFETY: b < batch.
-                if let Some(seq) = unsafe { varlen::sequence::<E, D>(p, b, kvh as usize, m0, BM, tid, 128) }
-                    && m0 < seq.rows()
-                {
-                    next = Some((b, m0, seq));
-                    break;
-                }
+        // The CTA's `wi`-th item: the next one with rows (a bad sequence's rows are written NaN
+        // here, its flag raised), its flag bit cleared (see `produce_kv`) and its Q rows prefetched
+        // into L2, so that the Q load, which waits for the consumers, hits L2.
+        let mut fetch = |wi: u32| loop {
+            if tid == 0 {
+                let w = if counter.is_null() {
+                    own.take().unwrap_or(items)
+                } else {
+                    // SAFETY: the host's two-word counter.
+                    unsafe { atomic_add(counter, 1) }
+                };
+                // SAFETY: the shared broadcast word.
+                unsafe { *fetched = w };
+                // SAFETY: the shared flag word; bit wi % 32 was last read by the consumers 32
+                // items ago.
+                unsafe { atomic_and(flags, !(1 << (wi % 32))) };
             }
-            if wi > 0 {
-                // SAFETY: an initialized barrier: the consumers' last S = Q·Kᵀ of the previous
-                // item is done (so they also read its slot, and the one before it).
-                unsafe { wg::mbarrier_wait(q_bars.v, (wi - 1) & 1) };
+            wg::barrier_sync(4, 128);
+            // SAFETY: written before the barrier above.
+            let w = unsafe { *fetched };
+            wg::barrier_sync(4, 128);
+            if w >= items {
+                return None;
+            }
+            let (b, kvh, mt) = varlen_tile(w, p.batch, p.num_kv_heads, p.row_tiles, p.tile_group);
+            let (b, m0) = (b as usize, mt as usize * BM);
+            // SAFETY: b < batch.
+            if let Some(seq) = unsafe { varlen::sequence::<E, D>(p, b, kvh as usize, m0, BM, tid, 128) }
+                && m0 < seq.rows()
+            {
+                let pr = m0 + tid;
+                if pr < seq.rows() {
+                    let row = (seq.q0 + seq.query(pr)) * p.q_stride_token as usize + seq.head(pr) * p.q_stride_head as usize;
+                    // SAFETY: a prefetch of one of the sequence's query rows (16-byte aligned).
+                    unsafe { prefetch_l2((p.q as *const u16).add(row), D * 2) };
+                }
+                return Some((b, m0, seq));
+            }
+        };
+        loop {
+            // (Fetched once the previous item's copies are all issued: the consumers are then a
+            // few tiles from its end, time enough for the atomic and the table reads.)
+            let item = fetch(wi).map(|(b, m0, seq)| {
+                let lg = Logits::new(p, &seq, m0, BM, bn);
+                (b, m0, seq, lg.first, lg.tiles)
+            });
+            let (qb, parity) = q_ring(wi);
+            if wi >= q_bufs {
+                // SAFETY: an initialized barrier: the consumers' last S = Q·Kᵀ of item wi − q_bufs,
+                // the last in this Q buffer, is done (so they also waited for its `item_full`
+                // phase and read its slot, and the slot before it).
+                unsafe { wg::mbarrier_wait(q_bars.v + 8 * qb as u32, parity ^ 1) };
             }
             if tid == 0 {
-                let slot = match next {
-                    Some((b, m0, seq)) => {
+                let slot = match item {
+                    Some((b, m0, seq, ..)) => {
                         Slot { b: b as u32, kvh: seq.kvh as u32, m0: m0 as u32, q0: seq.q0 as u32, sq: seq.sq as u32, sk: seq.sk as u32 }
                     }
                     None => Slot { b: u32::MAX, kvh: 0, m0: 0, q0: 0, sq: 0, sk: 0 },
@@ -197,13 +222,13 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
                 // SAFETY: this item's slot; read by the consumers after the arrival below.
                 unsafe { *ring.add(wi as usize & 1) = slot };
                 // SAFETY: an initialized barrier (one arrival).
-                unsafe { wg::mbarrier_arrive(item_full) };
+                unsafe { wg::mbarrier_arrive(item_full + 8 * qb as u32) };
             }
-            let Some((b, m0, seq)) = next else { break };
-            let lg = Logits::new(p, &seq, m0, BM, bn);
-            let (first, tiles) = (lg.first, lg.tiles);
-            // SAFETY: the carve-up above; the producer's part of the protocol.
-            unsafe { produce::<D, ND>(p, &seq, b, m0, first, tiles, kv, wi, bn, tid, base, q_bars, flags, full, empty) };
+            let Some((b, m0, seq, first, tiles)) = item else { break };
+            // SAFETY: the carve-up above; the consumers are done with this Q buffer.
+            unsafe { produce_q::<D, ND>(p, &seq, m0, tid, base + Geo::q_offset(D, qb) as u32, q_bars.k + 8 * qb as u32) };
+            // SAFETY: as above.
+            unsafe { produce_kv::<D>(p, &seq, b, first, tiles, kv, wi, bn, tid, base, flags, full, empty) };
             kv += tiles;
             wi += 1;
         }
@@ -235,7 +260,8 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
     // 128 bytes apart). Each is a base descriptor plus an offset (`wgmma::desc_add`), so no
     // descriptor is kept in registers across the loop.
     let (kq_desc, v_desc0) = (wg::desc(base, 16, 1024), wg::desc(base, (bn * 128) as u32, 1024));
-    let q_desc = |kk: usize| wg::desc_add(kq_desc, ((kk / 4) * BM * 128 + cw * 64 * 128 + (kk % 4) * 32) as u32);
+    let q_desc =
+        |qb: usize, kk: usize| wg::desc_add(kq_desc, (Geo::q_offset(D, qb) + (kk / 4) * BM * 128 + cw * 64 * 128 + (kk % 4) * 32) as u32);
     let k_desc = |st: usize, kk: usize| wg::desc_add(kq_desc, (k_at(st) + (kk / 4) * bn * 128 + (kk % 4) * 32) as u32);
     let v_desc = |st: usize, ks: usize| wg::desc_add(v_desc0, (v_at(st) + ks * 16 * 128) as u32);
 
@@ -257,8 +283,9 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
     }
     let (mut kv, mut wi) = (0usize, 0u32);
     loop {
+        let (qb, q_parity) = q_ring(wi);
         // SAFETY: an initialized barrier: the producer wrote this item's slot before arriving.
-        unsafe { wg::mbarrier_wait(item_full, wi & 1) };
+        unsafe { wg::mbarrier_wait(item_full + 8 * qb as u32, q_parity) };
         // SAFETY: as above.
         let slot = unsafe { *ring.add(wi as usize & 1) };
         if slot.b == u32::MAX {
@@ -285,7 +312,7 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
         |s: &mut [[f32; 4]; NS], st: usize| {
             for kk in 0..D / 16 {
                 // SAFETY: descriptors of the landed Q tile and stage st; the whole warpgroup runs it.
-                unsafe { wg::ss::<E, NS>(s, q_desc(kk), k_desc(st, kk), kk > 0) };
+                unsafe { wg::ss::<E, NS>(s, q_desc(qb, kk), k_desc(st, kk), kk > 0) };
             }
             wg::commit();
         };
@@ -299,7 +326,7 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
         };
         // Tile it's keys or values are done in this warp: one of the 8 arrivals.
         let release = #[inline(always)]
-        |bars: u32, it: usize| {
+        |bars: u32, stages: usize, it: usize| {
             if lane == 0 {
                 // SAFETY: an initialized barrier (8 arrivals: every consumer warp).
                 unsafe { wg::mbarrier_arrive(bars + 8 * stage_of(kv + it, stages).0 as u32) };
@@ -308,7 +335,7 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
         let wait_k = #[inline(always)]
         |it: usize| {
             // SAFETY: an initialized barrier; the fill's bytes have all landed when its phase completes.
-            let (st, parity) = stage_of(kv + it, stages);
+            let (st, parity) = stage_of(kv + it, k_stages);
             // SAFETY: as above.
             unsafe { wg::mbarrier_wait(full.k + 8 * st as u32, parity) };
         };
@@ -318,7 +345,7 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
         let sk = seq.sk;
         let wait_v = #[inline(always)]
         |it: usize| {
-            let (st, parity) = stage_of(kv + it, stages);
+            let (st, parity) = stage_of(kv + it, v_stages);
             // SAFETY: an initialized barrier; the fill's bytes have all landed when its phase completes.
             unsafe { wg::mbarrier_wait(full.v + 8 * st as u32, parity) };
             let n0 = first + it * bn;
@@ -361,18 +388,18 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
         let mut pa = [[0u32; 4]; 8];
         // (Waited even without tiles: no copy is left in flight when the CTA ends.)
         // SAFETY: an initialized barrier: every producer thread's Q copies landed (generic proxy).
-        unsafe { wg::mbarrier_wait(q_bars.k, wi & 1) };
+        unsafe { wg::mbarrier_wait(q_bars.k + 8 * qb as u32, q_parity) };
         wg::fence_proxy_async();
         if tiles > 0 {
             wait_k(0);
             let mut s = [[0f32; 4]; NS];
             wg::barrier_sync(my_turn, 256);
             wg::fence();
-            issue_s(&mut s, stage_of(kv, stages).0);
+            issue_s(&mut s, stage_of(kv, k_stages).0);
             wg::barrier_arrive(their_turn, 256);
             wg::wait::<0>();
             wg::fence_regs(&mut s);
-            release(empty.k, 0);
+            release(empty.k, k_stages, 0);
             softmax(&mut s, 0, &mut m_run, &mut l_run);
             to_a(&s, &mut pa);
         }
@@ -383,18 +410,18 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
             wg::fence_regs(&mut o);
             wg::barrier_sync(my_turn, 256);
             wg::fence();
-            issue_s(&mut s, stage_of(kv + it, stages).0);
-            issue_pv(&mut o, &pa, stage_of(kv + it - 1, stages).0);
+            issue_s(&mut s, stage_of(kv + it, k_stages).0);
+            issue_pv(&mut o, &pa, stage_of(kv + it - 1, v_stages).0);
             wg::barrier_arrive(their_turn, 256);
             wg::wait::<1>();
             wg::fence_regs(&mut s);
-            release(empty.k, it);
+            release(empty.k, k_stages, it);
             let corr = softmax(&mut s, it, &mut m_run, &mut l_run);
             // The row sums need every probability of the tile: the wait stays below the softmax.
             wg::before_wait(l_run, never, base);
             wg::wait::<0>();
             wg::fence_regs(&mut o);
-            release(empty.v, it - 1);
+            release(empty.v, v_stages, it - 1);
             if vote_any(corr[0] != 1.0 || corr[1] != 1.0) {
                 varlen::rescale(&mut o, D, corr);
             }
@@ -403,22 +430,22 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
         // Every S = Q·Kᵀ of the item is done: the producer may load the next item's Q.
         if lane == 0 {
             // SAFETY: an initialized barrier (8 arrivals: every consumer warp).
-            unsafe { wg::mbarrier_arrive(q_bars.v) };
+            unsafe { wg::mbarrier_arrive(q_bars.v + 8 * qb as u32) };
         }
         if tiles > 0 {
             wait_v(tiles - 1);
             wg::fence_regs(&mut o);
             wg::barrier_sync(my_turn, 256);
             wg::fence();
-            issue_pv(&mut o, &pa, stage_of(kv + tiles - 1, stages).0);
+            issue_pv(&mut o, &pa, stage_of(kv + tiles - 1, v_stages).0);
             wg::barrier_arrive(their_turn, 256);
             wg::wait::<0>();
             wg::fence_regs(&mut o);
-            release(empty.v, tiles - 1);
+            release(empty.v, v_stages, tiles - 1);
         }
-        // SAFETY: this item's flag word, written by the producer before its arrivals on the `full`
-        // barriers this thread waited on (see `produce`).
-        let bad = unsafe { *flags.add(wi as usize & 1) } == wi + 1;
+        // SAFETY: the flag word: this item's bit was set by the producer before its arrivals on the
+        // `full` barriers this thread waited on, and is cleared 32 items later (see `produce_kv`).
+        let bad = unsafe { flags.read_volatile() } & (1 << (wi % 32)) != 0;
         if bad && ctid == 0 && cw == 0 && p.maybe_status != 0 {
             // SAFETY: a non-null status pointer is a device u32.
             unsafe { atomic_or(p.maybe_status as *mut u32, status::BAD_BLOCK_ID) };
@@ -441,23 +468,69 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
     }
 }
 
-/// The producer warpgroup (threads `ptid` 0..128) on one work item (the `wi`-th of this CTA; its
-/// K/V tiles are the CTA's `kv`-th onwards), called once the consumers released the previous
-/// item's Q (`q_empty`): the Q tile with `cp.async` (all threads, on `q_full`), then its four warps fill each
-/// stage's keys and values with bulk tensor copies, one per page (box) and 64-column panel, on the
-/// stage's `full` barriers. A bad block id writes `wi + 1` into flag word `wi % 2`: the consumers
-/// read it after the item's last `full` wait, and the producer writes that word again only two
-/// items later, after the consumers released the item in between.
+/// The producer warpgroup's (threads `ptid` 0..128) Q tile of a work item with `cp.async`, on
+/// `q_full`; called once the consumers released the previous item's Q (`q_empty`).
+///
+/// # Safety
+/// Called by the producer warpgroup of [`flash_attn_sm90`] with its carve-up.
+#[inline(always)]
+unsafe fn produce_q<const D: usize, const ND: usize>(
+    p: &FlashAttnVarlenParams,
+    seq: &varlen::Seq,
+    m0: usize,
+    ptid: usize,
+    base: u32,
+    q_full: u32,
+) {
+    // Q rows (rows past the sequence: zeros, through the copy path too so that the barrier, which
+    // counts this thread's copies, covers them).
+    // Thread ptid copies piece cc of rows r0, r0 + step, ...: the (query, head) of each row
+    // follows from the last by adding step's quotient and remainder by the group (one division
+    // per item: the per-row divisions and their spills were most of the producer's time).
+    let q = p.q as *const u16;
+    let (step, cc) = (128 / ND, ptid % ND);
+    let r0 = ptid / ND;
+    let (g, rows) = (seq.group as u32, seq.rows());
+    let (dq, dh) = (step as u32 / g, step as u32 % g);
+    let (mut qi, mut hi) = (seq.query(m0 + r0) as u32, (seq.head(m0 + r0) - seq.kvh * seq.group) as u32);
+    let (st, sh) = (p.q_stride_token as usize, p.q_stride_head as usize);
+    // SAFETY: the first row's piece; only addressed below while its row exists.
+    let q_at = unsafe { q.add(seq.q0 * st + seq.kvh * seq.group * sh + cc * 8) };
+    let mut r = r0;
+    while r < BM {
+        let at = base + swizzled(r, cc, BM) as u32;
+        // SAFETY: a query's head row (16-byte aligned, host-checked); past the rows nothing is read.
+        unsafe {
+            if m0 + r < rows {
+                tc::cp_async_16(at, q_at.add(qi as usize * st + hi as usize * sh));
+            } else {
+                tc::cp_async_zero_16(at, q);
+            }
+        }
+        (qi, hi) = (qi + dq, hi + dh);
+        if hi >= g {
+            (qi, hi) = (qi + 1, hi - g);
+        }
+        r += step;
+    }
+    // SAFETY: an initialized barrier (128 arrivals: every producer thread).
+    unsafe { wg::cp_async_mbarrier_arrive(q_full) };
+}
+
+/// The producer warpgroup's (threads `ptid` 0..128) K/V tiles of a work item (the `wi`-th of this CTA; its K/V tiles are the CTA's `kv`-th onwards): its four warps
+/// fill each stage's keys and values with bulk tensor copies, one per page (box) and 64-column
+/// panel, on the stage's `full` barriers, once both consumers released the stage's previous tile.
+/// A bad block id sets bit `wi % 32` of the flag word (cleared when the item was fetched): the
+/// consumers read it after the item's last `full` wait.
 ///
 /// # Safety
 /// Called by the producer warpgroup of [`flash_attn_sm90`] with its carve-up.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn produce<const D: usize, const ND: usize>(
+unsafe fn produce_kv<const D: usize>(
     p: &FlashAttnVarlenParams,
     seq: &varlen::Seq,
     b: usize,
-    m0: usize,
     first: usize,
     tiles: usize,
     kv: usize,
@@ -465,111 +538,83 @@ unsafe fn produce<const D: usize, const ND: usize>(
     bn: usize,
     ptid: usize,
     base: u32,
-    q_bars: Stages,
     flags: *mut u32,
     full: Stages,
     empty: Stages,
 ) {
-    let stages = Geo::stages(D);
     let kv_bytes = bn * D * 2;
-    // Q rows (rows past the sequence: zeros, through the copy path too so that the barrier, which
-    // counts this thread's copies, covers them).
-    let q = p.q as *const u16;
-    // (The caller waited for `q_empty`: the consumers are done with the previous item's Q.)
-    let mut c = ptid;
-    while c < BM * ND {
-        let (r, cc) = (c / ND, c % ND);
-        let pr = m0 + r;
-        let at = base + swizzled(r, cc, BM) as u32;
-        // SAFETY: a query's head row (16-byte aligned, host-checked); past the rows nothing is read.
-        unsafe {
-            if pr < seq.rows() {
-                tc::cp_async_16(
-                    at,
-                    q.add((seq.q0 + seq.query(pr)) * p.q_stride_token as usize + seq.head(pr) * p.q_stride_head as usize + cc * 8),
-                );
-            } else {
-                tc::cp_async_zero_16(at, q);
-            }
+    // Warps 0 and 2 load the keys, 1 and 3 the values, each warp every other box: with small
+    // pages the copies one thread can issue are the limit (page 16, one warp for all: 337
+    // TFLOP/s; a warp per K and V: 425). In each warp, lane l looks up the block of box l of a
+    // tile (one table load for the warp) and lane 0 takes the slots by shuffle and issues the
+    // copies; warps 0 and 1 set each fill's byte count.
+    let (values, half, lane) = (ptid / 32 % 2 == 1, ptid / 64, ptid % 32);
+    // SAFETY: row b of the table (b < batch; the row stride validated).
+    let table = unsafe { (p.block_table as *const i32).add(b * p.block_table_stride as usize) };
+    let bs = p.block_size as usize;
+    let rows = Geo::box_rows(bs, D);
+    let boxes = bn / rows;
+    // A slot past the cache: its box reads as zeros.
+    let outside = (p.num_blocks as usize * bs) as i32;
+    let (sk, kvh) = (seq.sk, seq.kvh as i32);
+    let box_slot = |it: usize| {
+        let j = first + it * bn + lane * rows;
+        if lane >= boxes || j >= sk {
+            return outside;
         }
-        c += 128;
-    }
-    // SAFETY: an initialized barrier (128 arrivals: every producer thread).
-    unsafe { wg::cp_async_mbarrier_arrive(q_bars.k) };
-
-    {
-        // Warps 0 and 2 load the keys, 1 and 3 the values, each warp every other box: with small
-        // pages the copies one thread can issue are the limit (page 16, one warp for all: 337
-        // TFLOP/s; a warp per K and V: 425). In each warp, lane l looks up the block of box l of a
-        // tile (one table load for the warp) and lane 0 takes the slots by shuffle and issues the
-        // copies; warps 0 and 1 set each fill's byte count.
-        let (values, half, lane) = (ptid / 32 % 2 == 1, ptid / 64, ptid % 32);
-        // SAFETY: row b of the table (b < batch; the row stride validated).
-        let table = unsafe { (p.block_table as *const i32).add(b * p.block_table_stride as usize) };
-        let bs = p.block_size as usize;
-        let rows = Geo::box_rows(bs, D);
-        let boxes = bn / rows;
-        // A slot past the cache: its box reads as zeros.
-        let outside = (p.num_blocks as usize * bs) as i32;
-        let (sk, kvh) = (seq.sk, seq.kvh as i32);
-        let box_slot = |it: usize| {
-            let j = first + it * bn + lane * rows;
-            if lane >= boxes || j >= sk {
-                return outside;
-            }
-            // SAFETY: j < sk <= max_blocks · block_size, so the table entry exists.
-            let blk = unsafe { *table.add(j / bs) };
-            if blk >= 0 && (blk as u32) < p.num_blocks {
-                (blk as usize * bs + j % bs) as i32
-            } else {
-                // SAFETY: this item's flag word.
-                unsafe { *flags.add(wi as usize & 1) = wi + 1 };
-                outside
-            }
-        };
-        // Tile it's keys or values into its stage once both consumers released the stage's
-        // previous tile (`slots`: this lane's box slot of tile it).
-        let fill = #[inline(always)]
-        |it: usize, slots: i32, map: u64, kind: u32, full: u32, empty: u32| {
-            let (st, parity) = stage_of(kv + it, stages);
-            let dst = base + Geo::stage_offset(D, st) as u32 + kind;
-            let (full, empty) = (full + 8 * st as u32, empty + 8 * st as u32);
-            if kv + it >= stages {
-                // SAFETY: an initialized barrier.
-                unsafe { wg::mbarrier_wait(empty, parity ^ 1) };
-            }
-            // A lane's flag write (every warp looks up every box) before lane 0's arrival, which
-            // releases it to the consumers.
-            sync_warp();
-            if lane == 0 && half == 0 {
-                // SAFETY: an initialized barrier (one arrival: this thread; the other warp's
-                // copies may land first, the count is signed).
-                unsafe { wg::mbarrier_arrive_expect_tx(full, kv_bytes as u32) };
-            }
-            let mut bx = half;
-            while bx < boxes {
-                let slot = shfl_idx(f32::from_bits(slots as u32), bx as u32).to_bits() as i32;
-                if lane == 0 {
-                    for panel in 0..D / 64 {
-                        let at = (panel * bn * 128 + bx * rows * 128) as u32;
-                        // SAFETY: the host's map of the cache; 1024-byte aligned rows of the stage.
-                        unsafe { wg::tma_load_3d(dst + at, map, [(panel * 64) as i32, kvh, slot], full) };
-                    }
+        // SAFETY: j < sk <= max_blocks · block_size, so the table entry exists.
+        let blk = unsafe { *table.add(j / bs) };
+        if blk >= 0 && (blk as u32) < p.num_blocks {
+            (blk as usize * bs + j % bs) as i32
+        } else {
+            // SAFETY: the shared flag word.
+            unsafe { atomic_or(flags, 1 << (wi % 32)) };
+            outside
+        }
+    };
+    // Tile it's keys or values into its stage once both consumers released the stage's
+    // previous tile (`slots`: this lane's box slot of tile it).
+    let fill = #[inline(always)]
+    |it: usize, slots: i32, map: u64, values: bool, full: u32, empty: u32| {
+        let stages = if values { Geo::v_stages(D) } else { Geo::k_stages(D) };
+        let (st, parity) = stage_of(kv + it, stages);
+        let dst = base + if values { Geo::v_offset(D, st) } else { Geo::k_offset(D, st) } as u32;
+        let (full, empty) = (full + 8 * st as u32, empty + 8 * st as u32);
+        if kv + it >= stages {
+            // SAFETY: an initialized barrier.
+            unsafe { wg::mbarrier_wait(empty, parity ^ 1) };
+        }
+        // A lane's flag bit (every warp looks up every box) before lane 0's arrival, which
+        // releases it to the consumers.
+        sync_warp();
+        if lane == 0 && half == 0 {
+            // SAFETY: an initialized barrier (one arrival: this thread; the other warp's
+            // copies may land first, the count is signed).
+            unsafe { wg::mbarrier_arrive_expect_tx(full, kv_bytes as u32) };
+        }
+        let mut bx = half;
+        while bx < boxes {
+            let slot = shfl_idx(f32::from_bits(slots as u32), bx as u32).to_bits() as i32;
+            if lane == 0 {
+                for panel in 0..D / 64 {
+                    let at = (panel * bn * 128 + bx * rows * 128) as u32;
+                    // SAFETY: the host's map of the cache; 1024-byte aligned rows of the stage.
+                    unsafe { wg::tma_load_3d(dst + at, map, [(panel * 64) as i32, kvh, slot], full) };
                 }
-                bx += 2;
             }
-        };
-        // Tile by tile; the block ids of the next tile are looked up before this tile's copies
-        // are issued, so the lookup is in flight meanwhile.
-        let (map, kind, full, empty) = if values { (p.v_map, kv_bytes as u32, full.v, empty.v) } else { (p.k_map, 0, full.k, empty.k) };
-        let mut next = if tiles > 0 { box_slot(0) } else { outside };
-        for it in 0..tiles {
-            let slots = next;
-            if it + 1 < tiles {
-                next = box_slot(it + 1);
-            }
-            fill(it, slots, map, kind, full, empty);
+            bx += 2;
         }
+    };
+    // Tile by tile; the block ids of the next tile are looked up before this tile's copies
+    // are issued, so the lookup is in flight meanwhile.
+    let (map, full, empty) = if values { (p.v_map, full.v, empty.v) } else { (p.k_map, full.k, empty.k) };
+    let mut next = if tiles > 0 { box_slot(0) } else { outside };
+    for it in 0..tiles {
+        let slots = next;
+        if it + 1 < tiles {
+            next = box_slot(it + 1);
+        }
+        fill(it, slots, map, values, full, empty);
     }
 }
 

@@ -223,6 +223,16 @@ pub unsafe fn atomic_add(p: *mut u32, v: u32) -> u32 {
     unsafe { AtomicU32::from_ptr(p) }.fetch_add(v, Ordering::Relaxed)
 }
 
+/// `atomicAnd` (relaxed) on a `u32` in global or shared memory.
+///
+/// # Safety
+/// `p` is a valid, 4-byte aligned pointer.
+#[inline(always)]
+pub unsafe fn atomic_and(p: *mut u32, v: u32) {
+    // SAFETY: the caller guarantees `p` is valid and aligned.
+    unsafe { AtomicU32::from_ptr(p) }.fetch_and(v, Ordering::Relaxed);
+}
+
 /// `atomicAdd` on a global `u32` with acquire-release ordering (orders this thread's earlier
 /// memory operations before it and later ones after); returns the old value.
 ///
