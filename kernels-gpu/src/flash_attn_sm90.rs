@@ -485,31 +485,30 @@ unsafe fn produce_q<const D: usize, const ND: usize>(
     // Q rows (rows past the sequence: zeros, through the copy path too so that the barrier, which
     // counts this thread's copies, covers them).
     // Thread ptid copies piece cc of rows r0, r0 + step, ...: the (query, head) of each row
-    // follows from the last by adding step's quotient and remainder by the group (one division
-    // per item: the per-row divisions and their spills were most of the producer's time).
-    let q = p.q as *const u16;
+    // follows from the last by adding step's quotient and remainder by the group, so its address
+    // by adding a fixed byte step and, when the head wraps, one more token less a group of heads
+    // (one division per item: the per-row divisions and their spills, then the per-row address
+    // products, were most of the producer's issue time). Rows past the sequence are zero-filled.
     let (step, cc) = (128 / ND, ptid % ND);
     let r0 = ptid / ND;
-    let (g, rows) = (seq.group as u32, seq.rows());
-    let (dq, dh) = (step as u32 / g, step as u32 % g);
-    let (mut qi, mut hi) = (seq.query(m0 + r0) as u32, (seq.head(m0 + r0) - seq.kvh * seq.group) as u32);
-    let (st, sh) = (p.q_stride_token as usize, p.q_stride_head as usize);
-    // SAFETY: the first row's piece; only addressed below while its row exists.
-    let q_at = unsafe { q.add(seq.q0 * st + seq.kvh * seq.group * sh + cc * 8) };
+    let (g, valid) = (seq.group as u32, seq.rows().saturating_sub(m0));
+    let (dq, dh) = (step / seq.group, (step % seq.group) as u32);
+    let mut hi = (seq.head(m0 + r0) - seq.kvh * seq.group) as u32;
+    let (st, sh) = (p.q_stride_token as usize * 2, p.q_stride_head as usize * 2);
+    let (byte_step, wrap) = ((dq * st).wrapping_add(dh as usize * sh), st.wrapping_sub(seq.group * sh));
+    let mut src = (p.q as usize).wrapping_add((seq.q0 + seq.query(m0 + r0)) * st + (seq.kvh * seq.group + hi as usize) * sh + cc * 16);
     let mut r = r0;
     while r < BM {
         let at = base + swizzled(r, cc, BM) as u32;
-        // SAFETY: a query's head row (16-byte aligned, host-checked); past the rows nothing is read.
-        unsafe {
-            if m0 + r < rows {
-                tc::cp_async_16(at, q_at.add(qi as usize * st + hi as usize * sh));
-            } else {
-                tc::cp_async_zero_16(at, q);
-            }
-        }
-        (qi, hi) = (qi + dq, hi + dh);
+        let ok = r < valid;
+        // SAFETY: a query's head row (16-byte aligned, host-checked) where ok; else nothing is
+        // read (the source is q itself).
+        unsafe { tc::cp_async_16_fill(at, if ok { src } else { p.q as usize } as *const u8, if ok { 16 } else { 0 }) };
+        src = src.wrapping_add(byte_step);
+        hi += dh;
         if hi >= g {
-            (qi, hi) = (qi + 1, hi - g);
+            hi -= g;
+            src = src.wrapping_add(wrap);
         }
         r += step;
     }

@@ -143,6 +143,24 @@ pub unsafe fn cp_async_16<T>(dst: u32, src: *const T) {
     };
 }
 
+/// `cp.async` of 16 bytes to `dst`, the first `bytes` (0 or 16) read from `src`, the rest zeros.
+///
+/// # Safety
+/// As [`cp_async_16`] where `bytes` is 16; `src` any address where it is 0.
+#[inline(always)]
+pub unsafe fn cp_async_16_fill<T>(dst: u32, src: *const T, bytes: u32) {
+    // SAFETY: the caller's promise.
+    unsafe {
+        asm!(
+            "cp.async.cg.shared.global [{d}], [{s}], 16, {n};",
+            d = in(reg32) dst,
+            s = in(reg64) src as u64,
+            n = in(reg32) bytes,
+            options(nostack)
+        )
+    };
+}
+
 /// `cp.async` of 16 zero bytes to `dst` (source size 0: nothing is read from `src`).
 ///
 /// # Safety
