@@ -497,9 +497,12 @@ unsafe fn produce_q<const D: usize, const ND: usize>(
     let (st, sh) = (p.q_stride_token as usize * 2, p.q_stride_head as usize * 2);
     let (byte_step, wrap) = ((dq * st).wrapping_add(dh as usize * sh), st.wrapping_sub(seq.group * sh));
     let mut src = (p.q as usize).wrapping_add((seq.q0 + seq.query(m0 + r0)) * st + (seq.kvh * seq.group + hi as usize) * sh + cc * 16);
-    let mut r = r0;
-    while r < BM {
-        let at = base + swizzled(r, cc, BM) as u32;
+    // 32-bit row counters; with a step of whole swizzle periods (8 rows: head ≤ 128) the
+    // destination moves by a constant too.
+    let (r0, valid) = (r0 as u32, valid.min(BM) as u32);
+    let mut at = base + swizzled(r0 as usize, cc, BM) as u32;
+    for k in 0..ND as u32 {
+        let r = r0 + k * step as u32;
         let ok = r < valid;
         // SAFETY: a query's head row (16-byte aligned, host-checked) where ok; else nothing is
         // read (the source is q itself).
@@ -510,7 +513,7 @@ unsafe fn produce_q<const D: usize, const ND: usize>(
             hi -= g;
             src = src.wrapping_add(wrap);
         }
-        r += step;
+        at = if step % 8 == 0 { at + (step * 128) as u32 } else { base + swizzled((r + step as u32) as usize, cc, BM) as u32 };
     }
     // SAFETY: an initialized barrier (128 arrivals: every producer thread).
     unsafe { wg::cp_async_mbarrier_arrive(q_full) };
