@@ -104,7 +104,8 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
     let full = Stages { k: bar(0), v: bar(k_stages) };
     let empty = Stages { k: bar(k_stages + v_stages), v: bar(2 * k_stages + v_stages) };
     let nb = 2 * (k_stages + v_stages);
-    let q_bars = Stages { k: bar(nb), v: bar(nb + q_bufs as usize) };
+    // (Per Q buffer, one after the other.)
+    let (q_full, q_empty) = (bar(nb), bar(nb + q_bufs as usize));
     // The producer hands each work item to the consumers in a slot of `ring` (even and odd items),
     // on its Q buffer's `item_full`.
     let item_full = bar(nb + 2 * q_bufs as usize);
@@ -132,8 +133,8 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
         for qb in 0..q_bufs {
             // SAFETY: as above.
             unsafe {
-                wg::mbarrier_init(q_bars.k + 8 * qb, 128);
-                wg::mbarrier_init(q_bars.v + 8 * qb, 8);
+                wg::mbarrier_init(q_full + 8 * qb, 128);
+                wg::mbarrier_init(q_empty + 8 * qb, 8);
                 wg::mbarrier_init(item_full + 8 * qb, 1);
             }
         }
@@ -210,7 +211,7 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
                 // SAFETY: an initialized barrier: the consumers' last S = Q·Kᵀ of item wi − q_bufs,
                 // the last in this Q buffer, is done (so they also waited for its `item_full`
                 // phase and read its slot, and the slot before it).
-                unsafe { wg::mbarrier_wait(q_bars.v + 8 * qb as u32, parity ^ 1) };
+                unsafe { wg::mbarrier_wait(q_empty + 8 * qb as u32, parity ^ 1) };
             }
             if tid == 0 {
                 let slot = match item {
@@ -226,7 +227,7 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
             }
             let Some((b, m0, seq, first, tiles)) = item else { break };
             // SAFETY: the carve-up above; the consumers are done with this Q buffer.
-            unsafe { produce_q::<D, ND>(p, &seq, m0, tid, base + Geo::q_offset(D, qb) as u32, q_bars.k + 8 * qb as u32) };
+            unsafe { produce_q::<D, ND>(p, &seq, m0, tid, base + Geo::q_offset(D, qb) as u32, q_full + 8 * qb as u32) };
             // SAFETY: as above.
             unsafe { produce_kv::<D>(p, &seq, b, first, tiles, kv, wi, bn, tid, base, flags, full, empty) };
             kv += tiles;
@@ -388,7 +389,7 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
         let mut pa = [[0u32; 4]; 8];
         // (Waited even without tiles: no copy is left in flight when the CTA ends.)
         // SAFETY: an initialized barrier: every producer thread's Q copies landed (generic proxy).
-        unsafe { wg::mbarrier_wait(q_bars.k + 8 * qb as u32, q_parity) };
+        unsafe { wg::mbarrier_wait(q_full + 8 * qb as u32, q_parity) };
         wg::fence_proxy_async();
         if tiles > 0 {
             wait_k(0);
@@ -430,7 +431,7 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
         // Every S = Q·Kᵀ of the item is done: the producer may load the next item's Q.
         if lane == 0 {
             // SAFETY: an initialized barrier (8 arrivals: every consumer warp).
-            unsafe { wg::mbarrier_arrive(q_bars.v + 8 * qb as u32) };
+            unsafe { wg::mbarrier_arrive(q_empty + 8 * qb as u32) };
         }
         if tiles > 0 {
             wait_v(tiles - 1);
@@ -468,8 +469,8 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
     }
 }
 
-/// The producer warpgroup's (threads `ptid` 0..128) Q tile of a work item with `cp.async`, on
-/// `q_full`; called once the consumers released the previous item's Q (`q_empty`).
+/// The producer warpgroup's (threads `ptid` 0..128) Q tile of a work item with `cp.async` into Q
+/// buffer `base`, on its `q_full`; called once the consumers released the buffer (`q_empty`).
 ///
 /// # Safety
 /// Called by the producer warpgroup of [`flash_attn_sm90`] with its carve-up.
