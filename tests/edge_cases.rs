@@ -210,11 +210,6 @@ fn gpu_non_finite_inputs_propagate_like_the_reference() {
     crate::common::gpu_of(&mut device).check_status().unwrap();
 }
 
-/// Raw bits of a tensor (after the device's work is done).
-fn bits(t: &Tensor) -> Vec<u8> {
-    t.to_cpu().unwrap().host_bytes().unwrap().to_vec()
-}
-
 /// Three streams (three `Gpu` handles on one context) launch paged attention v1, v2 and varlen over
 /// the same read-only caches, 20 times each, concurrently from three threads: every output equals
 /// the serial run's bit for bit, and so does every repetition (the kernels are deterministic).
@@ -250,7 +245,7 @@ fn gpu_streams_share_read_only_caches() {
                 let mut ws = PagedAttentionWorkspace::with_partition_size(dev, 6, 8, 128, 1024, 128).unwrap();
                 let version = if which == 0 { Version::V1 } else { Version::V2 };
                 paged_attention(dev, &mut out, &shared.args(), &mut ws, version).unwrap();
-                bits(&out)
+                crate::common::bits(&out)
             }
             _ => {
                 let mut out = dev.nan(ScalarType::F16, vi.q.shape()).unwrap();
@@ -270,7 +265,7 @@ fn gpu_streams_share_read_only_caches() {
                     block_table: &vtable,
                 };
                 flash_attn_varlen_func_with(dev, &mut out, None, &a, FlashKernel::Auto).unwrap();
-                bits(&out)
+                crate::common::bits(&out)
             }
         }
     };

@@ -396,8 +396,7 @@ fn gpu_wgmma_persistent_and_captured_launches() {
             let launch = |out: &mut Tensor| pagedattn::flash_attn_varlen_func_with(&device, out, None, &a, FlashKernel::Wgmma).unwrap();
             let mut out = device.nan(i.q.dtype(), i.q.shape()).unwrap();
             launch(&mut out);
-            let bits = |t: &Tensor| t.to_cpu().unwrap().host_bytes().unwrap().to_vec();
-            let first = bits(&out);
+            let first = crate::common::bits(&out);
             for _ in 0..200 {
                 launch(&mut out);
             }
@@ -408,7 +407,7 @@ fn gpu_wgmma_persistent_and_captured_launches() {
                 assert!(std::time::Instant::now() < deadline, "{case}: 200 launches not done after 60 s (a hang)");
                 std::thread::sleep(std::time::Duration::from_millis(1));
             }
-            assert!(bits(&out) == first, "{case}: a repetition differs from the first run");
+            assert!(crate::common::bits(&out) == first, "{case}: a repetition differs from the first run");
 
             let mut captured = device.nan(i.q.dtype(), i.q.shape()).unwrap();
             let stream = gpu.stream().clone();
@@ -416,7 +415,7 @@ fn gpu_wgmma_persistent_and_captured_launches() {
             launch(&mut captured);
             let graph = stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0)).unwrap().expect("a captured launch");
             graph.launch().unwrap();
-            assert!(bits(&captured) == first, "{case}: the graph replay differs from the eager run");
+            assert!(crate::common::bits(&captured) == first, "{case}: the graph replay differs from the eager run");
             runs += 202;
         }
     }

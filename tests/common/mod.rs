@@ -69,6 +69,11 @@ pub fn note(line: &str) {
     let _ = writeln!(std::io::stderr(), "{line}");
 }
 
+/// Raw bits of a tensor (after the device's work is done).
+pub fn bits(t: &Tensor) -> Vec<u8> {
+    t.to_cpu().unwrap().host_bytes().unwrap().to_vec()
+}
+
 /// The GPU inside a device (panics on the CPU backend).
 pub fn gpu_of(device: &mut Device) -> &mut Gpu {
     match device {
