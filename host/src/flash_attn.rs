@@ -21,10 +21,13 @@
 //! A row with no visible key gives a zero output and an LSE of `-inf` (FlashAttention-2 reports `+inf`
 //! there; `-inf` is the log of the empty sum and merges correctly).
 
+use std::sync::OnceLock;
+
 use cudarc::driver::LaunchConfig;
 use cudarc::driver::sys::CUfunction_attribute;
 use pagedattn_layout::{
-    FlashAttnGeometry, FlashAttnSm90Geometry, FlashAttnVarlenParams, KernelFamily, MERGE_THREADS, MergeAttnStatesParams,
+    FlashAttnGeometry, FlashAttnSm90Geometry, FlashAttnSm90Params, FlashAttnVarlenParams, KernelFamily, MERGE_THREADS,
+    MergeAttnStatesParams,
 };
 
 use crate::device::{Device, Gpu, check_placement};
@@ -320,6 +323,18 @@ fn launch_gpu(
     let func = gpu.function(family, symbol)?;
     if smem > 48 * 1024 {
         func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)?;
+    }
+    if kernel == FlashKernel::Wgmma {
+        // The Q tile by one bulk copy per panel where a box can describe it (else a `cp.async`
+        // gather); `PAGEDATTN_VARLEN_Q_TMA=0` forces the gather (an escape hatch, and the
+        // benchmark's comparison).
+        static GATHER: OnceLock<bool> = OnceLock::new();
+        let gather = *GATHER.get_or_init(|| std::env::var("PAGEDATTN_VARLEN_Q_TMA").is_ok_and(|v| v == "0"));
+        let q_map = if gather { None } else { crate::tma::q_map(a.q, plan.num_heads / plan.num_kv_heads) };
+        let params = FlashAttnSm90Params { q_tma: q_map.is_some() as u32, _pad: [0; 11], q_map: q_map.unwrap_or_default(), varlen: params };
+        // SAFETY: as below, with `FlashAttnSm90Params` the Hopper kernel's parameter type and its
+        // Q map describing `q` as validated.
+        return unsafe { launch::launch(gpu.stream(), &func, cfg, &params) };
     }
     // SAFETY: `FlashAttnVarlenParams` is the kernel's parameter type; `validate` checked every shape,
     // dtype and size, the checks above the kernel's alignment needs; host tables were checked and

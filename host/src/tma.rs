@@ -15,6 +15,8 @@ use cudarc::driver::sys::{
 };
 use cudarc::driver::{CudaSlice, DevicePtr, sys};
 
+use pagedattn_layout::{FlashAttnSm90Geometry, TensorMapBytes};
+
 use crate::device::Gpu;
 use crate::error::Result;
 use crate::tensor::{ScalarType, Tensor};
@@ -89,11 +91,38 @@ pub fn kv_map(gpu: &Gpu, cache: &Tensor, rows: usize) -> Result<u64> {
     Ok(addr)
 }
 
+/// The Hopper kernel's tensor map of `q` (`[total_q, num_heads, head_size]` f16/bf16 on the GPU,
+/// rows 16-byte aligned), by value: the 3-D tensor `(head_size, num_heads, total_q)` with a box of
+/// `(64, group, BLOCK_M / group)`, one 64-column panel of a work item's packed Q rows. `None` where
+/// a box cannot be a work item's rows (the group does not divide `BLOCK_M`) or the driver refuses
+/// the map: the kernel then gathers Q rows with `cp.async`.
+pub fn q_map(q: &Tensor, group: usize) -> Option<TensorMapBytes> {
+    let block_m = FlashAttnSm90Geometry::BLOCK_M;
+    if group == 0 || !block_m.is_multiple_of(group) || block_m / group > 256 {
+        return None;
+    }
+    let (sh, st) = (q.shape(), q.strides());
+    let bytes = q.dtype().size_bytes() as u64;
+    let key = MapKey {
+        addr: q.device_ptr()?,
+        bf16: q.dtype() == ScalarType::BF16,
+        dims: [sh[2] as u64, sh[1] as u64, sh[0] as u64],
+        strides: [st[1] as u64 * bytes, st[0] as u64 * bytes],
+        rows: 0,
+    };
+    let map = encode_box(&key, [64, group as u32, (block_m / group) as u32]).ok()?;
+    // SAFETY: CUtensorMap is 128 bytes of plain data, as is TensorMapBytes.
+    Some(TensorMapBytes(unsafe { std::mem::transmute::<CUtensorMap, [u64; 16]>(map) }))
+}
+
 fn encode(k: &MapKey) -> Result<CUtensorMap> {
+    encode_box(k, [64, 1, k.rows])
+}
+
+fn encode_box(k: &MapKey, boxes: [u32; 3]) -> Result<CUtensorMap> {
     let mut map = std::mem::MaybeUninit::<CUtensorMap>::uninit();
     let dtype =
         if k.bf16 { CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 } else { CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16 };
-    let boxes: [u32; 3] = [64, 1, k.rows];
     let element_strides = [1u32; 3];
     // SAFETY: every pointer is to a live array of the rank's length (strides: rank − 1); the map
     // is written by the call.

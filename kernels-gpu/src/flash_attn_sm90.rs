@@ -8,10 +8,14 @@
 //! `FlashAttnSm90Geometry::smem_bytes(D)` of dynamic shared memory. The work items — 128 packed rows
 //! of one sequence and KV head, `batch · num_kv_heads · row_tiles` of them in `varlen_tile`'s order —
 //! come from a device counter, one at a time per CTA:
-//! - warpgroup 0, the producer, drops to 24 registers (`setmaxnreg`). It takes the next item
-//!   (prefetching its Q rows into L2), hands it to the consumers (a shared slot on the item's
-//!   `item_full` barrier) and gathers its Q tile with `cp.async` into a free Q buffer (`q_empty`;
-//!   completing on `q_full`; two buffers at head 64, one above); then its four warps fill the
+//! - warpgroup 0, the producer, drops to 24 registers (`setmaxnreg`). It takes the next item, hands
+//!   it to the consumers (a shared slot on the item's `item_full` barrier) and loads its Q tile into
+//!   a free Q buffer (`q_empty`; completing on `q_full`; two buffers at head 64, one above): one
+//!   bulk tensor copy per 64-column panel from the Q tensor map passed by value in the kernel's
+//!   parameter (`FlashAttnSm90Params`), or, where the query group does not divide the tile's 128
+//!   rows (or the map's address is not aligned), a `cp.async` gather row by row. With the map the
+//!   consumers release the buffer right after their last `S = Q·Kᵀ` of an item, so the next
+//!   item's Q loads under the last softmax, `P·V` and stores. Then its four warps fill the
 //!   key and value stages with bulk tensor copies (`cp.async.bulk.tensor`), one box per page and
 //!   64-column panel, from the tensor maps the host keeps for the caches (`host/src/tma.rs`), in
 //!   the 128-byte swizzled layout `wgmma` reads. Each key or value stage completes on its `full`
@@ -29,13 +33,13 @@
 //! producer already loads the next item.
 
 use crate::intrinsics::{
-    Chunk, atomic_add, atomic_add_acq_rel, atomic_and, atomic_or, block_idx_x, dynamic_smem_chunks, grid_dim_x, prefetch_l2, shfl_idx,
-    store_chunk, sync_threads, sync_warp, thread_idx_x, vote_any,
+    Chunk, atomic_add, atomic_add_acq_rel, atomic_and, atomic_or, block_idx_x, dynamic_smem_chunks, grid_dim_x, shfl_idx, store_chunk,
+    sync_threads, sync_warp, thread_idx_x, vote_any,
 };
 use crate::tensor_core::{self as tc, MmaElem};
 use crate::varlen::{self, Logits};
 use crate::wgmma as wg;
-use pagedattn_layout::{FlashAttnSm90Geometry as Geo, FlashAttnVarlenParams, status, varlen_tile};
+use pagedattn_layout::{FlashAttnSm90Geometry as Geo, FlashAttnSm90Params, FlashAttnVarlenParams, status, varlen_tile};
 
 const BM: usize = Geo::BLOCK_M;
 
@@ -76,7 +80,10 @@ fn swizzled(r: usize, c: usize, rows: usize) -> usize {
 /// Launched with the geometry above on buffers the host validated (16-byte aligned rows of q, k, v;
 /// 4-byte aligned rows of out).
 #[inline(always)]
-pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const NS: usize, const EXTRAS: bool>(p: &FlashAttnVarlenParams) {
+pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const NS: usize, const EXTRAS: bool>(
+    p: &FlashAttnVarlenParams,
+    q_map: u64,
+) {
     // ND: 8-column tiles of the output (D / 8); NS: of the scores (block_n / 8).
     const { assert!((D == 64 || D == 128 || D == 256) && ND * 8 == D && NS * 8 == Geo::block_n(D) && NS <= 16) };
     let bn = NS * 8;
@@ -133,7 +140,8 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
         for qb in 0..q_bufs {
             // SAFETY: as above.
             unsafe {
-                wg::mbarrier_init(q_full + 8 * qb, 128);
+                // (The producer threads' `cp.async` arrivals, or one with the byte count.)
+                wg::mbarrier_init(q_full + 8 * qb, if q_map != 0 { 1 } else { 128 });
                 wg::mbarrier_init(q_empty + 8 * qb, 8);
                 wg::mbarrier_init(item_full + 8 * qb, 1);
             }
@@ -161,8 +169,8 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
         let (mut kv, mut wi) = (0usize, 0u32);
         let mut own = Some(block_idx_x() as u32);
         // The CTA's `wi`-th item: the next one with rows (a bad sequence's rows are written NaN
-        // here, its flag raised), its flag bit cleared (see `produce_kv`) and its Q rows prefetched
-        // into L2, so that the Q load, which waits for the consumers, hits L2.
+        // here, its flag raised), its flag bit cleared (see `produce_kv`). (An L2 prefetch of its Q
+        // rows here measured 2.6% slower: ncu cycles, paged prefix.)
         let mut fetch = |wi: u32| loop {
             if tid == 0 {
                 let w = if counter.is_null() {
@@ -190,12 +198,6 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
             if let Some(seq) = unsafe { varlen::sequence::<E, D>(p, b, kvh as usize, m0, BM, tid, 128) }
                 && m0 < seq.rows()
             {
-                let pr = m0 + tid;
-                if pr < seq.rows() {
-                    let row = (seq.q0 + seq.query(pr)) * p.q_stride_token as usize + seq.head(pr) * p.q_stride_head as usize;
-                    // SAFETY: a prefetch of one of the sequence's query rows (16-byte aligned).
-                    unsafe { prefetch_l2((p.q as *const u16).add(row), D * 2) };
-                }
                 return Some((b, m0, seq));
             }
         };
@@ -227,7 +229,7 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
             }
             let Some((b, m0, seq, first, tiles)) = item else { break };
             // SAFETY: the carve-up above; the consumers are done with this Q buffer.
-            unsafe { produce_q::<D, ND>(p, &seq, m0, tid, base + Geo::q_offset(D, qb) as u32, q_full + 8 * qb as u32) };
+            unsafe { produce_q::<D, ND>(p, q_map, &seq, m0, tid, base + Geo::q_offset(D, qb) as u32, q_full + 8 * qb as u32) };
             // SAFETY: as above.
             unsafe { produce_kv::<D>(p, &seq, b, first, tiles, kv, wi, bn, tid, base, flags, full, empty) };
             kv += tiles;
@@ -267,6 +269,7 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
     let v_desc = |st: usize, ks: usize| wg::desc_add(v_desc0, (v_at(st) + ks * 16 * 128) as u32);
 
     let (my_turn, their_turn) = (1 + cw as u32, 2 - cw as u32);
+    let early = q_map != 0;
     // False at run time (the host always passes the key map), unknown to `ptxas` (see
     // `wgmma::before_wait`).
     let never = p.k_map == 0;
@@ -384,6 +387,16 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
             }
         };
 
+        // Every S = Q·Kᵀ of the item is done: the producer may load the next item's Q (with a Q
+        // map, right after the last S; the `cp.async` gather, issued by the producer's 128
+        // threads, measured faster after the last softmax).
+        let q_release = #[inline(always)]
+        || {
+            if lane == 0 {
+                // SAFETY: an initialized barrier (8 arrivals: every consumer warp).
+                unsafe { wg::mbarrier_arrive(q_empty + 8 * qb as u32) };
+            }
+        };
         let mut o = [[0f32; 4]; ND];
         let (mut m_run, mut l_run) = ([f32::NEG_INFINITY; 2], [0f32; 2]);
         let mut pa = [[0u32; 4]; 8];
@@ -401,6 +414,9 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
             wg::wait::<0>();
             wg::fence_regs(&mut s);
             release(empty.k, k_stages, 0);
+            if early && tiles == 1 {
+                q_release();
+            }
             softmax(&mut s, 0, &mut m_run, &mut l_run);
             to_a(&s, &mut pa);
         }
@@ -417,6 +433,9 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
             wg::wait::<1>();
             wg::fence_regs(&mut s);
             release(empty.k, k_stages, it);
+            if early && it + 1 == tiles {
+                q_release();
+            }
             let corr = softmax(&mut s, it, &mut m_run, &mut l_run);
             // The row sums need every probability of the tile: the wait stays below the softmax.
             wg::before_wait(l_run, never, base);
@@ -428,10 +447,8 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
             }
             to_a(&s, &mut pa);
         }
-        // Every S = Q·Kᵀ of the item is done: the producer may load the next item's Q.
-        if lane == 0 {
-            // SAFETY: an initialized barrier (8 arrivals: every consumer warp).
-            unsafe { wg::mbarrier_arrive(q_empty + 8 * qb as u32) };
+        if !early || tiles == 0 {
+            q_release();
         }
         if tiles > 0 {
             wait_v(tiles - 1);
@@ -477,12 +494,29 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
 #[inline(always)]
 unsafe fn produce_q<const D: usize, const ND: usize>(
     p: &FlashAttnVarlenParams,
+    q_map: u64,
     seq: &varlen::Seq,
     m0: usize,
     ptid: usize,
     base: u32,
     q_full: u32,
 ) {
+    if q_map != 0 {
+        // One box per 64-column panel: the rows from (query m0 / group, the KV head's first query
+        // head) on, packed as the kernel packs them (the group divides BLOCK_M, so m0 is a
+        // multiple of it). Rows past the sequence hold the next sequence's queries or zeros (past
+        // the tensor); their outputs are never stored.
+        if ptid == 0 {
+            let (token, head) = ((seq.q0 + seq.query(m0)) as i32, (seq.kvh * seq.group) as i32);
+            // SAFETY: an initialized barrier (one arrival: this thread).
+            unsafe { wg::mbarrier_arrive_expect_tx(q_full, (BM * D * 2) as u32) };
+            for panel in 0..D / 64 {
+                // SAFETY: the kernel parameter's map of q; 1024-byte aligned panels of the buffer.
+                unsafe { wg::tma_load_3d(base + (panel * BM * 128) as u32, q_map, [(panel * 64) as i32, head, token], q_full) };
+            }
+        }
+        return;
+    }
     // Q rows (rows past the sequence: zeros, through the copy path too so that the barrier, which
     // counts this thread's copies, covers them).
     // Thread ptid copies piece cc of rows r0, r0 + step, ...: the (query, head) of each row
@@ -621,6 +655,14 @@ unsafe fn produce_kv<const D: usize>(
     }
 }
 
+/// The generic address of the Q map in the kernel's parameter (`param` its address), or 0 (gather Q
+/// rows) where it is not 64-byte aligned, as a map must be (see `FlashAttnSm90Params`).
+#[inline(always)]
+fn q_map_address(param: u64) -> u64 {
+    let at = param + FlashAttnSm90Params::Q_MAP_OFFSET as u64;
+    if at.is_multiple_of(64) { at } else { 0 }
+}
+
 macro_rules! export_flash_attn_sm90 {
     ($dt:ident, $dtn:literal, $h:literal) => {
         const _: () = {
@@ -630,9 +672,11 @@ macro_rules! export_flash_attn_sm90 {
             /// Launched by the host's dispatch with this variant's geometry on validated buffers,
             /// `softcap == 0` and no ALiBi slopes.
             #[unsafe(export_name = pagedattn_layout::flash_attn_sm90_symbol!($dtn, $h))]
-            pub unsafe extern "ptx-kernel" fn kernel(p: FlashAttnVarlenParams) {
+            pub unsafe extern "ptx-kernel" fn kernel(p: FlashAttnSm90Params) {
+                let q_map =
+                    if p.q_tma != 0 { q_map_address(wg::param_address!(pagedattn_layout::flash_attn_sm90_symbol!($dtn, $h))) } else { 0 };
                 // SAFETY: forwarded from the entry point's contract.
-                unsafe { flash_attn_sm90::<tc_elem!($dt), $h, { $h / 8 }, { Geo::block_n($h) / 8 }, false>(&p) }
+                unsafe { flash_attn_sm90::<tc_elem!($dt), $h, { $h / 8 }, { Geo::block_n($h) / 8 }, false>(&p.varlen, q_map) }
             }
         };
         const _: () = {
@@ -641,9 +685,14 @@ macro_rules! export_flash_attn_sm90 {
             /// # Safety
             /// Launched by the host's dispatch with this variant's geometry on validated buffers.
             #[unsafe(export_name = pagedattn_layout::flash_attn_sm90_extras_symbol!($dtn, $h))]
-            pub unsafe extern "ptx-kernel" fn kernel(p: FlashAttnVarlenParams) {
+            pub unsafe extern "ptx-kernel" fn kernel(p: FlashAttnSm90Params) {
+                let q_map = if p.q_tma != 0 {
+                    q_map_address(wg::param_address!(pagedattn_layout::flash_attn_sm90_extras_symbol!($dtn, $h)))
+                } else {
+                    0
+                };
                 // SAFETY: forwarded from the entry point's contract.
-                unsafe { flash_attn_sm90::<tc_elem!($dt), $h, { $h / 8 }, { Geo::block_n($h) / 8 }, true>(&p) }
+                unsafe { flash_attn_sm90::<tc_elem!($dt), $h, { $h / 8 }, { Geo::block_n($h) / 8 }, true>(&p.varlen, q_map) }
             }
         };
     };

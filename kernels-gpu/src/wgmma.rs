@@ -266,6 +266,25 @@ pub unsafe fn tma_load_3d(dst: u32, map: u64, c: [i32; 3], bar: u32) {
     };
 }
 
+/// The generic address of the first parameter of kernel `$kernel` (its symbol): `mov` of the
+/// parameter's address, then `cvta.param` (PTX 7.7). Bulk copies read a tensor map passed by value
+/// through it, as CUDA's `__grid_constant__` parameters; nothing may write through it.
+macro_rules! param_address {
+    ($kernel:expr) => {{
+        let a: u64;
+        // SAFETY: takes the address of the entry point's own parameter; reads and writes nothing.
+        unsafe {
+            core::arch::asm!(
+                concat!("mov.b64 {a}, ", $kernel, "_param_0;\n\tcvta.param.u64 {a}, {a};"),
+                a = out(reg64) a,
+                options(nostack)
+            )
+        };
+        a
+    }};
+}
+pub(crate) use param_address;
+
 /// `cp.async.mbarrier.arrive.noinc`: one arrival on `bar` once every `cp.async` this thread issued
 /// so far has landed (the arrival is one of the barrier's expected count).
 ///

@@ -1,8 +1,9 @@
 //! cudarc's `DeviceRepr` for the params structs (host only, behind the `cudarc` feature).
 
 use crate::{
-    CopyBlocksParams, FillParams, FlashAttnVarlenParams, Fp8CodecParams, MergeAttnStatesParams, MmaProbeParams, PagedAttentionParams,
-    PagedAttentionReduceParams, ReshapeAndCacheFlashParams, ReshapeAndCacheParams, StreamReadParams, SwapBlocksParams,
+    CopyBlocksParams, FillParams, FlashAttnSm90Params, FlashAttnVarlenParams, Fp8CodecParams, MergeAttnStatesParams, MmaProbeParams,
+    PagedAttentionParams, PagedAttentionReduceParams, ReshapeAndCacheFlashParams, ReshapeAndCacheParams, StreamReadParams,
+    SwapBlocksParams,
 };
 
 // SAFETY: `PagedAttentionParams` is `#[repr(C)]`, `Copy`, made only of `u64`/`u32`/`f32` fields with
@@ -32,5 +33,8 @@ unsafe impl cudarc::driver::DeviceRepr for CopyBlocksParams {}
 unsafe impl cudarc::driver::DeviceRepr for SwapBlocksParams {}
 // SAFETY: as above, mirrored by `kernels-gpu/src/flash_attn.rs`.
 unsafe impl cudarc::driver::DeviceRepr for FlashAttnVarlenParams {}
+// SAFETY: as above (padding explicit, the 64-byte alignment declared on both sides), mirrored by
+// `kernels-gpu/src/flash_attn_sm90.rs`.
+unsafe impl cudarc::driver::DeviceRepr for FlashAttnSm90Params {}
 // SAFETY: as above, mirrored by `kernels-gpu/src/flash_attn.rs`.
 unsafe impl cudarc::driver::DeviceRepr for MergeAttnStatesParams {}

@@ -71,6 +71,42 @@ pub struct FlashAttnVarlenParams {
 
 const _: () = assert!(core::mem::size_of::<FlashAttnVarlenParams>() == 13 * 8 + 26 * 4);
 
+/// A `CUtensorMap` passed by value: 128 opaque bytes (all zeros: none).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct TensorMapBytes(pub [u64; 16]);
+
+/// Parameters of the Hopper varlen kernel (`kernels-gpu/src/flash_attn_sm90.rs`), passed by value:
+/// the Q tensor map by value, so that the kernel's bulk copies read it from its parameter space (a
+/// map per call costs no upload and no device memory, and a captured launch keeps its own), then
+/// the varlen parameters.
+///
+/// A map must be 64-byte aligned, and rustc's PTX kernel ABI aligns a parameter to 16 bytes at
+/// most: `q_map` sits at offset [`Self::Q_MAP_OFFSET`], which is 64-byte aligned where `ptxas`
+/// places the parameters on `sm_90` (at 0x210 of the constant bank). The kernel checks the
+/// address it gets and gathers Q rows with `cp.async` when it is not aligned.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct FlashAttnSm90Params {
+    /// 1: `q_map` is valid (the group divides `BLOCK_M`); 0: the kernel gathers Q rows.
+    pub q_tma: u32,
+    pub _pad: [u32; 11],
+    /// The query tensor `(head_size, num_heads, total_q)` (strides: head, token) with a box of `(64,
+    /// group, BLOCK_M / group)` and the 128-byte swizzle: one box is a 64-column panel of a work
+    /// item's Q tile, its rows packed as the kernel packs them.
+    pub q_map: TensorMapBytes,
+    pub varlen: FlashAttnVarlenParams,
+}
+
+impl FlashAttnSm90Params {
+    pub const Q_MAP_OFFSET: usize = 48;
+}
+
+const _: () = assert!(
+    core::mem::size_of::<FlashAttnSm90Params>() == 384
+        && core::mem::offset_of!(FlashAttnSm90Params, q_map) == FlashAttnSm90Params::Q_MAP_OFFSET
+);
+
 /// The work of CTA `cta` of a varlen launch (a 1-D grid of `batch · num_kv_heads · row_tiles`):
 /// `(sequence, KV head, row tile)`. The (sequence, KV head) pairs go in groups of `tile_group`
 /// whose keys and values fit in L2 together; inside a group the row tiles go last to first, each
@@ -151,8 +187,8 @@ pub const FLASH_HEAD_SIZES: &[usize] = &[32, 64, 80, 96, 112, 120, 128, 192, 256
 pub const FLASH_SM90_HEAD_SIZES: &[usize] = &[64, 128, 256];
 
 /// Launch geometry of the Hopper varlen kernel: three warpgroups of 128 threads, the first the
-/// producer (it gathers the Q tile with `cp.async`, then K and V tiles page by page with bulk
-/// tensor copies), the other two consumers of [`Self::CONSUMER_ROWS`] packed rows each (rows packed as in [`FlashAttnGeometry`]). Grid
+/// producer (it loads the Q tile with bulk tensor copies or a `cp.async` gather, then K and V
+/// tiles page by page with bulk tensor copies), the other two consumers of [`Self::CONSUMER_ROWS`] packed rows each (rows packed as in [`FlashAttnGeometry`]). Grid
 /// `(ceil(max_seqlen_q · group / BLOCK_M), num_kv_heads, batch)`.
 ///
 /// Shared memory, from a 1024-byte aligned base (the 128-byte swizzle repeats every 8 rows of 128

@@ -21,8 +21,8 @@ mod variants;
 pub use cache::{CopyBlocksParams, ReshapeAndCacheFlashParams, ReshapeAndCacheParams, SwapBlocksParams};
 pub use dtype::{DType, KvCacheDType};
 pub use flash_attn::{
-    FLASH_HEAD_SIZES, FLASH_SM90_HEAD_SIZES, FlashAttnGeometry, FlashAttnSm90Geometry, FlashAttnVarlenParams, MERGE_THREADS,
-    MergeAttnStatesParams, varlen_tile,
+    FLASH_HEAD_SIZES, FLASH_SM90_HEAD_SIZES, FlashAttnGeometry, FlashAttnSm90Geometry, FlashAttnSm90Params, FlashAttnVarlenParams,
+    MERGE_THREADS, MergeAttnStatesParams, TensorMapBytes, varlen_tile,
 };
 pub use fp8::Fp8Kind;
 pub use paged_attention::{
