@@ -33,8 +33,8 @@ unsafe impl cudarc::driver::DeviceRepr for CopyBlocksParams {}
 unsafe impl cudarc::driver::DeviceRepr for SwapBlocksParams {}
 // SAFETY: as above, mirrored by `kernels-gpu/src/flash_attn.rs`.
 unsafe impl cudarc::driver::DeviceRepr for FlashAttnVarlenParams {}
-// SAFETY: as above (padding explicit, the 64-byte alignment declared on both sides), mirrored by
-// `kernels-gpu/src/flash_attn_sm90.rs`.
+// SAFETY: as above (the padding explicit; the map's alignment is the kernel's run-time check),
+// mirrored by `kernels-gpu/src/flash_attn_sm90.rs`.
 unsafe impl cudarc::driver::DeviceRepr for FlashAttnSm90Params {}
 // SAFETY: as above, mirrored by `kernels-gpu/src/flash_attn.rs`.
 unsafe impl cudarc::driver::DeviceRepr for MergeAttnStatesParams {}

@@ -82,9 +82,9 @@ pub struct TensorMapBytes(pub [u64; 16]);
 /// the varlen parameters.
 ///
 /// A map must be 64-byte aligned, and rustc's PTX kernel ABI aligns a parameter to 16 bytes at
-/// most: `q_map` sits at offset [`Self::Q_MAP_OFFSET`], which is 64-byte aligned where `ptxas`
-/// places the parameters on `sm_90` (at 0x210 of the constant bank). The kernel checks the
-/// address it gets and gathers Q rows with `cp.async` when it is not aligned.
+/// most: `q_map` sits at offset [`Self::Q_MAP_OFFSET`], which lands 64-byte aligned where the
+/// driver places the parameters on `sm_90` (every H100 run so). The kernel checks the generic
+/// address it gets (`cvta.param`) and gathers Q rows with `cp.async` when it is not aligned.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct FlashAttnSm90Params {
