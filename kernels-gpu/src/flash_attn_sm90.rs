@@ -663,6 +663,13 @@ fn q_map_address(param: u64) -> u64 {
     if at.is_multiple_of(64) { at } else { 0 }
 }
 
+/// The Q map's address for entry point `$symbol` with parameter `$p`, or 0 (gather Q rows).
+macro_rules! q_map {
+    ($p:expr, $symbol:expr) => {
+        if $p.q_tma != 0 { q_map_address(wg::param_address!($symbol)) } else { 0 }
+    };
+}
+
 macro_rules! export_flash_attn_sm90 {
     ($dt:ident, $dtn:literal, $h:literal) => {
         const _: () = {
@@ -673,8 +680,7 @@ macro_rules! export_flash_attn_sm90 {
             /// `softcap == 0` and no ALiBi slopes.
             #[unsafe(export_name = pagedattn_layout::flash_attn_sm90_symbol!($dtn, $h))]
             pub unsafe extern "ptx-kernel" fn kernel(p: FlashAttnSm90Params) {
-                let q_map =
-                    if p.q_tma != 0 { q_map_address(wg::param_address!(pagedattn_layout::flash_attn_sm90_symbol!($dtn, $h))) } else { 0 };
+                let q_map = q_map!(p, pagedattn_layout::flash_attn_sm90_symbol!($dtn, $h));
                 // SAFETY: forwarded from the entry point's contract.
                 unsafe { flash_attn_sm90::<tc_elem!($dt), $h, { $h / 8 }, { Geo::block_n($h) / 8 }, false>(&p.varlen, q_map) }
             }
@@ -686,11 +692,7 @@ macro_rules! export_flash_attn_sm90 {
             /// Launched by the host's dispatch with this variant's geometry on validated buffers.
             #[unsafe(export_name = pagedattn_layout::flash_attn_sm90_extras_symbol!($dtn, $h))]
             pub unsafe extern "ptx-kernel" fn kernel(p: FlashAttnSm90Params) {
-                let q_map = if p.q_tma != 0 {
-                    q_map_address(wg::param_address!(pagedattn_layout::flash_attn_sm90_extras_symbol!($dtn, $h)))
-                } else {
-                    0
-                };
+                let q_map = q_map!(p, pagedattn_layout::flash_attn_sm90_extras_symbol!($dtn, $h));
                 // SAFETY: forwarded from the entry point's contract.
                 unsafe { flash_attn_sm90::<tc_elem!($dt), $h, { $h / 8 }, { Geo::block_n($h) / 8 }, true>(&p.varlen, q_map) }
             }

@@ -161,23 +161,6 @@ pub unsafe fn cp_async_16_fill<T>(dst: u32, src: *const T, bytes: u32) {
     };
 }
 
-/// `cp.async` of 16 zero bytes to `dst` (source size 0: nothing is read from `src`).
-///
-/// # Safety
-/// `dst` is a 16-byte aligned shared-memory address; `src` any global address.
-#[inline(always)]
-pub unsafe fn cp_async_zero_16<T>(dst: u32, src: *const T) {
-    // SAFETY: the caller's promise.
-    unsafe {
-        asm!(
-            "cp.async.cg.shared.global [{d}], [{s}], 16, 0;",
-            d = in(reg32) dst,
-            s = in(reg64) src as u64,
-            options(nostack)
-        )
-    };
-}
-
 /// `cp.async.commit_group`: closes the group of the copies issued so far.
 #[inline(always)]
 pub fn cp_async_commit() {
