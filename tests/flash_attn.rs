@@ -342,6 +342,37 @@ fn gpu_varlen_matches_reference() {
     }
 }
 
+/// Scores that rise along each sequence and jump by some hundred units at a few keys
+/// (`testing::varlen::check_varlen_rising`): the Hopper kernel's softmax, whose exps run ahead of
+/// the row maxima against a lagging reference, must take its rebase and its recomputation paths
+/// and still match the float64 reference, as the `mma.sync` kernel does; every head size, f16 and
+/// bf16.
+#[test]
+fn gpu_varlen_rising_scores() {
+    let Some(mut device) = gpu_or_skip!() else { return };
+    let mut failures = Vec::new();
+    // Per kernel and dtype: the worst relative L2 error and LSE error.
+    let mut worst: std::collections::BTreeMap<String, (f64, f64)> = Default::default();
+    for kernel in gpu_kernels(&device) {
+        for (n, &head_size) in pagedattn::layout::FLASH_SM90_HEAD_SIZES.iter().enumerate() {
+            for (m, dtype) in [DType::F16, DType::BF16].into_iter().enumerate() {
+                let case = varlen::rising_case(dtype, head_size, 60 + (2 * n + m) as u64);
+                match varlen::check_varlen_rising(&device, &case, kernel) {
+                    Ok(e) if e.passes(pagedattn::testing::tolerance(dtype)) => {
+                        let w = worst.entry(format!("{} {dtype}", kernel.name())).or_default();
+                        *w = (w.0.max(e.out.rel_l2), w.1.max(e.lse_err));
+                    }
+                    Ok(e) => failures.push(format!("{}: {case}: {e:?}", kernel.name())),
+                    Err(err) => failures.push(format!("{}: {case}: {err}", kernel.name())),
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    crate::common::gpu_of(&mut device).check_status().expect("no device-side flags for valid inputs");
+    crate::common::note(&format!("gpu_varlen_rising_scores: worst (rel-L2, LSE abs err): {worst:?}"));
+}
+
 /// The Hopper kernel's two launch forms: persistent for eager launches (a CTA per SM takes work
 /// items from its stream's counter, which the kernel's last CTA zeroes again), and a CTA per item
 /// for a launch captured into a graph. Mixed batches (decode rows, prefills on a cached prefix,
@@ -507,4 +538,7 @@ fn cpu_varlen_harness_passes_on_the_reference() {
         let e = varlen::check_varlen(&Device::Cpu, case, FlashKernel::Auto).unwrap();
         assert!(e.passes(pagedattn::testing::tolerance(case.dtype)), "{case}: {e:?}");
     }
+    let case = varlen::rising_case(DType::BF16, 64, 1);
+    let e = varlen::check_varlen_rising(&Device::Cpu, &case, FlashKernel::Auto).unwrap();
+    assert!(e.passes(pagedattn::testing::tolerance(case.dtype)), "{case}: {e:?}");
 }

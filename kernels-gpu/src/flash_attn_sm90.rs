@@ -27,13 +27,17 @@
 //!   `varlen.rs` on the accumulators, then `O += P·V` (`wgmma` m64nDk16, P from registers, V from
 //!   shared memory transposed). A tile's `Q·Kᵀ` is issued with the previous tile's `P·V`, so its
 //!   softmax runs while that product finishes, and the two consumers take turns issuing (named
-//!   barriers), so one's softmax runs under the other's products.
+//!   barriers), so one's softmax runs under the other's products. After a row's first tile the
+//!   exps do not wait for the tile's row maxima (`varlen::exponentiate_ahead`): they use the
+//!   reference of the tiles before, which may lag the maximum as long as the probabilities stay
+//!   below `varlen::P_LIMIT`; past it the warp rebases after the tile's `P·V` (`varlen::rebase`,
+//!   rare), recomputing any score whose exp overflowed from q and the cache (`logit`).
 //!
 //! Finally `O / l` and the LSE are written from registers, as in the `mma.sync` kernel, while the
 //! producer already loads the next item.
 
 use crate::intrinsics::{
-    Chunk, atomic_add, atomic_add_acq_rel, atomic_and, atomic_or, block_idx_x, dynamic_smem_chunks, grid_dim_x, shfl_idx, store_chunk,
+    Chunk, atomic_add, atomic_add_acq_rel, atomic_and, atomic_or, block_idx_x, dynamic_smem_chunks, fma, grid_dim_x, shfl_idx, store_chunk,
     sync_threads, sync_warp, thread_idx_x, vote_any,
 };
 use crate::tensor_core::{self as tc, MmaElem};
@@ -76,6 +80,56 @@ fn swizzled(r: usize, c: usize, rows: usize) -> usize {
     (c / 8) * rows * 128 + r * 128 + (((c % 8) ^ (r % 8)) * 16)
 }
 
+/// The rare path of `varlen::rebase`: this lane's element `e` of score tile `nt` of tile `it` of
+/// the item in `slot`, in log2 units, recomputed from q and the key cache in global memory as an f32
+/// dot product of the rows the copies read (a padding row or a bad block id: 0, not read). It
+/// derives everything from the slot, the parameters and the thread index, so the loop keeps none
+/// of it live.
+///
+/// # Safety
+/// `slot` is the item's slot in shared memory (it stays until the item is done), `p` the launch's
+/// validated parameters, called by a consumer thread.
+#[inline(always)]
+unsafe fn logit<E: MmaElem, const D: usize, const NS: usize>(
+    p: &FlashAttnVarlenParams,
+    slot: *const Slot,
+    it: u32,
+    nt: u32,
+    e: u32,
+) -> f32 {
+    let f = |x: u16| if E::BF16 { f32::from_bits((x as u32) << 16) } else { f16::from_bits(x) as f32 };
+    // SAFETY: the caller's slot.
+    let sl = unsafe { slot.read_volatile() };
+    // (Both ≥ 1, host-checked; `max` spares the divisions their panic branch.)
+    let (group, bs) = ((p.num_heads / p.num_kv_heads.max(1)).max(1), p.block_size.max(1));
+    let seq = varlen::Seq { q0: sl.q0 as usize, sq: sl.sq as usize, sk: sl.sk as usize, group: group as usize, kvh: sl.kvh as usize };
+    let first = Logits::new(p, &seq, sl.m0 as usize, BM, NS * 8).first as u32;
+    let tid = thread_idx_x() as u32;
+    let lane = tid % 32;
+    let pr = sl.m0 + (tid / 128 - 1) * 64 + (tid % 128 / 32) * 16 + lane / 4 + 8 * (e / 2);
+    let j = first + it * (NS * 8) as u32 + nt * 8 + 2 * (lane % 4) + e % 2;
+    let mut acc = 0f32;
+    if pr < sl.sq * group && j < sl.sk {
+        // SAFETY: row b of the block table (b < batch: the producer validated the slot);
+        // j < sk ≤ max_blocks · block_size: the entry exists.
+        let blk = unsafe { *(p.block_table as *const i32).add((sl.b * p.block_table_stride + j / bs) as usize) };
+        if blk >= 0 && (blk as u32) < p.num_blocks {
+            let (token, head) = ((sl.q0 + pr / group) as usize, (sl.kvh * group + pr % group) as usize);
+            let q = token * p.q_stride_token as usize + head * p.q_stride_head as usize;
+            let k = blk as usize * p.k_stride_block as usize
+                + (j % bs) as usize * p.k_stride_slot as usize
+                + sl.kvh as usize * p.k_stride_head as usize;
+            // SAFETY: a query row and a cache row of D elements (host-validated shapes and strides).
+            let (q, k) = unsafe { ((p.q as *const u16).add(q), (p.k_cache as *const u16).add(k)) };
+            for d in 0..D {
+                // SAFETY: d < D.
+                acc = fma(f(unsafe { *q.add(d) }), f(unsafe { *k.add(d) }), acc);
+            }
+        }
+    }
+    acc * p.scale * varlen::LOG2E
+}
+
 /// # Safety
 /// Launched with the geometry above on buffers the host validated (16-byte aligned rows of q, k, v;
 /// 4-byte aligned rows of out).
@@ -83,6 +137,7 @@ fn swizzled(r: usize, c: usize, rows: usize) -> usize {
 pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const NS: usize, const EXTRAS: bool>(
     p: &FlashAttnVarlenParams,
     q_map: u64,
+    param: impl Fn() -> u64,
 ) {
     // ND: 8-column tiles of the output (D / 8); NS: of the scores (block_n / 8).
     const { assert!((D == 64 || D == 128 || D == 256) && ND * 8 == D && NS * 8 == Geo::block_n(D) && NS <= 16) };
@@ -370,13 +425,39 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
                 wg::barrier_sync(3, 256);
             }
         };
-        // Logits and the online softmax of tile it; returns the correction of the output so far.
+        // Logits and the online softmax of tile it: returns the correction of the output so far,
+        // and whether the exps went ahead of the row maxima (`varlen::exponentiate_ahead`: every
+        // row of the warp has a reference, no soft-cap or ALiBi), with the lane's row sums, which
+        // `finish` adds once the tile's P·V is done. Else the sums are `l_run`.
         let softmax = #[inline(always)]
         |s: &mut [[f32; 4]; NS], it: usize, m_run: &mut [f32; 2], l_run: &mut [f32; 2]| {
             let n0 = first + it * bn;
             let ls = lg.prepare::<NS, EXTRAS>(s, bn, n0, lg.whole(n0), t, qi, slope);
+            if !EXTRAS && it > 0 && !vote_any(m_run[0] == f32::NEG_INFINITY || m_run[1] == f32::NEG_INFINITY) {
+                return ([1f32; 2], varlen::exponentiate_ahead(s, bn, ls, *m_run), true);
+            }
             let (m_ref, corr) = varlen::row_max(s, bn, ls, m_run, l_run);
             varlen::exponentiate(s, bn, ls, m_ref, l_run);
+            (corr, *l_run, false)
+        };
+        // After an ahead step: the rare rebase (a probability past `P_LIMIT`), then the row sums.
+        let finish = #[inline(always)]
+        |s: &mut [[f32; 4]; NS], it: usize, m_run: &mut [f32; 2], l_run: &mut [f32; 2], mut l: [f32; 2]| {
+            let mut corr = [1f32; 2];
+            if vote_any(l[0] > varlen::P_LIMIT || l[1] > varlen::P_LIMIT) {
+                // `logit` reads the parameters through their address taken here (an `asm`, so
+                // nothing of it is hoisted into the loop's live registers) and takes nothing else
+                // from the loop but the item's slot and the tile.
+                let (slot, it) = (ring.wrapping_add(wi as usize & 1), it as u32);
+                let pp = (param() + core::mem::offset_of!(FlashAttnSm90Params, varlen) as u64) as *const FlashAttnVarlenParams;
+                corr = varlen::rebase(s, bn, m_run, &mut l, |nt, e| {
+                    // SAFETY: the kernel's parameter; this item's slot (see `logit`).
+                    unsafe { logit::<E, D, NS>(&*pp, slot, it, nt as u32, e as u32) }
+                });
+            }
+            for r in 0..2 {
+                l_run[r] = fma(l_run[r], corr[r], l[r]);
+            }
             corr
         };
         let to_a = #[inline(always)]
@@ -417,6 +498,7 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
             if early && tiles == 1 {
                 q_release();
             }
+            // (The first tile has no reference yet: never ahead.)
             softmax(&mut s, 0, &mut m_run, &mut l_run);
             to_a(&s, &mut pa);
         }
@@ -436,12 +518,15 @@ pub unsafe fn flash_attn_sm90<E: MmaElem, const D: usize, const ND: usize, const
             if early && it + 1 == tiles {
                 q_release();
             }
-            let corr = softmax(&mut s, it, &mut m_run, &mut l_run);
+            let (mut corr, sums, ahead) = softmax(&mut s, it, &mut m_run, &mut l_run);
             // The row sums need every probability of the tile: the wait stays below the softmax.
-            wg::before_wait(l_run, never, base);
+            wg::before_wait(sums, never, base);
             wg::wait::<0>();
             wg::fence_regs(&mut o);
             release(empty.v, v_stages, it - 1);
+            if ahead {
+                corr = finish(&mut s, it, &mut m_run, &mut l_run, sums);
+            }
             if vote_any(corr[0] != 1.0 || corr[1] != 1.0) {
                 varlen::rescale(&mut o, D, corr);
             }
@@ -681,8 +766,9 @@ macro_rules! export_flash_attn_sm90 {
             #[unsafe(export_name = pagedattn_layout::flash_attn_sm90_symbol!($dtn, $h))]
             pub unsafe extern "ptx-kernel" fn kernel(p: FlashAttnSm90Params) {
                 let q_map = q_map!(p, pagedattn_layout::flash_attn_sm90_symbol!($dtn, $h));
+                let param = || wg::param_address!(pagedattn_layout::flash_attn_sm90_symbol!($dtn, $h));
                 // SAFETY: forwarded from the entry point's contract.
-                unsafe { flash_attn_sm90::<tc_elem!($dt), $h, { $h / 8 }, { Geo::block_n($h) / 8 }, false>(&p.varlen, q_map) }
+                unsafe { flash_attn_sm90::<tc_elem!($dt), $h, { $h / 8 }, { Geo::block_n($h) / 8 }, false>(&p.varlen, q_map, param) }
             }
         };
         const _: () = {
@@ -693,8 +779,9 @@ macro_rules! export_flash_attn_sm90 {
             #[unsafe(export_name = pagedattn_layout::flash_attn_sm90_extras_symbol!($dtn, $h))]
             pub unsafe extern "ptx-kernel" fn kernel(p: FlashAttnSm90Params) {
                 let q_map = q_map!(p, pagedattn_layout::flash_attn_sm90_extras_symbol!($dtn, $h));
+                let param = || wg::param_address!(pagedattn_layout::flash_attn_sm90_extras_symbol!($dtn, $h));
                 // SAFETY: forwarded from the entry point's contract.
-                unsafe { flash_attn_sm90::<tc_elem!($dt), $h, { $h / 8 }, { Geo::block_n($h) / 8 }, true>(&p.varlen, q_map) }
+                unsafe { flash_attn_sm90::<tc_elem!($dt), $h, { $h / 8 }, { Geo::block_n($h) / 8 }, true>(&p.varlen, q_map, param) }
             }
         };
     };

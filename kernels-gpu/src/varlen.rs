@@ -283,6 +283,104 @@ pub fn exponentiate<const NT: usize>(s: &mut [[f32; 4]; NT], n: usize, ls: f32, 
     }
 }
 
+/// The largest probability [`exponentiate_ahead`] lets through without moving a row's reference:
+/// 2^14, well inside f16's range (the `P·V` operand), and far enough above 1 that a reference
+/// rarely moves after a row's first tile.
+pub const P_LIMIT: f32 = 16384.0;
+
+/// The online-softmax step of a tile after the first, for rows that all have a finite reference
+/// `m_ref` (set by an earlier tile's maximum), first half: `s` becomes `exp2(s · ls − m_ref)`
+/// without waiting for this tile's row maxima (their reduction was the longest dependency of the
+/// step), and the lane's row sums are returned. The reference may lag a row's maximum: the caller
+/// keeps probabilities up to [`P_LIMIT`] as they are. A lane's sum bounds each of its
+/// probabilities, so only when a sum passes `P_LIMIT` does the warp need [`rebase`].
+#[inline(always)]
+pub fn exponentiate_ahead<const NT: usize>(s: &mut [[f32; 4]; NT], n: usize, ls: f32, m_ref: [f32; 2]) -> [f32; 2] {
+    let mut part = [[0f32; 4]; 2];
+    for r in 0..2 {
+        for nt in 0..n / 8 {
+            for e in 2 * r..2 * r + 2 {
+                let pe = exp2(fma(s[nt][e], ls, -m_ref[r]));
+                s[nt][e] = pe;
+                part[r][nt % 4] += pe;
+            }
+        }
+    }
+    let mut l = [0f32; 2];
+    for r in 0..2 {
+        l[r] = (part[r][0] + part[r][1]) + (part[r][2] + part[r][3]);
+    }
+    l
+}
+
+/// [`exponentiate_ahead`]'s slow path (the whole warp, after the caller's `P·V` is done): each
+/// row's reference moves up to its maximum and its probabilities `p` are rescaled through their
+/// logarithms `log2 p`, except where `p` overflowed to +∞ (a score ≥ 128 above the reference),
+/// whose logits `logit(nt, e)` (element `e` of score tile `nt`, log2 units) are recomputed.
+/// Returns the corrections of the output so far; `l` becomes the new row sums.
+#[inline(always)]
+pub fn rebase<const NT: usize>(
+    s: &mut [[f32; 4]; NT],
+    n: usize,
+    m_ref: &mut [f32; 2],
+    l: &mut [f32; 2],
+    logit: impl Fn(usize, usize) -> f32,
+) -> [f32; 2] {
+    // Logarithms; overflowed elements marked in `inf` (bit 4 nt + e).
+    let mut inf = 0u64;
+    for nt in 0..n / 8 {
+        for e in 0..4 {
+            if s[nt][e] == f32::INFINITY {
+                inf |= 1 << (4 * nt + e);
+            }
+            s[nt][e] = log2(s[nt][e]);
+        }
+    }
+    // Rarer still: one recomputation site in a loop over the marked elements, its result put in
+    // place by a static scan (a dynamic index would put `s` in local memory).
+    // (A select of values: of the array's elements, it became a dynamic load.)
+    let (ref0, ref1) = (m_ref[0], m_ref[1]);
+    while inf != 0 {
+        let k = inf.trailing_zeros() as usize;
+        inf &= inf - 1;
+        let v = logit(k / 4, k % 4) - if k % 4 < 2 { ref0 } else { ref1 };
+        for nt in 0..n / 8 {
+            for e in 0..4 {
+                if 4 * nt + e == k {
+                    s[nt][e] = v;
+                }
+            }
+        }
+    }
+    // (Loops with small bodies only, so that all of them unroll: a row index left dynamic would
+    // put `s` in local memory.)
+    let mut mx = [f32::NEG_INFINITY; 2];
+    for nt in 0..n / 8 {
+        for e in 0..4 {
+            mx[e / 2] = mx[e / 2].max(s[nt][e]);
+        }
+    }
+    let mut d = [0f32; 2];
+    let mut corr = [1f32; 2];
+    for r in 0..2 {
+        let m = mx[r].max(shfl_xor(mx[r], 1));
+        let m = m.max(shfl_xor(m, 2));
+        // (The reference never moves down: a lagging one is exact, a raised one bounds p by 1.)
+        d[r] = if m > 0.0 { m } else { 0.0 };
+        corr[r] = exp2(-d[r]);
+        m_ref[r] += d[r];
+    }
+    *l = [0f32; 2];
+    for nt in 0..n / 8 {
+        for e in 0..4 {
+            let pe = exp2(s[nt][e] - d[e / 2]);
+            s[nt][e] = pe;
+            l[e / 2] += pe;
+        }
+    }
+    corr
+}
+
 /// `O *= corr` per row of a 16-row tile's output accumulators.
 #[inline(always)]
 pub fn rescale<const NT: usize>(o: &mut [[f32; 4]; NT], n: usize, corr: [f32; 2]) {

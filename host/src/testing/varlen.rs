@@ -290,16 +290,60 @@ fn args<'a>(
 /// Runs `case` on `device` (outputs NaN-poisoned first, host tables uploaded by the op) and
 /// compares the output and LSE with the float64 reference.
 pub fn check_varlen(device: &Device, case: &VarlenCase, kernel: FlashKernel) -> Result<VarlenErrors> {
-    let i = case.inputs()?;
+    check_inputs(device, case, &case.inputs()?, kernel)
+}
+
+/// [`check_varlen`] on `case` with scores that rise along each sequence, then jump: key `j` of a
+/// sequence of `n` keys is scaled by `1 + 15 (j / n)²` (a row's maximum grows by several units
+/// from tile to tile, well past its first tile's), and every key `j ≡ 500 (mod 997)` by 300 (its
+/// score is some hundred units above the rest, the softmax nearly one-hot). The Hopper kernel's
+/// exps run ahead of the row maxima against a lagging reference (`varlen::exponentiate_ahead` in
+/// the kernels): the first takes its rebase path, the second overflows `exp2` and takes its
+/// recomputation; random scores take neither.
+pub fn check_varlen_rising(device: &Device, case: &VarlenCase, kernel: FlashKernel) -> Result<VarlenErrors> {
+    let mut i = case.inputs()?;
+    let shape = i.k.shape().to_vec();
+    let (bs, row) = (shape[1], shape[2] * shape[3]);
+    let (table, max_blocks) = (i.block_table.to_i32_vec(), i.block_table.shape()[1]);
+    let mut k: Vec<f32> = i.k.to_f64_vec().iter().map(|&x| x as f32).collect();
+    for (b, &(_, n)) in case.seqs.iter().enumerate() {
+        for j in 0..n {
+            let f = if j % 997 == 500 { 300.0 } else { 1.0 + 15.0 * (j as f32 / n as f32).powi(2) };
+            let slot = table[b * max_blocks + j / bs] as usize * bs + j % bs;
+            k[slot * row..][..row].iter_mut().for_each(|x| *x *= f);
+        }
+    }
+    i.k = Tensor::from_f32(case.dtype, &shape, &k)?;
+    check_inputs(device, case, &i, kernel)
+}
+
+/// [`check_varlen_rising`]'s cases: prefills on a cached prefix, a long decode row and a short
+/// prefill, causal, at `head_size`.
+pub fn rising_case(dtype: DType, head_size: usize, seed: u64) -> VarlenCase {
+    VarlenCase {
+        dtype,
+        heads: (8, 2),
+        head_size,
+        block_size: 16,
+        seqs: vec![(300, 2300), (1, 4000), (130, 700), (77, 1589)],
+        causal: true,
+        window: (-1, -1),
+        softcap: 0.0,
+        alibi: false,
+        seed,
+    }
+}
+
+fn check_inputs(device: &Device, case: &VarlenCase, i: &VarlenInputs, kernel: FlashKernel) -> Result<VarlenErrors> {
     let slopes = case.slopes()?;
-    let host = args(case, &i, &i.q, &i.k, &i.v, slopes.as_ref());
+    let host = args(case, i, &i.q, &i.k, &i.v, slopes.as_ref());
     let plan = validate(&Device::Cpu, &Tensor::nan(i.q.dtype(), i.q.shape()), None, &host)?;
     let (want, want_lse) = crate::cpu::flash_attn::reference(&plan, &host);
     let (q, k, v) = (device.upload(&i.q)?, device.upload(&i.k)?, device.upload(&i.v)?);
     let alibi = slopes.as_ref().map(|s| device.upload(s)).transpose()?;
     let mut out = device.nan(i.q.dtype(), i.q.shape())?;
     let mut lse = device.nan(ScalarType::F32, &[case.heads.0, i.q.shape()[0]])?;
-    flash_attn_varlen_func_with(device, &mut out, Some(&mut lse), &args(case, &i, &q, &k, &v, alibi.as_ref()), kernel)?;
+    flash_attn_varlen_func_with(device, &mut out, Some(&mut lse), &args(case, i, &q, &k, &v, alibi.as_ref()), kernel)?;
     let got = out.to_cpu()?.to_f64_vec();
     let (lse_err, lse_bad) = compare_lse(&lse.to_cpu()?.to_f64_vec(), &want_lse);
     Ok(VarlenErrors { out: compare(&got, &want), lse_err, lse_bad })
