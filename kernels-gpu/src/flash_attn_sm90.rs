@@ -112,7 +112,7 @@ unsafe fn logit<E: MmaElem, const D: usize, const NS: usize>(
     if pr < sl.sq * group && j < sl.sk {
         // SAFETY: row b of the block table (b < batch: the producer validated the slot);
         // j < sk ≤ max_blocks · block_size: the entry exists.
-        let blk = unsafe { *(p.block_table as *const i32).add((sl.b * p.block_table_stride + j / bs) as usize) };
+        let blk = unsafe { *(p.block_table as *const i32).add(sl.b as usize * p.block_table_stride as usize + (j / bs) as usize) };
         if blk >= 0 && (blk as u32) < p.num_blocks {
             let (token, head) = ((sl.q0 + pr / group) as usize, (sl.kvh * group + pr % group) as usize);
             let q = token * p.q_stride_token as usize + head * p.q_stride_head as usize;
