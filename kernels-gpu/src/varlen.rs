@@ -338,7 +338,7 @@ pub fn rebase<const NT: usize>(
     }
     // Rarer still: one recomputation site in a loop over the marked elements, its result put in
     // place by a static scan (a dynamic index would put `s` in local memory).
-    // (A select of values: of the array's elements, it became a dynamic load.)
+    // (Selecting between two values read here: a select between the array's elements became a load.)
     let (ref0, ref1) = (m_ref[0], m_ref[1]);
     while inf != 0 {
         let k = inf.trailing_zeros() as usize;
