@@ -37,8 +37,8 @@
 //! producer already loads the next item.
 
 use crate::intrinsics::{
-    Chunk, atomic_add, atomic_add_acq_rel, atomic_and, atomic_or, block_idx_x, dynamic_smem_chunks, fma, grid_dim_x, shfl_idx, store_chunk,
-    sync_threads, sync_warp, thread_idx_x, vote_any,
+    Bf16, Chunk, Element, atomic_add, atomic_add_acq_rel, atomic_and, atomic_or, block_idx_x, dynamic_smem_chunks, fma, grid_dim_x,
+    shfl_idx, store_chunk, sync_threads, sync_warp, thread_idx_x, vote_any,
 };
 use crate::tensor_core::{self as tc, MmaElem};
 use crate::varlen::{self, Logits};
@@ -97,7 +97,7 @@ unsafe fn logit<E: MmaElem, const D: usize, const NS: usize>(
     nt: u32,
     e: u32,
 ) -> f32 {
-    let f = |x: u16| if E::BF16 { f32::from_bits((x as u32) << 16) } else { f16::from_bits(x) as f32 };
+    let f = |x: u16| if E::BF16 { Bf16(x).to_f32() } else { f16::from_bits(x).to_f32() };
     // SAFETY: the caller's slot.
     let sl = unsafe { slot.read_volatile() };
     // (Both ≥ 1, host-checked; `max` spares the divisions their panic branch.)
